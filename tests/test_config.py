@@ -1,0 +1,125 @@
+"""Config loading: original YAML format, plain mappings, CLI overrides, errors, Model kwargs."""
+import pytest
+
+from utils.config import SCHEMA, load_config, model_kwargs, parse_vid_size, save_config
+from utils.errors import UserError
+
+ORIGINAL = """arguments:
+  - img_size: 256
+  - txt_size: 128
+  - channel_size: 4
+  - channels: 3072
+  - blocks: 6
+  - layers_per_block: 2 2 2 2 2 24
+  - lr: 6.4e-5
+  - finetuned_vae: none
+  - cfg: 2.5
+  - vid_size: '81:16'
+  - vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6
+  - gradient_checkpoint: 1
+  - seq_order: L2R
+"""
+
+
+@pytest.fixture
+def original(tmp_path):
+    p = tmp_path / "orig.yaml"
+    p.write_text(ORIGINAL)
+    return p
+
+
+def test_original_format(original):
+    cfg = load_config(original, [])
+    assert cfg.img_size == 256 and cfg.channels == 3072
+    assert cfg.layers_per_block == [2, 2, 2, 2, 2, 24]
+    assert cfg.lr == pytest.approx(6.4e-5) and isinstance(cfg.lr, float)
+    assert cfg.finetuned_vae is None and cfg.cfg == [2.5]
+    assert cfg.vid_size == "81:16" and cfg.vae == "Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6"
+    assert cfg.batch_size == SCHEMA["batch_size"].default  # not in the YAML: the parser default
+    assert cfg.model_config_path == str(original)
+
+
+@pytest.mark.parametrize("style", ["space", "equals", "dict"])
+def test_overrides_beat_yaml(original, style):
+    overrides = {
+        "space": ["--lr", "1e-3", "--layers_per_block", "1", "3", "--vae", "none"],
+        "equals": ["--lr=1e-3", "--layers_per_block=1 3", "--vae=none"],
+        "dict": {"lr": 1e-3, "layers_per_block": [1, 3], "vae": "none"},
+    }[style]
+    cfg = load_config(original, overrides)
+    assert cfg.lr == pytest.approx(1e-3) and cfg.layers_per_block == [1, 3] and cfg.vae is None
+    assert cfg.img_size == 256  # YAML value stands where no flag is given
+
+
+def test_model_config_path_from_cli_and_dash_names(original):
+    cfg = load_config(None, ["--model-config-path", str(original), "--batch-size", "8"])
+    assert cfg.img_size == 256 and cfg.batch_size == 8
+
+
+def test_plain_mapping_roundtrip(tmp_path, original):
+    cfg = load_config(original, ["--train_seed", "3"])
+    out = tmp_path / "saved.yaml"
+    save_config(cfg, out)
+    back = load_config(out, []).to_dict()
+    assert back.pop("model_config_path") == str(out)
+    expected = cfg.to_dict()
+    expected.pop("model_config_path")
+    assert back == expected
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("img_size: 64\nlayers_per_block: [1, 2]\nrope: true\n")
+    cfg = load_config(plain)
+    assert (cfg.img_size, cfg.layers_per_block, cfg.rope) == (64, [1, 2], 1)
+
+
+@pytest.mark.parametrize("where", ["cli", "yaml", "dict"])
+def test_unknown_key_suggests_closest(tmp_path, where):
+    path = None
+    overrides = []
+    if where == "cli":
+        overrides = ["--layer_per_block", "2"]
+    elif where == "dict":
+        overrides = {"layer_per_block": 2}
+    else:
+        path = tmp_path / "bad.yaml"
+        path.write_text("arguments:\n  - layer_per_block: 2\n")
+    with pytest.raises(UserError, match="unknown config key 'layer_per_block'.*'layers_per_block'"):
+        load_config(path, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--img_size", "big"], "img_size"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--vid_size", "81"], "frames:fps"),
+    (["--lr", "1", "2"], "one value"),
+    (["stray"], "unexpected"),
+])
+def test_bad_values(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_extra_keys_for_other_entry_points():
+    from utils.config import Key
+    cfg = load_config(None, ["--checkpoint_path", "a.pth"], extra_keys={"checkpoint_path": Key(None, "str", "w")})
+    assert cfg.checkpoint_path == "a.pth"
+
+
+def test_model_kwargs(original):
+    cfg = load_config(original, ["--gradient_checkpoint_mlp", "1", "--sos", "1", "--rope", "1"])
+    kw = model_kwargs(cfg, latent_size=40, txt_dim=2048)
+    assert kw["in_channels"] == 4 and kw["img_size"] == 40 and kw["txt_dim"] == 2048 and kw["txt_size"] == 128
+    assert kw["num_blocks"] == 6 and kw["layers_per_block"] == [2, 2, 2, 2, 2, 24]
+    assert kw["use_checkpoint"] == 1 and kw["use_checkpoint_mlp"] == 1 and kw["sos"] and kw["rope"]
+    assert kw["seq_order"] == "L2R"
+    single = model_kwargs(load_config(None, ["--blocks", "3", "--layers_per_block", "2"]), 8)
+    assert single["num_blocks"] == 3 and single["layers_per_block"] == [2, 2, 2]
+
+
+def test_parse_vid_size():
+    assert parse_vid_size("81:16") == (81, 16.0)
+    assert parse_vid_size("9:8:16") == (9, 8.0)

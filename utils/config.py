@@ -1,0 +1,300 @@
+"""Training/model configuration: the original train-parser flags, YAML loading, CLI overrides, Model kwargs."""
+import difflib
+from pathlib import Path
+
+import yaml
+
+from utils.errors import UserError
+
+
+class Key:
+    """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats') and meaning."""
+
+    def __init__(self, default, kind, help):
+        self.default, self.kind, self.help = default, kind, help
+
+
+# Every flag of the original `train.get_tarflow_parser`, with its default and meaning, then the keys this train.py adds.
+SCHEMA = {
+    # run and data
+    "model_config_path": Key(None, "str", "YAML config path (original format or a plain mapping)"),
+    "train_seed": Key(None, "int", "global seed; each rank uses seed + rank; None picks one from the clock"),
+    "data": Key("data", "str", "training data: an image/video folder, a .tar shard, a brace pattern a-{000..009}.tar, "
+                              "or a folder of .tar shards"),
+    "logdir": Key("./logs", "str", "root folder for runs: checkpoints, sample grids, config"),
+    "dataset": Key("dummy", "str", "dataset name: run name (wandb job) and file prefixes"),
+    "wds": Key(0, "int", "accepted for compatibility; webdataset shards are detected from --data"),
+    "mix_aspect": Key(0, "int", "aspect-ratio buckets in the loader and aspect-ratio text in prompts"),
+    "img_size": Key(32, "int", "pixel reference side; bucket area = img_size^2"),
+    "vid_size": Key(None, "str", "'frames:fps' for video training (e.g. '81:16'); None means images"),
+    "fps_cond": Key(0, "int", "add 'A video with N fps' / 'An image' to prompts"),
+    "no_flip": Key(0, "int", "disable random horizontal flips"),
+    "caption_column": Key("syn_detailed_description_w_caption", "str",
+                         "caption key in captions.jsonl / webdataset .json (falls back to 'caption', 'text')"),
+    "secondary_dataset": Key(None, "str", "second data source mixed in with probability secondary_ratio"),
+    "secondary_img_size": Key(32, "int", "img_size of the secondary data"),
+    "secondary_vid_size": Key(None, "str", "vid_size of the secondary data"),
+    "vae": Key(None, "str", "VAE id or folder ('none' trains in pixel space); ':x' suffix = Wan temporal scale"),
+    "vae_decoder_factor": Key(1, "int", "unused (accepted for compatibility)"),
+    "channel_size": Key(3, "int", "latent channels (Model in_channels)"),
+    "finetuned_vae": Key(None, "str", "fine-tuned VAE decoder id under logdir/vae/ ('none' = off)"),
+    "text": Key(None, "str", "text encoder id or folder (google/flan-t5-xl, a MiniLM folder, ...)"),
+    "txt_size": Key(0, "int", "text tokens (pad/truncate length); Model txt_size"),
+    # model
+    "sos": Key(0, "int", "learned start-of-sequence token (needed for Jacobi sampling)"),
+    "seq_order": Key("R2L", "str", "permutation order of the flow blocks (R2L or L2R)"),
+    "patch_size": Key(4, "int", "patch size on the latent grid"),
+    "channels": Key(512, "int", "transformer width"),
+    "top_block_channels": Key(None, "int", "width of the deep (top) block; None = channels"),
+    "blocks": Key(4, "int", "number of flow blocks (ignored when layers_per_block has several values)"),
+    "layers_per_block": Key([8], "ints", "layers per block, e.g. '2 2 2 2 2 24' (the last is the deep block)"),
+    "rope": Key(0, "int", "rotary position embeddings"),
+    "pt_seq_len": Key(None, "int", "RoPE base grid length; None = latent side // patch_size"),
+    "adaln": Key(0, "int", "unused (accepted for compatibility)"),
+    "nvp": Key(1, "int", "unused (STARFlow is always affine)"),
+    "use_softplus": Key(0, "int", "softplus scale parameterisation"),
+    "cond_top_only": Key(0, "int", "text conditions only the top block"),
+    "head_dim": Key(64, "int", "attention head size"),
+    "num_heads": Key(None, "int", "attention heads; None = channels // head_dim"),
+    "num_kv_heads": Key(None, "int", "key/value heads (GQA); None = num_heads"),
+    "use_swiglu": Key(0, "int", "SwiGLU MLP"),
+    "use_qk_norm": Key(0, "int", "query/key normalisation"),
+    "use_post_norm": Key(0, "int", "post-norm (sandwich) layers"),
+    "use_final_norm": Key(0, "int", "final norm before each block's output projection"),
+    "use_bias": Key(1, "int", "biases in linear layers"),
+    "norm_type": Key("layer_norm", "str", "layer_norm or rms_norm"),
+    "use_pretrained_lm": Key(None, "str", "gemma3_4b | gemma3_1b | gemma2_2b top block (weights not provided)"),
+    "use_mm_attn": Key(0, "int", "no effect in the original model"),
+    "soft_clip": Key(0, "float", "soft clipping s*tanh(o/s) of block outputs (0 = off)"),
+    "learnable_self_denoiser": Key(0, "int", "build and train the 8-layer learnable self-denoiser"),
+    "conditional_denoiser": Key(0, "int", "the denoiser also sees the text"),
+    "noise_embed_denoiser": Key(0, "int", "no effect in the original model"),
+    "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)"),
+    "shallow_block_local": Key(0, "int", "shallow blocks act on each video frame separately"),
+    "denoiser_window": Key(None, "int", "self-denoiser local window in latent frames"),
+    "local_attn_window": Key(None, "int", "deep-block attention window in latent frames"),
+    # objective
+    "noise_std": Key(0.3, "float", "std of the Gaussian noise added to latents (train and sample)"),
+    "noise_type": Key("gaussian", "str", "gaussian or uniform (pixel dequantisation)"),
+    "cond_noise_level": Key(0, "int", "'Noise Level N' prompt prefix and loss weight noise_std/0.3"),
+    "batch_size": Key(128, "int", "GLOBAL batch size; per-rank batch = batch_size / world_size / acc"),
+    "secondary_batch_size": Key(128, "int", "global batch size of the secondary data"),
+    "secondary_ratio": Key(0.0, "float", "probability of replacing a batch with a secondary batch"),
+    "acc": Key(1, "int", "gradient accumulation steps"),
+    "fp8": Key(0, "int", "unused (accepted for compatibility)"),
+    "use_8bit_adam": Key(0, "int", "unused (accepted for compatibility)"),
+    "epochs": Key(1000, "int", "training epochs"),
+    "epoch_length": Key(50000, "int", "samples per epoch for built-in datasets; 0 = one pass over the data"),
+    "lr": Key(1e-4, "float", "peak learning rate"),
+    "min_lr": Key(1e-6, "float", "cosine-decay floor (also the warmup start)"),
+    "drop_label": Key(0.0, "float", "probability of replacing a caption with '' (classifier-free guidance)"),
+    "drop_image": Key(0.0, "float", "video: probability of dropping the first latent frame, prefix '(extend) '"),
+    "last_frame_cond": Key(0, "int", "video: condition on an encoded late frame, prefix '(last) '"),
+    "video_to_video": Key(0, "int", "video: clips are target||source in time, prefix '(v2v) '"),
+    "resume_path": Key(None, "str", "resume: a training-state folder/file (exact resume) or model weights (.pth/.safetensors)"),
+    "resume_epoch": Key(0, "int", "start epoch when resuming from bare weights"),
+    "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch"),
+    "fsdp": Key(0, "int", "FSDP2 (fully_shard per transformer layer, then the root); 0 = DDP or one process"),
+    "fsdp_text_encoder": Key(0, "int", "also shard the frozen text encoder (only with fsdp 1)"),
+    "gradient_checkpoint": Key(0, "int", "activation checkpointing of attention (Model use_checkpoint)"),
+    "gradient_checkpoint_mlp": Key(None, "int", "activation checkpointing of MLPs (Model use_checkpoint_mlp)"),
+    "compile": Key(0, "int", "unused (accepted for compatibility)"),
+    "latent_norm_regularization": Key(0.0, "float", "lambda of the penalty on intermediate flow outputs"),
+    "loss_scaling": Key(1, "int", "gradient scaling for fp16 (bf16/fp32 need none, so it is a no-op there)"),
+    "grad_clip": Key(0.0, "float", "gradient-norm clipping threshold (0 = off)"),
+    "grad_skip": Key(0, "int", "skip (no optimizer step) updates whose grad norm is non-finite or > grad_clip"),
+    "dry_run": Key(0, "int", "one training step and one sample, no checkpoint"),
+    "wandb_name": Key(None, "str", "run-name suffix; 'a+b' gives {dataset}-a-{value of key b}"),
+    "save_every": Key(20, "int", "also keep a numbered copy of the weights every N epochs"),
+    "sample_freq": Key(1, "int", "save a sample grid every N epochs (0 = never)"),
+    "cfg": Key([0.0], "floats", "guidance scale for training-time samples (sample.py has its own)"),
+    "num_samples": Key(4096, "int", "unused by train.py"),
+    "sample_batch_size": Key(256, "int", "unused by train.py"),
+    # keys added by this train.py
+    "data_format": Key("auto", "str", "auto | folder | wds | video | mnist | colour_mnist"),
+    "holdout": Key(None, "str", "colour_mnist: '(digit):(colour)' pairs never shown in training, e.g. '7:red 2:blue'"),
+    "num_workers": Key(2, "int", "DataLoader worker processes"),
+    "max_steps": Key(0, "int", "stop after this many optimizer steps in total (0 = run all epochs)"),
+    "ckpt_every": Key(1000, "int", "write the resumable training state every N optimizer steps (and at epoch end)"),
+    "log_every": Key(10, "int", "log metrics every N optimizer steps"),
+    "sample_every": Key(0, "int", "also save a sample grid every N optimizer steps (0 = only per sample_freq)"),
+    "train_samples": Key(8, "int", "images/videos in each training-time sample grid"),
+    "sample_captions": Key(None, "str", "captions for training-time samples, '|'-separated; None = from the data"),
+    "denoiser_lr": Key(1e-4, "float", "peak learning rate of the learnable self-denoiser"),
+    "weight_decay": Key(1e-4, "float", "AdamW weight decay"),
+    "cache_latents": Key(0, "int", "encode each training item once with the VAE and reuse the latents"),
+    "wandb": Key(1, "int", "log to wandb on rank 0 (offline when there is no API key); 0 = off"),
+    "device": Key("auto", "str", "auto | cpu | cuda | mps"),
+}
+
+
+class Config:
+    """Resolved configuration with attribute access."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def to_dict(self):
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+    def __repr__(self):
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+
+
+def _unknown(key, schema):
+    close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see utils/config.py for the list of keys"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _convert(key, value, kind):
+    """Turn a YAML/CLI value into the key's type; 'None'/'null' give None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None if kind not in ("ints", "floats") else []
+    try:
+        if kind in ("ints", "floats"):
+            parts = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+            cast = int if kind == "ints" else float
+            return [cast(float(p)) if cast is int and float(p).is_integer() else cast(p) for p in parts]
+        if kind == "int":
+            if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+                return int(str(value).lower() == "true")
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{key}' expects {kind}, got {value!r}") from None
+
+
+def _read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("arguments"), list):
+        merged = {}
+        for entry in data["arguments"]:
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise UserError(f"{path}: each item under 'arguments:' must be one 'key: value' pair, got {entry!r}")
+            merged.update(entry)
+        return merged
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping or an 'arguments:' list at the top level")
+    return data
+
+
+def _parse_tokens(tokens, schema):
+    """['--key', 'v', 'w', '--k2=v2'] -> {'key': ['v', 'w'], 'k2': ['v2']} (several values for list keys)."""
+    out, key = {}, None
+    for tok in tokens:
+        if tok.startswith("--"):
+            name, eq, val = tok[2:].partition("=")
+            key = name.replace("-", "_")
+            if key not in schema:
+                raise _unknown(key, schema)
+            out[key] = [val] if eq else []
+            if eq:
+                key = None
+        elif key is None:
+            raise UserError(f"unexpected command-line value '{tok}' (values follow a --key)")
+        else:
+            out[key].append(tok)
+    for k, vals in out.items():
+        kind = schema[k].kind
+        if not vals and kind != "str":
+            raise UserError(f"--{k} needs a value")
+        if len(vals) > 1 and kind not in ("ints", "floats"):
+            raise UserError(f"--{k} takes one value, got {' '.join(vals)}")
+        out[k] = " ".join(vals) if kind in ("ints", "floats") else (vals[0] if vals else "")
+    return out
+
+
+def load_config(path=None, overrides=None, extra_keys=None):
+    """Defaults < YAML at `path` (or --model_config_path) < explicit overrides (CLI tokens or a dict).
+
+    extra_keys: {name: Key} for entry points with flags of their own (sample.py, finetune_decoder.py).
+    """
+    schema = dict(SCHEMA, **(extra_keys or {}))
+    if isinstance(overrides, dict):
+        for k in overrides:
+            if k not in schema:
+                raise _unknown(k, schema)
+        explicit = dict(overrides)
+    else:
+        explicit = _parse_tokens(list(overrides or []), schema)
+    path = path or explicit.get("model_config_path")
+    values = {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in schema.items()}
+    if path:
+        for k, v in _read_yaml(path).items():
+            if k not in schema:
+                raise _unknown(k, schema)
+            values[k] = _convert(k, v, schema[k].kind)
+        values["model_config_path"] = str(path)
+    for k, v in explicit.items():
+        values[k] = _convert(k, v, schema[k].kind)
+    cfg = Config(values)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg):
+    if cfg.vid_size is not None:
+        parse_vid_size(cfg.vid_size)
+    for key in ("batch_size", "acc", "img_size", "patch_size", "channels", "epochs"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
+    if not cfg.layers_per_block:
+        raise UserError("config key 'layers_per_block' needs at least one value, e.g. '2 2 8'")
+
+
+def parse_vid_size(vid_size):
+    """'81:16' -> (81 frames, 16 fps); a third field (second fps) is accepted, the first fps is used."""
+    parts = str(vid_size).split(":")
+    try:
+        frames, fps = int(parts[0]), float(parts[1])
+    except (IndexError, ValueError):
+        raise UserError(f"vid_size must be 'frames:fps', e.g. '81:16', got {vid_size!r}") from None
+    if frames < 1 or fps <= 0:
+        raise UserError(f"vid_size needs frames >= 1 and fps > 0, got {vid_size!r}")
+    return frames, fps
+
+
+def save_config(cfg, path):
+    """Write a plain-mapping YAML that load_config reads back to an equal Config."""
+    values = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    tmp.replace(path)
+
+
+def model_kwargs(cfg, latent_size, txt_dim=0):
+    """Keyword arguments for transformer_flow.Model; latent_size = img_size // VAE factor, txt_dim from the encoder."""
+    layers = list(cfg.layers_per_block)
+    num_blocks = len(layers) if len(layers) > 1 else cfg.blocks
+    if len(layers) == 1:
+        layers = layers * num_blocks
+    return dict(
+        in_channels=cfg.channel_size, img_size=latent_size, patch_size=cfg.patch_size, channels=cfg.channels,
+        num_blocks=num_blocks, layers_per_block=layers, head_dim=cfg.head_dim, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, rope=bool(cfg.rope), pt_seq_len=cfg.pt_seq_len, sos=bool(cfg.sos),
+        txt_size=cfg.txt_size, txt_dim=txt_dim, cond_top_only=bool(cfg.cond_top_only),
+        use_softplus=bool(cfg.use_softplus), use_swiglu=bool(cfg.use_swiglu), use_bias=bool(cfg.use_bias),
+        use_qk_norm=bool(cfg.use_qk_norm), use_post_norm=bool(cfg.use_post_norm),
+        use_final_norm=bool(cfg.use_final_norm), norm_type=cfg.norm_type,
+        use_checkpoint=cfg.gradient_checkpoint, use_checkpoint_mlp=cfg.gradient_checkpoint_mlp,
+        soft_clip=cfg.soft_clip, seq_order=cfg.seq_order,
+        learnable_self_denoiser=bool(cfg.learnable_self_denoiser),
+        conditional_denoiser=bool(cfg.conditional_denoiser), temporal_causal=cfg.temporal_causal,
+        top_block_channels=cfg.top_block_channels, shallow_block_local=bool(cfg.shallow_block_local),
+        denoiser_window=cfg.denoiser_window, local_attn_window=cfg.local_attn_window,
+    )
