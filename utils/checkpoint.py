@@ -1,0 +1,116 @@
+"""Loading pretrained parts (hub ids or folders) and STARFlow weights (.pth, safetensors) with clear errors."""
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils.errors import UserError
+
+
+def looks_like_path(name):
+    """True when `name` is meant as a filesystem path rather than a hub id."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def fetch_hint(name, include=None):
+    """The command that puts hub weights on disk, for error messages."""
+    extra = f' --include "{include}"' if include else ""
+    return (f"Download it while online with `hf download {name}{extra}` (`huggingface-cli download` on older "
+            f"huggingface_hub), or point the config at a local folder that holds it")
+
+
+def first_line(error):
+    """The first line of an exception message, without a trailing period."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def from_pretrained(cls, name, what, include=None, **kwargs):
+    """`cls.from_pretrained(name, **kwargs)`, turning a missing folder or unreachable hub into one UserError."""
+    if looks_like_path(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise UserError(f"{what} folder '{name}' does not exist; pass a folder written by save_pretrained "
+                            f"or a Hugging Face hub id")
+        name = path
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        where = f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else ""
+        if looks_like_path(name):
+            raise UserError(f"cannot load {what} from folder '{name}'{where}: {first_line(e)}") from None
+        raise UserError(f"cannot load {what} '{name}'{where}: {first_line(e)}. The weights are not on disk. "
+                        f"{fetch_hint(name, include)}") from None
+
+
+WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
+KEY_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def load_state_dict_file(path, what="checkpoint"):
+    """Read a flat tensor dict from .safetensors or a weights-only .pth; unwrap 'model'/'state_dict' nesting and
+    'module.'/'_orig_mod.' prefixes (DDP / torch.compile)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{what} '{path}' is a folder (a torch.distributed checkpoint?); convert it to one file "
+                        f"first, e.g. `python -m torch.distributed.checkpoint.format_utils dcp_to_torch {path} "
+                        f"out.pth`")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} file '{path}' not found; check the path (official weights go in ckpts/)")
+    try:
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any parse failure means the file itself is unusable
+        raise UserError(f"cannot read {what} '{path}': {first_line(e)}. Is the file complete and a weights file "
+                        f"(.pth state_dict or .safetensors)?") from None
+    while isinstance(state, dict):
+        nested = [k for k in WRAPPER_KEYS if isinstance(state.get(k), dict)]
+        if not nested:
+            break
+        state = state[nested[0]]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise UserError(f"{what} '{path}' does not hold a state dict of tensors")
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _strip_prefixes(key):
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key.replace("._orig_mod.", ".")
+
+
+def check_fit(expected, state, what, hint=""):
+    """Raise one UserError listing missing keys, unexpected keys and shape mismatches between two state dicts."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [_few("shape mismatches", wrong), _few("missing keys", missing), _few("unexpected keys", unexpected)]
+        raise UserError(f"{what} does not fit the model: " + "; ".join(p for p in parts if p) + (f". {hint}" if hint else ""))
+
+
+def _few(label, items, limit=6):
+    if not items:
+        return ""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {label}: {', '.join(items[:limit])}{more}"
+
+
+def save_weights(state, path, metadata=None):
+    """Write a tensor dict as safetensors atomically (temp file + os.replace), so a crash never leaves half a file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

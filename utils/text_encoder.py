@@ -1,0 +1,66 @@
+"""Frozen text encoders (flan-T5 or any Hugging Face encoder) and the prompt templates STARFlow was trained on."""
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
+
+from utils.checkpoint import from_pretrained
+from utils.errors import UserError
+
+# Encoder-only classes for encoder-decoder families, so the decoder weights are never instantiated.
+ENCODER_ONLY = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
+
+
+def format_prompt(caption, fps=None, noise_std=None, aspect_ratio=None):
+    """Decorate a caption exactly as the official models saw it: fps line, noise level prefix, aspect suffix."""
+    text = caption
+    if fps is not None:
+        text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
+    if noise_std is not None:
+        text = f"Noise Level {int(noise_std * 1000)}:\n{text}"
+    if aspect_ratio is not None:
+        text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
+    return text
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer plus frozen encoder: captions -> (B, txt_size, dim) hidden states with pad positions zeroed."""
+
+    def __init__(self, tokenizer, model, txt_size):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.txt_size = txt_size
+        self.dim = model.config.hidden_size
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, captions):
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.txt_size,
+                                return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+
+    forward = encode
+
+
+def load_text_encoder(name_or_path, txt_size, device="cpu", dtype=torch.float32):
+    """Load a frozen text encoder by hub id (e.g. google/flan-t5-xl) or local folder; offline-safe errors."""
+    if not name_or_path or name_or_path == "none":
+        raise UserError("no text encoder configured: set `text:` in the config (e.g. google/flan-t5-xl)")
+    if txt_size is None or int(txt_size) <= 0:
+        raise UserError(f"txt_size must be a positive token count (got {txt_size}); set `txt_size:` in the config")
+    what = "text encoder"
+    config = from_pretrained(AutoConfig, name_or_path, what)
+    cls = ENCODER_ONLY.get(config.model_type, AutoModel)
+    model = from_pretrained(cls, name_or_path, what, dtype=dtype)
+    if getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and int(txt_size) > max_positions:
+        raise UserError(f"txt_size {txt_size} exceeds the {max_positions} positions of text encoder "
+                        f"'{name_or_path}'; lower `txt_size:` in the config")
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, f"{what} tokenizer")
+    return TextEncoder(tokenizer, model.to(device), int(txt_size))

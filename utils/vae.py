@@ -1,0 +1,139 @@
+"""Frozen VAEs behind one interface: SD-style AutoencoderKL, Wan2.1/2.2 AutoencoderKLWan, or pixel space ('none').
+
+`load_vae(spec)` takes a hub id or local folder, optionally with a ':<temporal scale>' suffix
+(e.g. 'Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6'). Every VAE maps pixels in [-1,1], (B,3,H,W) or (B,3,F,H,W),
+to normalised latents (B,C,h,w) or (B,T,C,h,w) and back, and exposes spatial_factor, temporal_factor,
+latent_channels.
+"""
+import os
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLWan
+from torch import nn
+
+from misc.wan_vae2 import WanVAE
+from utils.checkpoint import check_fit, fetch_hint, from_pretrained, load_state_dict_file, looks_like_path
+from utils.errors import UserError
+
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderKLWan": AutoencoderKLWan}
+
+
+class ImageVAE(nn.Module):
+    """SD-style AutoencoderKL: posterior sample, then (z - shift) * scaling_factor; videos are encoded per frame."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = vae.config.shift_factor or 0.0
+        self.latent_channels = vae.config.latent_channels
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.temporal_factor = 1
+
+    @torch.no_grad()
+    def encode(self, pixels, generator=None, sample=True):
+        video = pixels.dim() == 5
+        x = pixels.transpose(1, 2).flatten(0, 1) if video else pixels
+        posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        z = posterior.sample(generator) if sample else posterior.mean
+        z = ((z - self.shift_factor) * self.scaling_factor).float()
+        return z.unflatten(0, (pixels.shape[0], -1)) if video else z
+
+    @torch.no_grad()
+    def decode(self, latents):
+        video = latents.dim() == 5
+        z = latents.flatten(0, 1) if video else latents
+        z = z / self.scaling_factor + self.shift_factor
+        x = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return x.unflatten(0, (latents.shape[0], -1)).transpose(1, 2) if video else x
+
+
+class PixelSpace(nn.Module):
+    """No VAE: the flow models pixels directly; videos are only moved to (B,T,3,H,W) layout."""
+    latent_channels = 3
+    spatial_factor = 1
+    temporal_factor = 1
+
+    def encode(self, pixels, generator=None, sample=True):
+        return pixels.transpose(1, 2).float() if pixels.dim() == 5 else pixels.float()
+
+    def decode(self, latents):
+        return latents.transpose(1, 2).float() if latents.dim() == 5 else latents.float()
+
+
+def parse_vae_spec(spec):
+    """'name[:temporal_scale]' -> (name, temporal_scale); a suffix that is not a number belongs to the name."""
+    name, _, suffix = spec.rpartition(":")
+    try:
+        return name, float(suffix)
+    except ValueError:
+        return spec, 1.0
+
+
+def _find_vae(name):
+    """(class name, subfolder) of the VAE at `name`: the repo root or its 'vae' subfolder (diffusers pipelines)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        nested = not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae"))
+        subfolders = ["vae"] if nested else [None]
+    else:
+        subfolders = [None, "vae"]
+    for subfolder in subfolders:
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        try:
+            config = from_pretrained(_ConfigOnly, name, "VAE", **kwargs)
+        except UserError as e:
+            error = e
+            continue
+        class_name = config.get("_class_name")
+        if class_name not in VAE_CLASSES:
+            raise UserError(f"VAE '{name}' is a {class_name}; supported: {', '.join(VAE_CLASSES)} or 'none'")
+        return class_name, subfolder
+    if os.path.isdir(path) or looks_like_path(name):
+        raise error
+    raise UserError(f"cannot load VAE '{name}': it is not on disk (no config.json at the root or in vae/). "
+                    f"{fetch_hint(name)}; a diffusers pipeline repo needs only its VAE: add --include \"vae/*\"")
+
+
+class _ConfigOnly:
+    """Adapter so config reading goes through the same error handling as weight loading."""
+
+    @staticmethod
+    def from_pretrained(name, **kwargs):
+        return AutoencoderKL.load_config(name, **kwargs)
+
+
+def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None):
+    """Build the frozen VAE named by `spec` (hub id, folder, optional ':scale' suffix, or 'none').
+
+    `finetuned`: a file of fine-tuned weights (safetensors/.pth state dict, keys with or without 'vae.') or a
+    save_pretrained folder, e.g. a decoder trained to decode noisy latents (finetune_decoder.py).
+    """
+    if spec is None or str(spec).lower() == "none":
+        if finetuned:
+            raise UserError("--finetuned_vae needs a VAE; the config has vae: none (pixel space)")
+        return PixelSpace()
+    name, temporal_scale = parse_vae_spec(str(spec))
+    class_name, subfolder = _find_vae(name)
+    cls = VAE_CLASSES[class_name]
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if finetuned and os.path.isdir(finetuned):
+        vae = from_pretrained(cls, finetuned, "fine-tuned VAE")
+    else:
+        vae = from_pretrained(cls, name, "VAE", **kwargs)
+    if finetuned and not os.path.isdir(finetuned):
+        load_vae_weights(vae, finetuned)
+    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if class_name == "AutoencoderKLWan":
+        return WanVAE(vae, temporal_scale).to(device)
+    if temporal_scale != 1.0:
+        raise UserError(f"VAE spec '{spec}': a ':{temporal_scale}' temporal scale only applies to Wan video VAEs")
+    return ImageVAE(vae)
+
+
+def load_vae_weights(vae, path):
+    """Load a fine-tuned state dict into a diffusers VAE; keys may carry the 'vae.' prefix of a wrapper."""
+    state = load_state_dict_file(path, "fine-tuned VAE")
+    state = {k[4:] if k.startswith("vae.") else k: v for k, v in state.items()}
+    check_fit(vae.state_dict(), state, f"fine-tuned VAE '{path}'", "Was it fine-tuned from this config's `vae:`?")
+    vae.load_state_dict(state)
