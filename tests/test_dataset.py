@@ -1,0 +1,196 @@
+"""dataset.py on tiny generated data: folders, captions.jsonl, videos, tar shards, MNIST, buckets, corrupt files."""
+import io
+import json
+import random
+import tarfile
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from utils.config import load_config
+from utils.errors import UserError
+
+
+def _image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def make_image_folder(root, n=6, sizes=((40, 40),), corrupt=0, jsonl=False):
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        _image(w, h, i).save(root / f"img{i}.png")
+        if jsonl:
+            lines.append(json.dumps({"file": f"img{i}.png", "caption": f"picture {i}"}))
+        else:
+            (root / f"img{i}.txt").write_text(f"picture {i}\n")
+    for j in range(corrupt):
+        (root / f"bad{j}.png").write_bytes(b"\x89PNG not really an image")
+        (root / f"bad{j}.txt").write_text("broken")
+    if jsonl:
+        (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_video_folder(root, n=2, frames=12, fps=8, size=(24, 32)):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        video = np.zeros((frames, size[0], size[1], 3), np.uint8)
+        video[:, :, :, 0] = np.arange(frames)[:, None, None] * 20  # red encodes the frame index
+        imageio.mimwrite(root / f"clip{i}.mp4", video, fps=fps, codec="libx264", macro_block_size=1, quality=10)
+        (root / f"clip{i}.txt").write_text(f"clip {i}")
+    return root
+
+
+def make_shards(root, n_shards=2, per_shard=4, corrupt=False):
+    root.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for s in range(n_shards):
+        with tarfile.open(root / f"data-{s:03d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                buf = io.BytesIO()
+                _image(36, 36, k).save(buf, format="PNG")
+                payload = b"garbage" if corrupt and k == 1 else buf.getvalue()
+                caption = json.dumps({"caption": f"shard image {k}"}).encode() if k % 2 else f"shard image {k}".encode()
+                for name, data in ((f"{k:05d}.png", payload), (f"{k:05d}.{'json' if k % 2 else 'txt'}", caption)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                k += 1
+    return root
+
+
+def cfg_for(data, **kw):
+    values = dict(data=str(data), img_size=16, batch_size=2, num_workers=0, no_flip=1)
+    values.update(kw)
+    return load_config(None, values)
+
+
+def all_batches(td, epoch=0, start=0):
+    return list(td.epoch(epoch, start))
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_image_folder(tmp_path, jsonl):
+    root = make_image_folder(tmp_path / "imgs", n=5, sizes=((40, 30),), jsonl=jsonl)
+    td = dataset.TrainData(cfg_for(root), rank=0, world_size=1, seed=0, multiple=8)
+    batches = all_batches(td)
+    assert td.format == "folder" and td.steps_per_epoch == 2 and len(batches) == 2
+    x, captions, meta = batches[0]
+    assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert all(c.startswith("picture ") for c in captions) and meta["skipped"] == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_skipped_and_named(tmp_path, workers):
+    root = make_image_folder(tmp_path / "imgs", n=3, corrupt=1)
+    td = dataset.TrainData(cfg_for(root, batch_size=4, num_workers=workers), rank=0, world_size=1, seed=0, multiple=8)
+    (batch,) = all_batches(td)
+    assert batch[0].shape[0] == 4
+    assert batch[2]["skipped"] == [str(root / "bad0.png")]
+    assert "broken" not in batch[1]
+
+
+def test_global_batches_do_not_depend_on_world_size(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", n=8)
+    cfg = cfg_for(root, batch_size=4, no_flip=0)
+    one = all_batches(dataset.TrainData(cfg, 0, 1, seed=3, multiple=8), epoch=1)
+    two = [all_batches(dataset.TrainData(cfg, r, 2, seed=3, multiple=8), epoch=1) for r in range(2)]
+    for step, (x, caps, _) in enumerate(one):
+        assert torch.equal(x, torch.cat([two[0][step][0], two[1][step][0]]))
+        assert caps == two[0][step][1] + two[1][step][1]
+    resumed = all_batches(dataset.TrainData(cfg, 0, 1, seed=3, multiple=8), epoch=1, start=1)
+    assert torch.equal(resumed[0][0], one[1][0])
+    other_epoch = all_batches(dataset.TrainData(cfg, 0, 1, seed=3, multiple=8), epoch=2)
+    assert [b[1] for b in other_epoch] != [b[1] for b in one]
+
+
+def test_aspect_buckets(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", n=8, sizes=((64, 36), (30, 45)))
+    td = dataset.TrainData(cfg_for(root, mix_aspect=1, img_size=32), 0, 1, seed=0, multiple=8)
+    shapes = {}
+    for x, _, meta in all_batches(td):
+        assert len(set(meta["aspect"])) == 1  # one bucket per batch
+        shapes[meta["aspect"][0]] = tuple(x.shape[-2:])
+    assert shapes == {"16:9": (24, 40), "2:3": (40, 24)}
+    assert dataset.aspect_ratio_to_image_size(256, "16:9", 8) == (192, 344)
+    assert dataset.aspect_ratio_to_image_size(640, "16:9", 16) == (480, 848)
+
+
+def test_video_folder(tmp_path):
+    root = make_video_folder(tmp_path / "vids", n=2, frames=12, fps=8)
+    cfg = cfg_for(root, vid_size="5:4", batch_size=2)
+    td = dataset.TrainData(cfg, 0, 1, seed=0, multiple=8)
+    (x, captions, meta), = all_batches(td)
+    assert td.format == "video" and x.shape == (2, 5, 3, 16, 16) and meta["fps"] == [4.0, 4.0]
+    red = (x[0, :, 0].mean(dim=(-1, -2)) + 1) * 127.5
+    steps = np.diff(red.numpy())
+    assert np.allclose(steps, 40, atol=8)  # 8 fps source sampled at 4 fps: every 2nd frame
+
+
+def test_sample_clip_indices():
+    r = random.Random(0)
+    assert dataset.sample_clip_indices(5, 8, 9, 4, r) == np.linspace(0, 4, 9).round().astype(int).tolist()
+    assert np.diff(dataset.sample_clip_indices(100, 30, 4, 10, r)).tolist() == [3, 3, 3]  # 30 fps -> 10 fps
+    assert np.diff(dataset.sample_clip_indices(100, 10, 4, 30, r)).tolist() == [1, 1, 1]  # slower source: native rate
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_webdataset_shards(tmp_path, corrupt):
+    root = make_shards(tmp_path / "shards", corrupt=corrupt)
+    cfg = cfg_for(str(root / "data-{000..001}.tar"), batch_size=2, epoch_length=6)
+    td = dataset.TrainData(cfg, 0, 1, seed=0, multiple=8)
+    batches = all_batches(td)
+    assert td.format == "wds" and len(batches) == 3
+    assert batches[0][0].shape == (2, 3, 16, 16)
+    assert all(c.startswith("shard image") for b in batches for c in b[1])
+    skipped = [s for b in batches for s in b[2]["skipped"]]
+    assert len(skipped) == int(corrupt) and (not corrupt or "00001" in skipped[0])
+    ranks = [all_batches(dataset.TrainData(cfg_for(str(root), batch_size=2, epoch_length=4), r, 2, 0, 8))
+             for r in range(2)]
+    seen = [set(c for b in batches for c in b[1]) for batches in ranks]
+    assert not seen[0] & seen[1]  # ranks read different shards
+
+
+def test_mnist_and_colour_mnist():
+    grey = dataset.MNISTDataset(16)
+    x, caption, _ = grey.load(0, seed=0)
+    assert x.shape == (3, 16, 16) and ("five" in caption or "5" in caption)
+    assert torch.equal(x[0], x[1])
+    held = {(5, "red"), (5, "green")}
+    col = dataset.MNISTDataset(16, colour=True, holdout=held)
+    captions = [col.load(0, seed=s)[1] for s in range(40)]
+    words = {w.strip(",") for c in captions for w in c.split()}
+    assert not words & {"red", "green"} and words & {"blue", "yellow", "purple", "white"}
+    assert len({c for c in captions}) > 3  # templates and colours vary
+    x, caption, _ = col.load(1, seed=0)
+    assert not torch.equal(x[0], x[2]) or "white" in caption
+    custom = dataset.MNISTDataset(16, caption_fn=lambda d, rng: f"digit {d}")
+    assert custom.load(0, 0)[1] == "digit 5"
+    assert dataset.parse_holdout("7:red, 2:blue") == {(7, "red"), (2, "blue")}
+    with pytest.raises(UserError, match="holdout entry"):
+        dataset.parse_holdout("7:teal")
+
+
+@pytest.mark.parametrize("data, message", [
+    ("missing_dir", "data path not found"),
+    ("missing-{000..001}.tar", "shards not found"),
+    ("empty", "no captioned image"),
+])
+def test_bad_data_paths(tmp_path, data, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "lonely.png").write_bytes(b"")
+    with pytest.raises(UserError, match=message):
+        dataset.TrainData(cfg_for(tmp_path / data, epoch_length=8), 0, 1, 0, 8)
+
+
+def test_too_little_data(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", n=2)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        dataset.TrainData(cfg_for(root, batch_size=4), 0, 1, 0, 8)
