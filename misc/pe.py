@@ -1,0 +1,58 @@
+"""Rotary position embeddings of STARFlow: 2-D/3-D grid positions with an optional text prefix."""
+import math
+
+import torch
+from torch import nn
+
+
+def grid_positions(h, w, pt_seq_len=None, frames=0, txt_len=0, third_axis=True):
+    """Positions (N, 2 or 3) of [text; frames x h x w] tokens, rows normalised so the mean side spans pt_seq_len.
+
+    Text token j sits at (0, 0, j * P / txt_len); image tokens at (row, col, frame) in raster order, frame-major.
+    """
+    side = math.sqrt(h * w)
+    span = pt_seq_len if pt_seq_len is not None else side
+    rows = torch.arange(h, dtype=torch.float64) * span / side
+    cols = torch.arange(w, dtype=torch.float64) * span / side
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+    if not third_axis:
+        return grid.float()
+    t = torch.arange(max(frames, 1), dtype=torch.float64).repeat_interleave(h * w)
+    image = torch.cat([grid.repeat(max(frames, 1), 1), t[:, None]], dim=1)
+    if txt_len:
+        text = torch.zeros(txt_len, 3, dtype=torch.float64)
+        text[:, 2] = torch.arange(txt_len, dtype=torch.float64) * span / txt_len
+        image = torch.cat([text, image], dim=0)
+    return image.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps positions to (cos, sin) tables of width head_dim, angles repeated in interleaved pairs.
+
+    Three-axis positions split the head_dim/2 angles into [head_dim/2 - 8 spatial | 8 third-axis]; two-axis
+    positions use all head_dim/2 angles for the two spatial axes.
+    """
+
+    def __init__(self, head_dim, theta=10000.0):
+        super().__init__()
+        half = head_dim // 2
+        spatial3 = half - 8
+        self.register_buffer("freqs_xy3", theta ** (-torch.arange(0, spatial3, 2).double() / spatial3), persistent=False)
+        self.register_buffer("freqs_t", theta ** (-torch.arange(0, 8).double() / 8), persistent=False)
+        self.register_buffer("freqs_xy2", theta ** (-torch.arange(0, half, 2).double() / half), persistent=False)
+
+    def forward(self, pos):
+        pos = pos.to(self.freqs_t.device, torch.float64)
+        if pos.shape[1] == 3:
+            angles = torch.cat([pos[:, :1] * self.freqs_xy3, pos[:, 1:2] * self.freqs_xy3, pos[:, 2:] * self.freqs_t], 1)
+        else:
+            angles = torch.cat([pos[:, :1] * self.freqs_xy2, pos[:, 1:2] * self.freqs_xy2], 1)
+        angles = angles.repeat_interleave(2, dim=1)
+        return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(t, cos, sin):
+    """Rotates adjacent channel pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin); t is (..., L, d)."""
+    pairs = t.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (t.float() * cos + rotated * sin).to(t.dtype)

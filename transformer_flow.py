@@ -1,0 +1,609 @@
+"""STARFlow: a deep-shallow stack of transformer autoregressive affine flows.
+
+The network (norms, attention, MLP, KV cache) comes first; the flow math (MetaBlock: density pass, sequential and
+block-wise Jacobi inversion, guidance) and the model stack (Model) follow. Flow arithmetic runs in float32.
+"""
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from misc.pe import RotaryEmbedding, apply_rope, grid_positions
+
+SOFTPLUS_OFFSET = math.log(math.e - 1)  # softplus(0 + offset) == 1, so a zero network output is the identity map
+DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")
+
+
+# ----------------------------------------------------------------------------------------------------- network
+
+class RMSNorm(nn.Module):
+    """Gemma-style RMSNorm computed in float32: x / rms(x) * (1 + weight), weight initialised to zero."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())
+        return y.to(x.dtype)
+
+
+def make_norm(norm_type, dim):
+    return {"layer_norm": lambda: nn.LayerNorm(dim), "rms_norm": lambda: RMSNorm(dim)}.get(norm_type, nn.Identity)()
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every layer of one block, written at a cursor for incremental decoding."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0
+        self.keys, self.values = {}, {}
+
+    def write(self, layer, k, v):
+        """Stores k, v (B, H, n, d) at [length, length + n) and returns everything up to there."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
+        if layer not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self, n):
+        """Keeps the last n written slots; unkept writes are overwritten by the next pass (Jacobi iterations)."""
+        self.length += n
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with RoPE, qk-norm, post-norm and an optional KV cache."""
+
+    def __init__(self, channels, head_dim, norm_type="layer_norm", num_heads=None, num_kv_heads=None,
+                 use_qk_norm=False, use_post_norm=False, use_bias=True, hf_style_rope=False, non_causal=False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads or channels // head_dim
+        self.num_kv_heads = num_kv_heads or self.num_heads
+        self.hf_style_rope = hf_style_rope
+        self.non_causal = non_causal
+        self.norm = make_norm(norm_type, channels)
+        self.qkv = nn.Linear(channels, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=use_bias)
+        self.proj = nn.Linear(self.num_heads * head_dim, channels, bias=use_bias)
+        if use_qk_norm:
+            self.query_norm, self.key_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        if use_post_norm:
+            self.post_norm = RMSNorm(channels)
+
+    def rotate(self, t, rope):
+        if not self.hf_style_rope:
+            return apply_rope(t, *rope)
+        # HF/LLaMA convention: the rotated pairs are (i, i + d/2), so interleave the halves around the rotation.
+        t = rearrange(t, "... (two d) -> ... (d two)", two=2)
+        return rearrange(apply_rope(t, *rope), "... (d two) -> ... (two d)", two=2)
+
+    def forward(self, u, rope=None, mask=None, cache=None, layer=0, temp=1.0):
+        B, L, _ = u.shape
+        d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        q, k, v = self.qkv(self.norm(u)).split([H * d, Hkv * d, Hkv * d], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "query_norm"):
+            q, k = self.query_norm(q), self.key_norm(k)
+        if rope is not None:
+            q, k = self.rotate(q, rope), self.rotate(k, rope)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        q, k, v = q.to(u.dtype), k.to(u.dtype), v.to(u.dtype)
+        lq, lk = q.shape[2], k.shape[2]
+        is_causal = mask is None and not self.non_causal and lq == lk and lq > 1
+        if mask is None and not self.non_causal and 1 < lq < lk:
+            # the new chunk sees the whole cached prefix and itself causally (bottom-right aligned triangle)
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=u.device).tril(lk - lq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             scale=d ** -0.5 / temp, enable_gqa=Hkv != H)
+        out = self.proj(out.transpose(1, 2).flatten(2))
+        return self.post_norm(out) if hasattr(self, "post_norm") else out
+
+
+class MLP(nn.Module):
+    """Pre-norm feed-forward: Linear-GELU-Linear, or a tanh-GELU gated unit when use_swiglu."""
+
+    def __init__(self, channels, expansion=4, use_swiglu=False, norm_type="layer_norm", use_post_norm=False,
+                 use_bias=True):
+        super().__init__()
+        hidden = int(channels * expansion)
+        self.norm = make_norm(norm_type, channels)
+        if use_swiglu:
+            self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
+        else:
+            self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+        if use_post_norm:
+            self.post_norm = RMSNorm(channels)
+
+    def forward(self, x):
+        x = self.norm(x)
+        if hasattr(self, "main"):
+            x = self.main(x)
+        else:
+            x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.post_norm(x) if hasattr(self, "post_norm") else x
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer layer over the joint sequence [text; image]; the unit that FSDP shards."""
+
+    def __init__(self, channels, head_dim, expansion=4, use_swiglu=False, norm_type="layer_norm", num_heads=None,
+                 num_kv_heads=None, use_qk_norm=False, use_post_norm=False, use_bias=True, hf_style_rope=False,
+                 non_causal=False, checkpoint_attn=False, checkpoint_mlp=False):
+        super().__init__()
+        self.attention = Attention(channels, head_dim, norm_type, num_heads, num_kv_heads, use_qk_norm,
+                                   use_post_norm, use_bias, hf_style_rope, non_causal)
+        self.mlp = MLP(channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias)
+        self.checkpoint_attn, self.checkpoint_mlp = checkpoint_attn, checkpoint_mlp
+
+    def forward(self, x, text=None, rope=None, mask=None, cache=None, layer=0, temp=1.0):
+        s = x if text is None else text if x is None else torch.cat([text, x], dim=1)
+        if self.training and self.checkpoint_attn:
+            s = s + checkpoint(self.attention, s, rope, mask, cache, layer, temp, use_reentrant=False)
+        else:
+            s = s + self.attention(s, rope, mask, cache, layer, temp)
+        s = s + (checkpoint(self.mlp, s, use_reentrant=False) if self.training and self.checkpoint_mlp else self.mlp(s))
+        n_text = 0 if text is None else text.shape[1]
+        return (None if x is None else s[:, n_text:]), (None if text is None else s[:, :n_text])
+
+
+class Trunk(nn.Module):
+    """proj_in -> transformer layers over [text; tokens] -> final norm -> proj_out, shared by flow and denoiser."""
+
+    def __init__(self, in_channels, out_channels, channels, num_layers, head_dim=64, num_heads=None,
+                 num_kv_heads=None, txt_dim=0, use_swiglu=False, use_qk_norm=False, use_post_norm=False,
+                 use_final_norm=False, use_bias=True, hf_style_rope=False, norm_type="layer_norm", use_checkpoint=0,
+                 use_checkpoint_mlp=None, non_causal=False, expansion=4):
+        super().__init__()
+        ckpt_mlp = use_checkpoint if use_checkpoint_mlp is None else use_checkpoint_mlp
+        self.proj_in = nn.Linear(in_channels, channels)
+        self.proj_out = nn.Linear(channels, out_channels)
+        nn.init.zeros_(self.proj_out.weight)  # every flow step (and the denoiser) starts as the identity
+        self.proj_txt = nn.Linear(txt_dim, channels) if txt_dim else None
+        self.attn_blocks = nn.ModuleList([
+            AttentionBlock(channels, head_dim, expansion, use_swiglu, norm_type, num_heads, num_kv_heads, use_qk_norm,
+                           use_post_norm, use_bias, hf_style_rope, non_causal,
+                           checkpoint_attn=use_checkpoint > 0 and (i + 1) % use_checkpoint == 0,
+                           checkpoint_mlp=bool(ckpt_mlp) and ckpt_mlp > 0 and (i + 1) % ckpt_mlp == 0)
+            for i in range(num_layers)])
+        self.final_norm = RMSNorm(channels) if use_final_norm else None
+        self.num_kv_heads = self.attn_blocks[0].attention.num_kv_heads if num_layers else 0
+
+    @property
+    def has_text(self):
+        return self.proj_txt is not None
+
+    def run(self, h, text=None, rope=None, slot=0, mask=None, cache=None, temp=1.0):
+        """Runs the layers on hidden tokens h (after proj_in) preceded by raw text; rope rows start at `slot`."""
+        text = self.proj_txt(text.to(self.proj_txt.weight.dtype)) if text is not None else None
+        if rope is not None:
+            n = (0 if h is None else h.shape[1]) + (0 if text is None else text.shape[1])
+            rope = (rope[0][slot:slot + n], rope[1][slot:slot + n])
+        for i, layer in enumerate(self.attn_blocks):
+            h, text = layer(h, text, rope, mask, cache, i, temp)
+        if h is None:
+            return None
+        return self.proj_out(self.final_norm(h) if self.final_norm is not None else h)
+
+
+# --------------------------------------------------------------------------------------------------- flow math
+
+def permute(x, kind, frames):
+    """Token order of a flow step on (B, L, D): identity, full flip, or flip inside each of `frames` frames."""
+    if kind == "flip":
+        return x.flip(1)
+    if kind == "flip_in_frame":
+        return x.unflatten(1, (frames, -1)).flip(2).flatten(1, 2)
+    return x
+
+
+def guide(mu, sigma, w):
+    """Classifier-free guidance on the Gaussian p_c^(1+w) / p_u^w, with the variance ratio clamped to at most 1."""
+    mu_c, mu_u = mu.chunk(2)
+    sigma_c, sigma_u = sigma.chunk(2)
+    s = (sigma_c / sigma_u).clamp(max=1).pow(2)
+    denom = 1 + w - w * s
+    mu_g, sigma_g = ((1 + w) * mu_c - w * s * mu_u) / denom, sigma_c / denom.sqrt()
+    return torch.cat([mu_g, mu_g]), torch.cat([sigma_g, sigma_g])
+
+
+@dataclass
+class DecodeSchedule:
+    """How an autoregressive step is inverted: chunks of tokens, each refined by fixed-point (Jacobi) iterations."""
+    block_size: int = 1
+    later_block_size: int = 1  # chunk size after the first frame of a video
+    max_iter: int = 1
+    threshold: float = 0.0
+
+
+SEQUENTIAL = DecodeSchedule()
+
+
+def jacobi_schedule(block_size, max_iter, threshold):
+    return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
+
+
+def all_ranks_agree(flag):
+    """Ranks of a sharded model must run the network equally often, so a stop needs every rank's consent."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+    return flag
+
+
+class MetaBlock(Trunk):
+    """One autoregressive affine flow step: z_i = (x_i - mu_i) / sigma_i with (mu_i, sigma_i) from x_<i."""
+
+    def __init__(self, in_channels, channels, img_size, permutation="identity", num_layers=1, sos=False, rope=True,
+                 use_softplus=False, soft_clip=0.0, **trunk_kwargs):
+        super().__init__(in_channels, 2 * in_channels, channels, num_layers, **trunk_kwargs)
+        self.permutation = permutation
+        self.use_softplus = use_softplus
+        self.soft_clip = soft_clip
+        self.sos_embed = nn.Parameter(torch.randn(1, 1, in_channels)) if sos else None
+        self.pos_embed = None if rope else nn.Parameter(torch.randn(img_size * img_size, channels) * 0.01)
+
+    def step(self, u, text=None, rope=None, slot=0, cache=None, temp=1.0, frames=1):
+        """Predicts (mu, sigma) in float32 for the tokens that follow each input token of u (B, n, D).
+
+        u sits at cache slot `slot` (text first when `text` is given); slots index the RoPE rows.
+        """
+        h = self.proj_in(u.to(self.proj_in.weight.dtype))
+        if self.pos_embed is not None:
+            first = slot - (cache.text_len if cache is not None else 0)
+            h = h + self.position_table(frames)[first:first + h.shape[1]]
+        o = self.run(h, text, rope, slot, cache=cache, temp=temp)
+        if self.soft_clip:
+            o = self.soft_clip * torch.tanh(o / self.soft_clip)
+        alpha, mu = o.float().chunk(2, dim=-1)
+        sigma = F.softplus(alpha + SOFTPLUS_OFFSET) if self.use_softplus else alpha.exp()
+        return mu, sigma
+
+    def position_table(self, frames):
+        """Learned positions (no RoPE), tiled over frames and permuted with the tokens they belong to."""
+        table = self.pos_embed.repeat(frames, 1)[None]
+        return permute(table, self.permutation, frames)[0]
+
+    def forward(self, x, text=None, rope=None, frames=1):
+        """Density direction on raster tokens x (B, L, D): returns z (raster order) and per-token log-dets (B, L, D)."""
+        x = permute(x, self.permutation, frames)
+        seq = torch.cat([self.sos_embed.expand(len(x), 1, -1).to(x.dtype), x], 1) if self.sos_embed is not None else x
+        mu, sigma = self.step(seq[:, :-1], text, rope, frames=frames)
+        z, logdet = (seq[:, 1:].float() - mu) / sigma, -sigma.log()
+        if self.sos_embed is None:  # without SOS the first token has nothing to condition on and passes unchanged
+            z, logdet = torch.cat([x[:, :1].float(), z], 1), F.pad(logdet, (0, 0, 1, 0))
+        return permute(z.to(x.dtype), self.permutation, frames), logdet
+
+    @torch.no_grad()
+    def inverse(self, z, text=None, rope=None, frames=1, guidance=0.0, temp=1.0, schedule=SEQUENTIAL, prefix=None,
+                window=None, context=0):
+        """Noise -> data on raster tokens z (B, L, D); chunked fixed-point decoding, exact at convergence.
+
+        prefix: known leading raster tokens (B, P, D) to continue. window/context (tokens): decode with the last
+        `window` tokens visible, re-encoding the last `context` generated tokens from SOS when the window slides.
+        """
+        B, L, D = z.shape
+        frame_len = L // frames
+        z = permute(z.float(), self.permutation, frames)
+        if guidance > 0:
+            z = torch.cat([z, z])
+        sos = self.sos_embed is not None
+        # buffer[i + 1] = mu_i + sigma_i * noise[i], where (mu_i, sigma_i) comes from buffer[0..i]
+        if sos:
+            buffer, noise = torch.cat([self.sos_embed.float().expand(len(z), 1, -1), z], 1), z
+        else:
+            buffer, noise = z.clone(), z[:, 1:]
+        steps = noise.shape[1]
+        if window is not None and not sos:
+            raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
+        text_len = text.shape[1] if text is not None and self.has_text else 0
+        cache = KVCache(text_len + (min(window, steps) if window else steps))
+        text = text if self.has_text else None
+        self.prefill(cache, text, rope, temp)
+
+        start = 0
+        if prefix is not None:
+            if self.permutation == "flip":
+                raise ValueError("continuing observed frames needs a temporally causal model (temporal_causal > 0)")
+            known = permute(prefix.float(), self.permutation, prefix.shape[1] // frame_len)
+            known = torch.cat([known] * (len(z) // len(known)))
+            buffer[:, int(sos):int(sos) + known.shape[1]] = known
+            start = known.shape[1] - (0 if sos else 1)
+            self.encode_context(cache, buffer[:, :start], rope, text_len, temp, frames)
+        offset = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
+        target = steps if window is None else min(steps, window)
+        while start < steps:
+            if start == target:
+                target = min(steps, target + window - context)
+                cache = KVCache(cache.max_len)
+                self.prefill(cache, text, rope, temp)
+                self.encode_context(cache, torch.cat([buffer[:, :1], buffer[:, start - context + 1:start]], 1),
+                                    rope, text_len, temp, frames)
+                offset = start - context
+            chunk = min(schedule.block_size if start <= frame_len else schedule.later_block_size, target - start)
+            for it in range(schedule.max_iter):
+                inp = buffer[:, start:start + chunk]
+                if it == 0 and start > frame_len and chunk > 1:
+                    # the same tokens one frame earlier are a better first guess than noise
+                    inp = torch.cat([inp[:, :1], buffer[:, start + 1 - frame_len:start + chunk - frame_len]], 1)
+                mu, sigma = self.step(inp, None, rope, text_len + start - offset, cache, temp, frames)
+                if guidance > 0:
+                    mu, sigma = guide(mu, sigma, guidance)
+                new = mu + sigma * noise[:, start:start + chunk]
+                last = it == schedule.max_iter - 1
+                done = last or all_ranks_agree(
+                    ((new - buffer[:, start + 1:start + 1 + chunk]).pow(2).mean() / new.pow(2).mean()).item()
+                    < schedule.threshold)
+                buffer[:, start + 1:start + 1 + chunk] = new
+                if done:
+                    cache.commit(chunk)
+                    break
+            start += chunk
+        x = buffer[:B, 1:] if sos else buffer[:B]
+        return permute(x, self.permutation, frames)
+
+    def prefill(self, cache, text, rope, temp):
+        """Writes the text prefix into the cache (causal among text tokens)."""
+        cache.text_len = 0 if text is None else text.shape[1]
+        if text is not None:
+            self.run(None, text, rope, 0, cache=cache, temp=temp)
+            cache.commit(text.shape[1])
+
+    def encode_context(self, cache, tokens, rope, text_len, temp, frames):
+        """Teacher-forces known input tokens into the cache right after the text."""
+        if tokens.shape[1]:
+            self.step(tokens, None, rope, text_len, cache, temp, frames)
+            cache.commit(tokens.shape[1])
+
+
+class IdentityFlow(nn.Module):
+    """A flow step with no layers (layers_per_block 0): z = x."""
+    has_text = False
+
+    def forward(self, x, text=None, rope=None, frames=1):
+        return x, torch.zeros_like(x, dtype=torch.float32)
+
+    def inverse(self, z, *args, **kwargs):
+        return z
+
+
+class NonCausalBlock(Trunk):
+    """The learnable self-denoiser: a bidirectional (or frame-windowed) transformer predicting a score step."""
+
+    def __init__(self, in_channels, channels, num_layers=8, block_causal=0, window=None, **trunk_kwargs):
+        super().__init__(in_channels, in_channels, channels, num_layers, non_causal=True, **trunk_kwargs)
+        self.block_causal, self.window = block_causal, window
+
+    def frame_mask(self, text_len, frames, frame_len, device):
+        """Query q sees all text, and image frames from frame(q)+A-1-G to frame(q)+A-1 (A look-ahead, G window)."""
+        a, g = self.block_causal, self.window or 10000
+        idx = torch.arange(text_len + frames * frame_len, device=device)
+        frame = torch.div(idx - text_len, frame_len, rounding_mode="floor")
+        frame_plus = torch.div((idx - text_len).clamp(min=0), frame_len, rounding_mode="floor")
+        q, k = frame[:, None], frame[None, :]
+        visible = (k >= q + a - 1 - g) & (k <= frame_plus[:, None] + a - 1)
+        return visible | (idx[None, :] < text_len)
+
+    def forward(self, x, text=None, rope=None, frames=1, video=False):
+        text = text if self.has_text else None
+        mask = None
+        if video and self.block_causal > 0:
+            mask = self.frame_mask(0 if text is None else text.shape[1], frames, x.shape[1] // frames, x.device)
+        return self.run(self.proj_in(x.to(self.proj_in.weight.dtype)), text, rope, 0, mask=mask)
+
+
+class Model(nn.Module):
+    """STARFlow: K flow steps on patchified latents; shallow steps first (data side), the deep text step last."""
+
+    def __init__(self, in_channels, img_size, patch_size, channels, num_blocks, layers_per_block, head_dim=64,
+                 num_heads=None, num_kv_heads=None, rope=False, pt_seq_len=None, sos=False, txt_size=0, txt_dim=0,
+                 cond_top_only=False, use_softplus=False, use_swiglu=False, use_bias=True, use_qk_norm=False,
+                 use_post_norm=False, use_final_norm=False, hf_style_rope=False, norm_type="layer_norm",
+                 use_checkpoint=0, use_checkpoint_mlp=None, soft_clip=0, seq_order="R2L",
+                 learnable_self_denoiser=False, conditional_denoiser=False, temporal_causal=0,
+                 top_block_channels=None, shallow_block_local=False, denoiser_window=None, local_attn_window=None):
+        super().__init__()
+        if isinstance(layers_per_block, int):
+            layers_per_block = [layers_per_block] * num_blocks
+        if len(layers_per_block) != num_blocks:
+            raise ValueError(f"layers_per_block has {len(layers_per_block)} entries for num_blocks={num_blocks}")
+        if seq_order not in ("L2R", "R2L"):
+            raise ValueError(f"seq_order must be 'L2R' or 'R2L', got {seq_order!r}")
+        if temporal_causal and seq_order != "L2R":
+            raise ValueError("temporal_causal needs seq_order 'L2R'")
+        if local_attn_window and not shallow_block_local:
+            raise ValueError("local_attn_window needs shallow_block_local (the window applies to the deep block only)")
+        if shallow_block_local and not cond_top_only:
+            raise ValueError("shallow_block_local needs cond_top_only (frame-local steps see no text)")
+        self.in_channels, self.patch_size, self.txt_size = in_channels, patch_size, txt_size
+        self.pt_seq_len = pt_seq_len or img_size // patch_size
+        self.cond_top_only, self.shallow_block_local = cond_top_only, shallow_block_local
+        self.local_attn_window = local_attn_window
+        token_dim = in_channels * patch_size ** 2
+        base = dict(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, use_swiglu=use_swiglu,
+                    use_qk_norm=use_qk_norm, use_post_norm=use_post_norm, use_final_norm=use_final_norm,
+                    use_bias=use_bias, hf_style_rope=hf_style_rope, norm_type=norm_type,
+                    use_checkpoint=use_checkpoint, use_checkpoint_mlp=use_checkpoint_mlp)
+        flow = dict(img_size=img_size // patch_size, sos=sos, rope=rope, use_softplus=use_softplus,
+                    soft_clip=soft_clip)
+        orders = ["identity", "flip_in_frame" if temporal_causal else "flip"]
+        blocks = []
+        for i, layers in enumerate(layers_per_block):
+            order = orders[(i + (seq_order == "L2R")) % 2]
+            if i < num_blocks - 1:
+                blocks.append(IdentityFlow() if layers == 0 else MetaBlock(
+                    token_dim, channels, permutation=order, num_layers=layers,
+                    txt_dim=0 if cond_top_only else txt_dim, **flow, **base))
+            else:
+                top = top_block_channels or channels
+                top_kwargs = dict(base, num_heads=num_heads or (top // head_dim if top != channels else None))
+                blocks.append(MetaBlock(token_dim, top, permutation=order, num_layers=layers, txt_dim=txt_dim,
+                                        **flow, **top_kwargs))
+        self.blocks = nn.ModuleList(blocks)
+        self.rope = RotaryEmbedding(head_dim) if rope else None
+        self.learnable_self_denoiser = NonCausalBlock(
+            token_dim, channels, 8, block_causal=temporal_causal, window=denoiser_window,
+            txt_dim=txt_dim if conditional_denoiser else 0, **base) if learnable_self_denoiser else None
+
+    # ------------------------------------------------------------------------------------------ layout helpers
+    def patchify(self, x):
+        """(B, C, H, W) or (B, T, C, H, W) -> (B, T, h, w, p*p*C), channel index fastest inside a patch."""
+        x = x[:, None] if x.dim() == 4 else x
+        return rearrange(x, "b t c (h p1) (w p2) -> b t h w (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
+
+    def unpatchify(self, tokens, video):
+        p = self.patch_size
+        x = rearrange(tokens, "b t h w (p1 p2 c) -> b t c (h p1) (w p2)", p1=p, p2=p)
+        return x if video else x[:, 0]
+
+    def rope_table(self, h, w, frames, video, text=None):
+        """(cos, sin) for [text; frames x h x w] slots; None when the model uses learned positions."""
+        if self.rope is None:
+            return None
+        third_axis = self.txt_size > 0 or video
+        text_len = 0 if text is None else text.shape[1]
+        return self.rope(grid_positions(h, w, self.pt_seq_len, frames if video else 0, text_len, third_axis))
+
+    # ------------------------------------------------------------------------------------------------ passes
+    def forward(self, x, y=None, mode="likelihood", **kwargs):
+        """Dispatches every pass through forward, so that FSDP's hooks run for each of them."""
+        return {"likelihood": self._likelihood, "reverse": self._reverse, "denoise": self._denoise}[mode](x, y, **kwargs)
+
+    def _likelihood(self, x, y):
+        """Data -> noise: returns z (shape of x), outputs (each step's input and the final z, as tokens), logdets."""
+        video = x.dim() == 5
+        tokens = self.patchify(x)
+        B, T, h, w, D = tokens.shape
+        seq, outputs, logdets = self._shallow_forward(tokens, y, video)
+        top = self.blocks[-1]
+        text = y if top.has_text else None
+        seq, logdet = top(seq, text, self.rope_table(h, w, T, video, text), T)
+        outputs.append(seq.view(B, T, h, w, D))
+        logdets.append(logdet)
+        if not video:
+            outputs = [o[:, 0] for o in outputs]
+        return self.unpatchify(seq.view(B, T, h, w, D), video), outputs, logdets
+
+    def _shallow_forward(self, tokens, y, video):
+        """The shallow steps in the density direction; frame-local steps see each frame as its own sequence."""
+        B, T, h, w, D = tokens.shape
+        local = self.shallow_block_local and video
+        seq, outputs, logdets = tokens.flatten(1, 3), [tokens], []
+        for block in self.blocks[:-1]:
+            inp, frames = (seq.reshape(B * T, h * w, D), 1) if local else (seq, T)
+            text = y if block.has_text else None
+            out, logdet = block(inp, text, self.rope_table(h, w, frames, video, text), frames)
+            seq = out.reshape(B, T * h * w, D)
+            outputs.append(seq.view(B, T, h, w, D))
+            logdets.append(logdet.reshape(B, T, h * w, D) if local else logdet)
+        return seq, outputs, logdets
+
+    @torch.no_grad()
+    def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=16,
+                 jacobi_th=1e-3, jacobi_max_iter=32, cond_frames=None, local_attn_window=None, context_length=None):
+        video = noise.dim() == 5
+        tokens = self.patchify(noise)
+        B, T, h, w, D = tokens.shape
+        frame_len = h * w
+        schedule = jacobi_schedule(jacobi_block_size, jacobi_max_iter, jacobi_th) if jacobi else SEQUENTIAL
+        if guidance > 0 and (y is None or len(y) != 2 * B):
+            raise ValueError("guidance > 0 needs y = cat([y_cond, y_uncond]) with twice the rows of the noise")
+        window = local_attn_window or self.local_attn_window
+        if window and T > window:
+            context_length = window - 1 if context_length is None else context_length
+            if not 0 < context_length < window:
+                raise ValueError(f"context_length must be in [1, {window - 1}] for local_attn_window={window}")
+        else:
+            window, context_length = None, 0
+        known = None
+        if cond_frames is not None:
+            _, known, _ = self._shallow_forward(self.patchify(cond_frames.float()), None if y is None else y[:B], video)
+            known = [k.flatten(1, 3) for k in known]  # known[i]: the observed frames as the input of step i
+        n_known = 0 if known is None else known[0].shape[1]
+
+        seq = tokens.flatten(1, 3)
+        top = self.blocks[-1]
+        text = y if top.has_text else None
+        seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp, schedule,
+                          prefix=None if known is None else known[-1],
+                          window=window and window * frame_len, context=context_length * frame_len)
+        if guidance > 0 and self.cond_top_only:
+            guidance, y = 0.0, y[:B]
+        for i in reversed(range(len(self.blocks) - 1)):
+            block = self.blocks[i]
+            text = y if block.has_text else None
+            if self.shallow_block_local and video:
+                # frames are independent here: invert only the unknown ones
+                rest = seq[:, n_known:].reshape(-1, frame_len, D)
+                rest = block.inverse(rest, None, self.rope_table(h, w, 1, video), 1, 0.0, attn_temp, schedule)
+                rest = rest.reshape(B, -1, D)
+                seq = rest if known is None else torch.cat([known[i], rest], 1)
+            else:
+                seq = block.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp,
+                                    schedule, prefix=None if known is None else known[i])
+        return self.unpatchify(seq.view(B, T, h, w, D), video)
+
+    def _denoise(self, x, y=None):
+        video = x.dim() == 5
+        tokens = self.patchify(x)
+        B, T, h, w, D = tokens.shape
+        den = self.learnable_self_denoiser
+        text = y if den.has_text else None
+        out = den(tokens.flatten(1, 3), text, self.rope_table(h, w, T, video, text), T, video)
+        return self.unpatchify(out.view(B, T, h, w, D), video)
+
+    # ----------------------------------------------------------------------------------------------- public API
+    def reverse(self, noise, y=None, **kwargs):
+        """Noise -> (noisy) data. With guidance > 0, y holds the conditional rows followed by the unconditional."""
+        return self(noise, y, mode="reverse", **kwargs)
+
+    def denoise(self, x, y=None):
+        """The learnable self-denoiser's prediction for x (same shape)."""
+        if self.learnable_self_denoiser is None:
+            raise ValueError("this model has no learnable self-denoiser (learnable_self_denoiser: 0)")
+        return self(x, y, mode="denoise")
+
+    def score_denoise(self, x, y, noise_std):
+        """One Tweedie step with the flow's own score: x - noise_std^2 * grad_x NLL(x | y)."""
+        with torch.enable_grad():
+            x = x.detach().float().requires_grad_(True)
+            z, _, logdets = self(x, y)
+            nll = 0.5 * z.float().pow(2).sum() - sum(ld.sum() for ld in logdets)
+            (grad,) = torch.autograd.grad(nll, x)
+        return (x - noise_std ** 2 * grad).detach()
+
+    @staticmethod
+    def get_loss(z, logdets, outputs=None, weights=None, latent_norm_regularization=0.0):
+        """Per-dimension NLL (without the Gaussian constant), averaged over the batch; optional weights and
+        the latent-norm regulariser on the input of every flow step."""
+        loss_z = 0.5 * z.float().pow(2).flatten(1).mean(1)
+        loss_logdet = -sum(ld.flatten(1).mean(1) for ld in logdets)
+        loss = loss_z + loss_logdet
+        if weights is not None:
+            loss = loss * weights
+        loss = loss.mean()
+        if latent_norm_regularization and outputs is not None:
+            loss = loss + latent_norm_regularization * sum(o.float().pow(2).mean() for o in outputs[:-1])
+        return {"loss": loss, "loss_z": loss_z.mean(), "loss_logdet": loss_logdet.mean()}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Loads an official checkpoint as it is: deprecated buffers are dropped, every parameter must match."""
+        state_dict = {k: v for k, v in state_dict.items() if not DEPRECATED_KEYS.match(k)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
