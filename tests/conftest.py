@@ -14,6 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny tensors on a shared 2-core machine: a second intra-op thread only adds spin-waiting (measured 100x slower
+# per small matmul under load), so tests run single-threaded.
+torch.set_num_threads(1)
+
 CAPTIONS = ["a red circle on a white background", "a blue square", "a corgi dog looks at the camera",
             "a film still of a cat playing piano", "a handwritten digit seven", "An image:", "A video with 16 fps:",
             "Noise Level 500:", "in a 16:9 aspect ratio.", "a photo of the digit three in green"]
@@ -85,3 +89,57 @@ def tiny_wan21_vae_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_wan21")
     _tiny_wan(16, wan22=False).save_pretrained(root)
     return str(root)
+
+
+def _perturb(model, std=0.05):
+    """Random weights everywhere: a fresh flow is the identity map (zero output projections), too easy a test."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _tiny_starflow(tmp_path_factory, name, values):
+    """Write a plain-mapping config and a random checkpoint in both formats (.pth like the official release,
+    .safetensors like ours). Returns dict(config, pth, safetensors)."""
+    import yaml
+    from transformer_flow import Model
+    from utils.checkpoint import save_weights
+    from utils.config import load_config, model_kwargs
+    from utils.text_encoder import load_text_encoder
+    from utils.vae import load_vae
+    root = tmp_path_factory.mktemp(name)
+    config = root / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(values, sort_keys=False))
+    cfg = load_config(str(config))
+    vae = load_vae(cfg.vae)
+    txt_dim = load_text_encoder(cfg.text, cfg.txt_size).dim
+    torch.manual_seed(0)
+    model = _perturb(Model(**model_kwargs(cfg, cfg.img_size // vae.spatial_factor, txt_dim)))
+    state = model.state_dict()
+    torch.save(state, root / f"{name}.pth")
+    save_weights(state, root / f"{name}.safetensors")
+    return dict(config=str(config), pth=str(root / f"{name}.pth"), safetensors=str(root / f"{name}.safetensors"))
+
+
+TINY_MODEL = dict(patch_size=1, channels=32, layers_per_block="1 1 2", head_dim=16, rope=1, sos=1, txt_size=8,
+                  cond_top_only=1, use_softplus=1, use_final_norm=1, soft_clip=4, seq_order="L2R", mix_aspect=1,
+                  cfg=2.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i(tmp_path_factory, tiny_t5_dir, tiny_sd_vae_dir):
+    """STARFlow T2I in miniature: SD-style VAE (x8), 32 px images -> 4x4x4 latents, T5 text."""
+    return _tiny_starflow(tmp_path_factory, "tiny_t2i", dict(
+        TINY_MODEL, img_size=32, channel_size=4, vae=tiny_sd_vae_dir, text=tiny_t5_dir, noise_std=0.3))
+
+
+@pytest.fixture(scope="session")
+def tiny_t2v(tmp_path_factory, tiny_t5_dir, tiny_wan22_vae_dir):
+    """STARFlow-V in miniature: Wan2.2-style VAE with ':0.6', 5 frames at 8 fps -> 2 latent frames of 2x2x48,
+    temporal-causal, frame-local shallow blocks, conditional learnable self-denoiser, fps/noise-level prompts."""
+    return _tiny_starflow(tmp_path_factory, "tiny_t2v", dict(
+        TINY_MODEL, img_size=32, channel_size=48, vae=tiny_wan22_vae_dir + ":0.6", text=tiny_t5_dir,
+        vid_size="5:8", fps_cond=1, cond_noise_level=1, noise_std=0.5, temporal_causal=2, shallow_block_local=1,
+        learnable_self_denoiser=1, conditional_denoiser=1, denoiser_window=1, finetuned_vae="none"))

@@ -61,7 +61,7 @@ def load_state_dict_file(path, what="checkpoint"):
         if path.endswith(".safetensors"):
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # any parse failure means the file itself is unusable
         raise UserError(f"cannot read {what} '{path}': {first_line(e)}. Is the file complete and a weights file "
                         f"(.pth state_dict or .safetensors)?") from None
@@ -73,6 +73,12 @@ def load_state_dict_file(path, what="checkpoint"):
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise UserError(f"{what} '{path}' does not hold a state dict of tensors")
     return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _is_zip(path):
+    """torch.save's zip format can be memory-mapped (no second copy of a 15 GB checkpoint in RAM)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _strip_prefixes(key):
@@ -109,8 +115,23 @@ def save_weights(state, path, metadata=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def load_model_weights(model, path, skip=None):
+    """Load STARFlow weights (.pth or .safetensors) into `model`; anything that doesn't fit is one UserError.
+
+    skip: predicate on key names that the checkpoint may carry but the model rebuilds itself (deprecated buffers).
+    """
+    state = load_state_dict_file(path)
+    if skip is not None:
+        state = {k: v for k, v in state.items() if not skip(k)}
+    check_fit(model.state_dict(), state, f"checkpoint '{path}'",
+              "Pass the --model_config_path this checkpoint was trained with (layers_per_block, channels, "
+              "channel_size, txt_size, learnable_self_denoiser, ... must match)")
+    model.load_state_dict(state)
+    return model

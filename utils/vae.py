@@ -118,12 +118,12 @@ def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None):
     cls = VAE_CLASSES[class_name]
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if finetuned and os.path.isdir(finetuned):
-        vae = from_pretrained(cls, finetuned, "fine-tuned VAE")
+        vae = from_pretrained(cls, finetuned, "fine-tuned VAE", torch_dtype=dtype)
     else:
-        vae = from_pretrained(cls, name, "VAE", **kwargs)
+        vae = from_pretrained(cls, name, "VAE", torch_dtype=dtype, **kwargs)
     if finetuned and not os.path.isdir(finetuned):
         load_vae_weights(vae, finetuned)
-    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = vae.to(device).eval().requires_grad_(False)
     if class_name == "AutoencoderKLWan":
         return WanVAE(vae, temporal_scale).to(device)
     if temporal_scale != 1.0:
