@@ -260,7 +260,7 @@ class MetaBlock(Trunk):
         self.sos_embed = nn.Parameter(torch.randn(1, 1, in_channels)) if sos else None
         self.pos_embed = None if rope else nn.Parameter(torch.randn(img_size * img_size, channels) * 0.01)
 
-    def step(self, u, text=None, rope=None, slot=0, cache=None, temp=1.0, frames=1):
+    def step(self, u, text=None, rope=None, slot=0, cache=None, temp=1.0, frames=1, frame_len=None):
         """Predicts (mu, sigma) in float32 for the tokens that follow each input token of u (B, n, D).
 
         u sits at cache slot `slot` (text first when `text` is given); slots index the RoPE rows.
@@ -268,7 +268,7 @@ class MetaBlock(Trunk):
         h = self.proj_in(u.to(self.proj_in.weight.dtype))
         if self.pos_embed is not None:
             first = slot - (cache.text_len if cache is not None else 0)
-            h = h + self.position_table(frames)[first:first + h.shape[1]]
+            h = h + self.position_table(frames, frame_len)[first:first + h.shape[1]]
         o = self.run(h, text, rope, slot, cache=cache, temp=temp)
         if self.soft_clip:
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
@@ -276,8 +276,12 @@ class MetaBlock(Trunk):
         sigma = F.softplus(alpha + SOFTPLUS_OFFSET) if self.use_softplus else alpha.exp()
         return mu, sigma
 
-    def position_table(self, frames):
+    def position_table(self, frames, frame_len):
         """Learned positions (no RoPE), tiled over frames and permuted with the tokens they belong to."""
+        if frame_len != self.pos_embed.shape[0]:
+            side = math.isqrt(self.pos_embed.shape[0])
+            raise ValueError(f"learned positions (rope: 0) need a {side}x{side} token grid per frame, "
+                             f"got {frame_len} tokens; use rope: 1 for other sizes and aspect ratios")
         table = self.pos_embed.repeat(frames, 1)[None]
         return permute(table, self.permutation, frames)[0]
 
@@ -285,7 +289,7 @@ class MetaBlock(Trunk):
         """Density direction on raster tokens x (B, L, D): returns z (raster order) and per-token log-dets (B, L, D)."""
         x = permute(x, self.permutation, frames)
         seq = torch.cat([self.sos_embed.expand(len(x), 1, -1).to(x.dtype), x], 1) if self.sos_embed is not None else x
-        mu, sigma = self.step(seq[:, :-1], text, rope, frames=frames)
+        mu, sigma = self.step(seq[:, :-1], text, rope, frames=frames, frame_len=x.shape[1] // frames)
         z, logdet = (seq[:, 1:].float() - mu) / sigma, -sigma.log()
         if self.sos_embed is None:  # without SOS the first token has nothing to condition on and passes unchanged
             z, logdet = torch.cat([x[:, :1].float(), z], 1), F.pad(logdet, (0, 0, 1, 0))
@@ -326,7 +330,7 @@ class MetaBlock(Trunk):
             known = torch.cat([known] * (len(z) // len(known)))
             buffer[:, int(sos):int(sos) + known.shape[1]] = known
             start = known.shape[1] - (0 if sos else 1)
-            self.encode_context(cache, buffer[:, :start], rope, text_len, temp, frames)
+            self.encode_context(cache, buffer[:, :start], rope, text_len, temp, frames, frame_len)
         offset = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
         target = steps if window is None else min(steps, window)
         while start < steps:
@@ -335,7 +339,7 @@ class MetaBlock(Trunk):
                 cache = KVCache(cache.max_len)
                 self.prefill(cache, text, rope, temp)
                 self.encode_context(cache, torch.cat([buffer[:, :1], buffer[:, start - context + 1:start]], 1),
-                                    rope, text_len, temp, frames)
+                                    rope, text_len, temp, frames, frame_len)
                 offset = start - context
             chunk = min(schedule.block_size if start <= frame_len else schedule.later_block_size, target - start)
             for it in range(schedule.max_iter):
@@ -343,7 +347,7 @@ class MetaBlock(Trunk):
                 if it == 0 and start > frame_len and chunk > 1:
                     # the same tokens one frame earlier are a better first guess than noise
                     inp = torch.cat([inp[:, :1], buffer[:, start + 1 - frame_len:start + chunk - frame_len]], 1)
-                mu, sigma = self.step(inp, None, rope, text_len + start - offset, cache, temp, frames)
+                mu, sigma = self.step(inp, None, rope, text_len + start - offset, cache, temp, frames, frame_len)
                 if guidance > 0:
                     mu, sigma = guide(mu, sigma, guidance)
                 new = mu + sigma * noise[:, start:start + chunk]
@@ -366,10 +370,10 @@ class MetaBlock(Trunk):
             self.run(None, text, rope, 0, cache=cache, temp=temp)
             cache.commit(text.shape[1])
 
-    def encode_context(self, cache, tokens, rope, text_len, temp, frames):
+    def encode_context(self, cache, tokens, rope, text_len, temp, frames, frame_len):
         """Teacher-forces known input tokens into the cache right after the text."""
         if tokens.shape[1]:
-            self.step(tokens, None, rope, text_len, cache, temp, frames)
+            self.step(tokens, None, rope, text_len, cache, temp, frames, frame_len)
             cache.commit(tokens.shape[1])
 
 

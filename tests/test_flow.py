@@ -1,0 +1,223 @@
+"""Invariants of the flow on tiny random models, image and video, over the model's feature flags."""
+import math
+
+import pytest
+import torch
+
+from transformer_flow import KVCache, Model, permute
+
+FLAGS = {
+    "official": {},
+    "no_sos": dict(sos=False),
+    "exp_scale": dict(use_softplus=False, soft_clip=0.0, use_final_norm=False),
+    "learned_positions": dict(rope=False),
+    "r2l": dict(seq_order="R2L"),
+    "text_in_all_blocks": dict(cond_top_only=False),
+    "wide_top_gqa": dict(top_block_channels=96, num_heads=4, num_kv_heads=2),
+    "gemma_style": dict(norm_type="rms_norm", use_qk_norm=True, use_post_norm=True, use_swiglu=True,
+                        use_bias=False, hf_style_rope=True),
+    "patch2_identity_block": dict(patch_size=2, img_size=8, layers_per_block=[0, 1, 2]),
+}
+VIDEO_FLAGS = {
+    "official_video": dict(temporal_causal=2, shallow_block_local=True),
+    "causal_shallow": dict(temporal_causal=1),
+    "video_no_text": dict(temporal_causal=1, txt_size=0, txt_dim=0, cond_top_only=False),
+}
+
+
+def tiny_model(seed=0, **overrides):
+    kwargs = dict(in_channels=2, img_size=4, patch_size=1, channels=64, num_blocks=3, layers_per_block=[1, 1, 2],
+                  head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=True, use_softplus=True,
+                  use_final_norm=True, soft_clip=4.0, seq_order="L2R")
+    kwargs.update(overrides)
+    if kwargs.get("temporal_causal") and kwargs["seq_order"] != "L2R":
+        pytest.skip("temporal causality needs L2R")
+    torch.manual_seed(seed)
+    model = Model(**kwargs)
+    with torch.no_grad():  # random weights everywhere, so that no term of the computation is trivially zero
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
+    return model.eval()
+
+
+def inputs(model, batch=2, frames=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    side = 4 * model.patch_size
+    wide = model.patch_size if model.rope is not None else 0  # learned positions need the square training grid
+    shape = (batch, model.in_channels, side, side + wide)
+    if frames:
+        shape = (batch, frames) + shape[1:]
+    x = torch.randn(shape, generator=g)
+    txt_dim = model.blocks[-1].proj_txt.in_features if model.blocks[-1].has_text else 0
+    y = torch.randn(batch, model.txt_size, txt_dim, generator=g) if txt_dim else None
+    return x, y
+
+
+ALL = [(n, f, None) for n, f in FLAGS.items()] + [(n, f, 3) for n, f in VIDEO_FLAGS.items()]
+
+
+@pytest.mark.parametrize("name, flags, frames", ALL, ids=[a[0] for a in ALL])
+@pytest.mark.parametrize("jacobi", [False, True], ids=["sequential", "jacobi"])
+def test_inverse_of_forward_is_identity(name, flags, frames, jacobi):
+    model = tiny_model(**flags)
+    x, y = inputs(model, frames=frames)
+    z, _, _ = model(x, y)
+    assert z.shape == x.shape
+    x_back = model.reverse(z, y, jacobi=jacobi, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=200)
+    torch.testing.assert_close(x_back, x, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("frames", [None, 2], ids=["image", "video"])
+def test_logdet_equals_autograd_jacobian(frames):
+    flags = VIDEO_FLAGS["official_video"] if frames else {}
+    model = tiny_model(**flags, in_channels=1)
+    x, y = inputs(model, batch=1, frames=frames)  # 20 (image) or 40 (video) dimensions
+    z, outputs, logdets = model(x, y)
+    jac = torch.autograd.functional.jacobian(lambda v: model(v.view_as(x), y)[0].flatten(), x.flatten())
+    sign, logabsdet = torch.linalg.slogdet(jac.double())
+    assert sign != 0
+    total = sum(ld.double().sum() for ld in logdets)
+    assert abs(total - logabsdet) < 1e-3 * max(1.0, abs(logabsdet.item()))
+    # get_loss is the per-dimension negative log-likelihood without the Gaussian constant
+    n = x.numel()
+    log_p = -0.5 * z.double().pow(2).sum() - 0.5 * n * math.log(2 * math.pi) + logabsdet
+    loss = model.get_loss(z, logdets)["loss"].double()
+    assert abs(loss - (-log_p / n - 0.5 * math.log(2 * math.pi))) < 1e-4
+
+
+@pytest.mark.parametrize("frames", [None, 3], ids=["image", "video"])
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_jacobi_equals_sequential(frames, guidance):
+    model = tiny_model(**(VIDEO_FLAGS["official_video"] if frames else {}))
+    noise, y = inputs(model, frames=frames)
+    if guidance:
+        y = torch.cat([y, torch.randn_like(y)])
+    seq = model.reverse(noise, y, guidance=guidance)
+    jac = model.reverse(noise, y, guidance=guidance, jacobi=True, jacobi_block_size=3, jacobi_th=1e-12,
+                        jacobi_max_iter=100)
+    torch.testing.assert_close(jac, seq, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+def test_kv_cache_equals_recomputation(with_text):
+    model = tiny_model()
+    block = model.blocks[-1] if with_text else model.blocks[0]
+    x, y = inputs(model)
+    tokens = model.patchify(x).flatten(1, 3)
+    text = y if with_text else None
+    rope = model.rope_table(4, 5, 1, False, text)
+    mu_full, sigma_full = block.step(tokens, text, rope)
+    cache = KVCache(tokens.shape[1] + (y.shape[1] if with_text else 0))
+    block.prefill(cache, text, rope, 1.0)
+    mus, sigmas, start = [], [], 0
+    for chunk in (1, 3, 7, tokens.shape[1] - 11):
+        block.step(tokens[:, start:start + chunk] + 5.0, None, rope, cache.length, cache)  # an unkept write
+        mu, sigma = block.step(tokens[:, start:start + chunk], None, rope, cache.length, cache)
+        cache.commit(chunk)
+        mus.append(mu), sigmas.append(sigma)
+        start += chunk
+    torch.testing.assert_close(torch.cat(mus, 1), mu_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(sigmas, 1), sigma_full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, flags, frames", ALL, ids=[a[0] for a in ALL])
+def test_each_step_is_causal_in_its_token_order(name, flags, frames):
+    model = tiny_model(**flags)
+    x, y = inputs(model, batch=1, frames=frames)
+    tokens = model.patchify(x)
+    T = tokens.shape[1]
+    seq = tokens.flatten(1, 3)
+    L = seq.shape[1]
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block, "step"):
+            continue
+        local = model.shallow_block_local and frames and i < len(model.blocks) - 1
+        n_frames = 1 if local else T
+        inp = seq[:, :L // T] if local else seq  # a frame-local step sees one frame
+        text = y if block.has_text else None
+        rope = model.rope_table(4, 4 + (model.rope is not None), n_frames, bool(frames), text)
+        order = permute(torch.arange(inp.shape[1])[None, :, None], block.permutation, n_frames)[0, :, 0]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))  # rank[r]: when raster token r is generated
+        z, _ = block(inp, text, rope, n_frames)
+        for r in range(0, inp.shape[1], 5):
+            bumped = inp.clone()
+            bumped[:, r] += 1.0
+            changed = (block(bumped, text, rope, n_frames)[0] - z).abs().amax(dim=(0, 2)) > 0
+            assert changed[r]
+            assert not changed[rank < rank[r]].any(), f"block {i}: token {r} changed an earlier output"
+
+
+@pytest.mark.parametrize("name", list(VIDEO_FLAGS))
+def test_video_is_causal_in_frame_order(name):
+    model = tiny_model(**VIDEO_FLAGS[name])
+    x, y = inputs(model, batch=1, frames=4)
+    z = model(x, y)[0]
+    sample = model.reverse(z, y)
+    for t in range(4):
+        bumped = x.clone()
+        bumped[:, t] += 1.0
+        changed = (model(bumped, y)[0] - z).abs().flatten(2).amax(dim=(0, 2)) > 0
+        assert changed[t] and not changed[:t].any()
+        noise = z.clone()
+        noise[:, t] += 1.0
+        changed = (model.reverse(noise, y) - sample).abs().flatten(2).amax(dim=(0, 2)) > 1e-6
+        assert changed[t] and not changed[:t].any()
+
+
+@pytest.mark.parametrize("look_ahead", [1, 2])
+def test_denoiser_frame_mask(look_ahead):
+    """temporal_causal 1 makes the self-denoiser frame-causal; 2 lets each frame look one frame ahead."""
+    model = tiny_model(temporal_causal=look_ahead, shallow_block_local=True, learnable_self_denoiser=True,
+                       conditional_denoiser=True, denoiser_window=2)
+    x, y = inputs(model, batch=1, frames=4)
+    base = model.denoise(x, y)
+    for t in range(1, 4):
+        bumped = x.clone()
+        bumped[:, t] += 1.0
+        changed = (model.denoise(bumped, y) - base).abs().flatten(2).amax(dim=(0, 2)) > 0
+        assert changed[t]
+        assert changed[t - 1] == (look_ahead == 2)
+        assert look_ahead == 2 or not changed[:t].any()
+
+
+def test_guidance_with_identical_texts_is_unguided():
+    model = tiny_model()
+    noise, y = inputs(model)
+    torch.testing.assert_close(model.reverse(noise, torch.cat([y, y]), guidance=3.0), model.reverse(noise, y),
+                               atol=1e-5, rtol=0)
+
+
+def test_image_to_video_keeps_the_observed_frames():
+    model = tiny_model(**VIDEO_FLAGS["official_video"])
+    noise, y = inputs(model, frames=4)
+    first, _ = inputs(model, frames=2, seed=5)
+    out = model.reverse(noise, torch.cat([y, torch.zeros_like(y)]), guidance=1.5, cond_frames=first, jacobi=True,
+                        jacobi_block_size=4, jacobi_th=1e-10, jacobi_max_iter=50)
+    assert torch.equal(out[:, :2], first)
+    assert not torch.allclose(out[:, 2:], noise[:, 2:])
+
+
+def test_sliding_window_starts_like_a_plain_decode():
+    model = tiny_model(**VIDEO_FLAGS["official_video"])
+    noise, y = inputs(model, frames=5)
+    settings = dict(jacobi=True, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=100)
+    long = model.reverse(noise, y, local_attn_window=3, context_length=2, **settings)
+    assert long.shape == noise.shape
+    torch.testing.assert_close(long[:, :3], model.reverse(noise[:, :3], y, **settings), atol=1e-5, rtol=0)
+    # frame 3 is decoded like the last frame of the 3-frame clip that starts 2 frames earlier, re-encoded from SOS
+    clip = model.reverse(torch.cat([model(long[:, 1:3], y)[0], noise[:, 3:4]], 1), y, **settings)
+    torch.testing.assert_close(long[:, 3], clip[:, 2], atol=1e-4, rtol=0)
+
+
+def test_load_state_dict_names_missing_and_unknown_keys():
+    model = tiny_model()
+    state = model.state_dict()
+    state["var"] = torch.ones(16, 2)  # deprecated buffers of official checkpoints are accepted
+    state["blocks.0.attn_mask"] = torch.ones(3, 3)
+    model.load_state_dict(state)
+    del state["blocks.0.proj_in.weight"]
+    state["blocks.0.extra"] = torch.ones(1)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.proj_in\.weight(.|\n)*blocks\.0\.extra|"
+                                           r"blocks\.0\.extra(.|\n)*blocks\.0\.proj_in\.weight"):
+        model.load_state_dict(state)
