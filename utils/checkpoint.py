@@ -122,15 +122,17 @@ def save_weights(state, path, metadata=None):
             os.remove(tmp)
 
 
-def load_model_weights(model, path, skip=None):
-    """Load STARFlow weights (.pth or .safetensors) into `model`; anything that doesn't fit is one UserError.
+def load_model_weights(model, checkpoint, skip=None):
+    """Load STARFlow weights (a .pth/.safetensors path or a state dict read by load_state_dict_file) into `model`;
+    anything that doesn't fit is one UserError.
 
     skip: predicate on key names that the checkpoint may carry but the model rebuilds itself (deprecated buffers).
     """
-    state = load_state_dict_file(path)
+    state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if skip is not None:
         state = {k: v for k, v in state.items() if not skip(k)}
-    check_fit(model.state_dict(), state, f"checkpoint '{path}'",
+    source = f"checkpoint '{checkpoint}'" if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    check_fit(model.state_dict(), state, source,
               "Pass the --model_config_path this checkpoint was trained with (layers_per_block, channels, "
               "channel_size, txt_size, learnable_self_denoiser, ... must match)")
     model.load_state_dict(state)

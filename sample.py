@@ -1,0 +1,226 @@
+"""Sample images or videos from a STARFlow / STARFlow-V checkpoint (plain python or torchrun; CPU, CUDA, MPS).
+
+    torchrun --standalone --nproc_per_node 1 sample.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \\
+        --checkpoint_path ckpts/starflow_3B_t2i_256x256.pth --caption "a cat playing piano" --cfg 3.6 --jacobi 1
+
+Config values (YAML) stand unless a flag is given; any config key can also be given as a flag. Writes one PNG (or
+MP4) per sample plus a grid, each with a JSON beside it holding the prompt, seed and settings.
+"""
+import json
+import os
+import random
+import re
+import shlex
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import ASPECT_RATIOS
+from utils import distributed
+from utils.config import Key, load_config
+from utils.errors import UserError
+from utils.pipeline import STARFlowPipeline, make_grid
+
+SAMPLE_KEYS = {
+    "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)"),
+    "caption": Key(None, "str", "a prompt, or a .txt file with one prompt per line (required)"),
+    "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
+                                    "1 per line for a .txt"),
+    "sample_batch_size": Key(16, "int", "samples per forward pass on each rank"),
+    "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks"),
+    "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}) or 'random' (one per batch)"),
+    "jacobi": Key(0, "int", "block-wise Jacobi decoding (1) instead of token-by-token (0)"),
+    "jacobi_th": Key(0.005, "float", "Jacobi convergence threshold (relative mean squared change)"),
+    "jacobi_block_size": Key(64, "int", "tokens per Jacobi block in the first frame (4x after it)"),
+    "jacobi_max_iter": Key(32, "int", "Jacobi iterations per block at most"),
+    "attn_temp": Key(1.0, "float", "attention temperature (sequential decoding)"),
+    "out_fps": Key(None, "float", "video fps (prompt text and MP4); default: the fps of vid_size"),
+    "target_length": Key(None, "int", "video frames to generate; beyond the training length a sliding window "
+                                      "is used (needs --jacobi 1); 1 gives an image"),
+    "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, "
+                                       "at most window - 1)"),
+    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)"),
+    "target_noise_std": Key(None, "float", "noise level assumed by denoising (default noise_std)"),
+    "disable_learnable_denoiser": Key(0, "int", "denoise with the flow's score step even if a learned "
+                                                "denoiser exists"),
+    "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)"),
+    "output_dir": Key(None, "str", "output folder (default <logdir>/<checkpoint name>)"),
+    "save_latents": Key(0, "int", "also save the noisy and denoised latents of each batch (.safetensors)"),
+    "save_folder": Key(0, "int", "accepted for compatibility: single files and a grid are always written"),
+    "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRID_CELLS = 64  # samples per grid file
+
+
+def read_captions(caption):
+    """A prompt, or the lines of a .txt file (blank lines skipped) -> (captions, name for files)."""
+    if caption is None:
+        raise UserError("--caption is required: a prompt or a .txt file with one prompt per line")
+    if caption.endswith(".txt"):
+        if not os.path.isfile(caption):
+            raise UserError(f"caption file '{caption}' not found")
+        with open(caption, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if not lines:
+            raise UserError(f"caption file '{caption}' has no prompts")
+        return lines, os.path.splitext(os.path.basename(caption))[0]
+    return [caption], caption
+
+
+def slug(text, limit=80):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "samples"
+
+
+def write_video(path, frames, fps):
+    """uint8 (T, H, W, 3) -> H.264 MP4 at `fps`; sides padded to even sizes for yuv420p."""
+    T, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+    tmp = path + ".tmp.mp4"
+    imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=None,
+                     ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+    os.replace(tmp, path)
+
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def regen_command(cfg, caption, seed):
+    """A command that regenerates one sample: the same flags, this prompt and seed, one sample."""
+    flags = {"model_config_path": cfg.model_config_path, "checkpoint_path": cfg.checkpoint_path, "caption": caption,
+             "seed": seed, "num_samples": 1, "sample_batch_size": 1}
+    for key in ("cfg", "jacobi", "jacobi_th", "jacobi_block_size", "jacobi_max_iter", "attn_temp", "out_fps",
+                "target_length", "context_length", "input_image", "target_noise_std", "disable_learnable_denoiser",
+                "finetuned_vae", "dtype"):
+        value = getattr(cfg, key)
+        if value is not None:
+            flags[key] = " ".join(map(str, value)) if isinstance(value, list) else value
+    return "python sample.py " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())
+
+
+def plan(captions, num_samples, seed, batch, world, rank):
+    """Global sample list (caption, seed, index) cut into rounds of batch x world; this rank's share per round,
+    padded with repeats so every rank runs the same batches in lock-step (Jacobi agrees across ranks)."""
+    items = [(cap, seed + i, i) for i, cap in enumerate(c for c in captions for _ in range(num_samples))]
+    rounds = []
+    for start in range(0, len(items), batch * world):
+        chunk = items[start:start + batch * world]
+        mine = chunk[rank * batch:(rank + 1) * batch]
+        rounds.append((mine, [(chunk[-1][0], chunk[-1][1], None)] * (min(batch, len(chunk)) - len(mine))))
+    return items, rounds
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nSampling flags:")
+        for key, spec in SAMPLE_KEYS.items():
+            print(f"  --{key:28s}{spec.help} (default {spec.default})")
+        print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
+        return 0
+    cfg = load_config(None, argv, extra_keys=SAMPLE_KEYS)
+    for key in ("model_config_path", "checkpoint_path"):
+        if not getattr(cfg, key):
+            raise UserError(f"--{key} is required")
+    captions, name = read_captions(cfg.caption)
+    if cfg.sample_batch_size <= 0:
+        raise UserError("--sample_batch_size must be positive")
+    dist_info = distributed.init_distributed(cfg.device)
+    rank, world = dist_info.rank, dist_info.world_size
+    num_samples = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * world)
+    if num_samples <= 0:
+        raise UserError("--num_samples must be positive")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
+    if cfg.aspect_ratio not in ("1:1", None) and not cfg.mix_aspect and distributed.is_main():
+        print(f"note: this config has mix_aspect 0 (trained on squares only); sampling {cfg.aspect_ratio} anyway")
+
+    pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=dist_info.device,
+                                        dtype=DTYPES.get(cfg.dtype))
+    out_dir = cfg.output_dir or os.path.join(cfg.logdir, os.path.splitext(os.path.basename(cfg.checkpoint_path))[0])
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = slug(name)
+    items, rounds = plan(captions, num_samples, cfg.seed, cfg.sample_batch_size, world, rank)
+    denoiser = "none" if pipe.finetuned_vae else (
+        "score" if cfg.disable_learnable_denoiser or pipe.model.learnable_self_denoiser is None else "learned")
+    written = []
+    for k, (mine, padding) in enumerate(tqdm(rounds, desc=f"sampling {len(items)}", disable=not distributed.is_main())):
+        aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \
+            else cfg.aspect_ratio
+        batch = mine + padding
+        out = pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
+                   generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
+                   jacobi=bool(cfg.jacobi), jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
+                   jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
+                   fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
+                   denoiser=denoiser, noise_std=cfg.target_noise_std, denoising_batch_size=cfg.denoising_batch_size)
+        h, w = out.size
+        for j, (caption, seed, index) in enumerate(mine):
+            stem = os.path.join(out_dir, f"{prefix}_{index:04d}")
+            if out.frames is not None:
+                path = stem + ".mp4"
+                write_video(path, np.stack([np.asarray(f) for f in out.frames[j]]), out.fps)
+            else:
+                path = stem + ".png"
+                out.images[j].save(path)
+            write_json(stem + ".json", dict(
+                prompt=caption, text=out.prompts[j], seed=seed, index=index, rank=rank, height=h, width=w, aspect_ratio=aspect,
+                frames=len(out.frames[j]) if out.frames is not None else 1, fps=out.fps, denoiser=denoiser,
+                cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi, jacobi_th=cfg.jacobi_th,
+                jacobi_block_size=cfg.jacobi_block_size, jacobi_max_iter=cfg.jacobi_max_iter,
+                attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
+                input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
+                model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path,
+                command=regen_command(cfg, caption, seed)))
+            written.append(path)
+        if cfg.save_latents and mine:
+            from safetensors.torch import save_file
+            n = len(mine)
+            save_file({"latents": out.latents[:n].contiguous(), "noisy_latents": out.noisy_latents[:n].contiguous()},
+                      os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))
+    distributed.barrier()
+    if distributed.is_main():
+        write_grids(out_dir, prefix, items, video=pipe.video and (cfg.target_length or pipe.train_frames) > 1)
+        print(f"wrote {len(items)} sample(s) and grid(s) to {out_dir}")
+    distributed.cleanup()
+    return 0
+
+
+def write_grids(out_dir, prefix, items, video):
+    """Tile the single files of all ranks into grids of up to GRID_CELLS samples, each with a JSON index."""
+    for g, start in enumerate(range(0, len(items), GRID_CELLS)):
+        group = items[start:start + GRID_CELLS]
+        stems = [os.path.join(out_dir, f"{prefix}_{index:04d}") for _, _, index in group]
+        suffix = "" if len(items) <= GRID_CELLS else f"_{g:03d}"
+        path = os.path.join(out_dir, f"{prefix}_grid{suffix}")
+        if video:
+            clips = [np.stack(imageio.mimread(s + ".mp4", memtest=False)) for s in stems]
+            grid, layout = make_grid(clips, tall=True)
+            with open(stems[0] + ".json") as f:
+                fps = json.load(f)["fps"]
+            write_video(path + ".mp4", grid, fps)
+        else:
+            grid, layout = make_grid([np.asarray(Image.open(s + ".png").convert("RGB")) for s in stems])
+            Image.fromarray(grid).save(path + ".png")
+        write_json(path + ".json", dict(layout, cells=[dict(prompt=c, seed=s, index=i, file=os.path.basename(st))
+                                                       for (c, s, i), st in zip(group, stems)]))
+
+
+def cli():
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,208 @@
+"""sample.py end to end on tiny random models: T2I, T2V, TI2V, long video, Jacobi, seeds, torchrun, bad input."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample
+from utils.pipeline import STARFlowPipeline, load_input_image
+from utils.vae import load_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(model, out, *flags, checkpoint="pth"):
+    argv = ["--model_config_path", model["config"], "--checkpoint_path", model[checkpoint], "--output_dir", str(out),
+            *map(str, flags)]
+    assert sample.main(argv) == 0
+    return out
+
+
+def meta(path):
+    with open(os.path.splitext(path)[0] + ".json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("aspect,size", [("1:1", (32, 32)), ("16:9", (40, 24))])
+def test_t2i_writes_pngs_grid_and_json(tiny_t2i, tmp_path, aspect, size):
+    out = run(tiny_t2i, tmp_path, "--caption", "a blue square", "--sample_batch_size", 2, "--num_samples", 3,
+              "--aspect_ratio", aspect, "--cfg", 2, "--seed", 5)
+    singles = sorted(p for p in os.listdir(out) if p.endswith(".png") and "grid" not in p)
+    assert singles == [f"a_blue_square_{i:04d}.png" for i in range(3)]
+    for i, name in enumerate(singles):
+        assert Image.open(out / name).size == size
+        info = meta(out / name)
+        assert (info["prompt"], info["seed"], info["width"], info["height"]) == ("a blue square", 5 + i, *size)
+        assert "--seed " + str(5 + i) in info["command"]
+    grid = json.load(open(out / "a_blue_square_grid.json"))
+    assert (grid["rows"], grid["cols"]) == (1, 3)
+    assert Image.open(out / "a_blue_square_grid.png").size == (3 * (size[0] + 2) + 2, size[1] + 4)
+
+
+def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path):
+    a = run(tiny_t2i, tmp_path / "a", "--caption", "a red circle", "--num_samples", 2, "--sample_batch_size", 2)
+    b = run(tiny_t2i, tmp_path / "b", "--caption", "a red circle", "--num_samples", 2, "--sample_batch_size", 2)
+    img = [np.asarray(Image.open(d / f"a_red_circle_{i:04d}.png")) for d in (a, b) for i in range(2)]
+    assert np.array_equal(img[0], img[2]) and np.array_equal(img[1], img[3])
+    assert not np.array_equal(img[0], img[1])
+    # sample 1 alone, from its recorded seed, in a batch of one (safetensors weights this time)
+    seed = meta(a / "a_red_circle_0001.png")["seed"]
+    c = run(tiny_t2i, tmp_path / "c", "--caption", "a red circle", "--num_samples", 1, "--sample_batch_size", 1,
+            "--seed", seed, checkpoint="safetensors")
+    again = np.asarray(Image.open(c / "a_red_circle_0000.png")).astype(int)
+    assert np.abs(again - img[1].astype(int)).max() <= 1
+
+
+def test_jacobi_matches_sequential(tiny_t2i):
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    kwargs = dict(num_samples=2, cfg=2.0, aspect_ratio="16:9")
+    seq = pipe("a corgi", generator=torch.Generator().manual_seed(1), **kwargs)
+    jac = pipe("a corgi", generator=torch.Generator().manual_seed(1), jacobi=True, jacobi_block_size=4,
+               jacobi_th=1e-10, jacobi_max_iter=64, **kwargs)
+    torch.testing.assert_close(jac.noisy_latents, seq.noisy_latents, atol=1e-4, rtol=1e-4)
+    for a, b in zip(seq.images, jac.images):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def read_video(path):
+    reader = imageio.get_reader(path)
+    frames = [f for f in reader]
+    return np.stack(frames), reader.get_meta_data()["fps"]
+
+
+@pytest.mark.parametrize("length,flags", [(None, []), (13, ["--jacobi", 1, "--context_length", 1])])
+def test_t2v_mp4_frames_and_fps(tiny_t2v, tmp_path, length, flags):
+    extra = [] if length is None else ["--target_length", length]
+    out = run(tiny_t2v, tmp_path, "--caption", "a corgi dog looks at the camera", "--sample_batch_size", 2,
+              "--cfg", 2, "--out_fps", 12, *extra, *flags)
+    frames, fps = read_video(out / "a_corgi_dog_looks_at_the_camera_0000.mp4")
+    assert frames.shape == (length or 5, 32, 32, 3) and fps == 12
+    info = meta(out / "a_corgi_dog_looks_at_the_camera_0000.mp4")
+    assert info["text"] == "Noise Level 500:\nA video with 12 fps:\na corgi dog looks at the camera\n\n" \
+                           " in a 1:1 aspect ratio.\n"
+    assert info["denoiser"] == "learned"
+    grid, _ = read_video(out / "a_corgi_dog_looks_at_the_camera_grid.mp4")
+    assert grid.shape == (length or 5, 2 * 34 + 2, 34 + 2, 3)  # two videos stacked: 2 rows x 1 column
+
+
+def test_ti2v_keeps_the_image_as_first_latent_frame(tiny_t2v, tmp_path):
+    rng = np.random.default_rng(0)
+    vae = load_vae(yaml.safe_load(open(tiny_t2v["config"]))["vae"])
+    latents, images = [], []
+    for k in range(2):
+        path = tmp_path / f"in{k}.png"
+        Image.fromarray(rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(path)
+        out = run(tiny_t2v, tmp_path / f"out{k}", "--caption", "a cat", "--input_image", path, "--num_samples", 2,
+                  "--sample_batch_size", 2, "--cfg", 2, "--save_latents", 1)
+        latents.append(load_file(out / "a_cat_latents_0000.safetensors")["noisy_latents"])
+        images.append(vae.encode(load_input_image(str(path), (32, 32)), sample=False))
+        assert read_video(out / "a_cat_0001.mp4")[0].shape == (5, 32, 32, 3)
+    # same seed, so the first latent frames differ exactly by the difference of the two image latents
+    torch.testing.assert_close(latents[0][:, 0] - latents[1][:, 0], (images[0] - images[1]).expand(2, -1, -1, -1),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(latents[0][:, 1], latents[1][:, 1])  # later frames are generated from the image
+
+
+def test_long_video_denoiser_windows_cover_every_frame(tiny_t2v):
+    """Windows of 2 latent frames, overlap 1: frame t comes from the window ending at t, which sees noisy input."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2v["config"], tiny_t2v["safetensors"])
+    pipe.model.denoise = lambda x, y: x.cumsum(1)  # context dependent: depends on the window's earlier frames
+    x = torch.randn(3, 5, 48, 2, 2)
+    out = pipe.denoise(x, None, 0.5, learned=True, window=2, batch_size=2)
+    want = torch.cat([x[:, :2] - 0.3 * x[:, :2].cumsum(1)] +
+                     [x[:, t:t + 1] - 0.3 * (x[:, t - 1] + x[:, t])[:, None] for t in range(2, 5)], 1)
+    torch.testing.assert_close(out, want)
+
+
+def test_finetuned_vae_replaces_denoising(tiny_t2i, tiny_sd_vae_dir, tmp_path):
+    base = run(tiny_t2i, tmp_path / "base", "--caption", "a dot", "--num_samples", 1, "--save_latents", 1)
+    tuned = run(tiny_t2i, tmp_path / "tuned", "--caption", "a dot", "--num_samples", 1, "--save_latents", 1,
+                "--finetuned_vae", tiny_sd_vae_dir)
+    a = load_file(base / "a_dot_latents_0000.safetensors")
+    b = load_file(tuned / "a_dot_latents_0000.safetensors")
+    torch.testing.assert_close(a["noisy_latents"], b["noisy_latents"])
+    assert not torch.allclose(a["latents"], a["noisy_latents"])  # score step moved the latents
+    torch.testing.assert_close(b["latents"], b["noisy_latents"])  # no denoising with a fine-tuned decoder
+    assert meta(tuned / "a_dot_0000.png")["denoiser"] == "none"
+
+
+def test_torchrun_two_ranks_split_prompts(tiny_t2i, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na handwritten digit seven\n")
+    flags = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"], "--caption",
+             str(prompts), "--sample_batch_size", "1", "--jacobi", "1", "--jacobi_block_size", "4", "--cfg", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "sample.py", *flags, "--output_dir", str(tmp_path / "dist")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    infos = [meta(tmp_path / "dist" / f"prompts_{i:04d}.png") for i in range(3)]
+    assert [i["prompt"] for i in infos] == ["a red circle", "a blue square", "a handwritten digit seven"]
+    assert [i["rank"] for i in infos] == [0, 1, 0]
+    assert (tmp_path / "dist" / "prompts_grid.png").exists()
+    single = run(tiny_t2i, tmp_path / "single", *flags[4:])
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / "dist" / f"prompts_{i:04d}.png")).astype(int)
+        b = np.asarray(Image.open(single / f"prompts_{i:04d}.png")).astype(int)
+        assert np.abs(a - b).max() <= 2  # same per-sample seeds; Jacobi may iterate longer in lock-step
+
+
+def bad_config(model, tmp_path, **changes):
+    path = tmp_path / f"bad_{'_'.join(changes)}.yaml"
+    path.write_text(yaml.safe_dump(dict(yaml.safe_load(open(model["config"])), **changes)))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_checkpoint", "checkpoint file .* not found"),
+    ("missing_config", "config file not found"),
+    ("unknown_key", "unknown config key 'jacobi_treshold'; did you mean 'jacobi_th'"),
+    ("unknown_yaml_key", "unknown config key 'chanels'; did you mean 'channels'"),
+    ("misfit", r"does not fit the model: .*shape mismatches"),
+    ("corrupt_image", "cannot read input image"),
+    ("image_for_t2i", "needs a video model"),
+    ("aspect_zero", "impossible"),
+    ("aspect_text", "must look like 'W:H'"),
+    ("aspect_extreme", "impossible"),
+    ("missing_prompts", "caption file .* not found"),
+    ("bad_length", "1 \\+ 4k frames, e.g. 5 or 9"),
+    ("long_without_jacobi", "needs --jacobi 1"),
+    ("missing_text_encoder", "text encoder folder .* does not exist"),
+])
+def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeypatch, case, match):
+    bad_png = tmp_path / "broken.png"
+    bad_png.write_bytes(b"\x89PNG not really")
+    t2i = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"], "--caption", "x"]
+    t2v = ["--model_config_path", tiny_t2v["config"], "--checkpoint_path", tiny_t2v["pth"], "--caption", "x"]
+    argv = {
+        "missing_checkpoint": t2i[:3] + [str(tmp_path / "nope.pth"), "--caption", "x"],
+        "missing_config": [t2i[0], str(tmp_path / "nope.yaml")] + t2i[2:],
+        "unknown_key": t2i + ["--jacobi_treshold", "0.1"],
+        "unknown_yaml_key": ["--model_config_path", bad_config(tiny_t2i, tmp_path, chanels=3)] + t2i[2:],
+        "misfit": ["--model_config_path", bad_config(tiny_t2i, tmp_path, channels=64)] + t2i[2:],
+        "corrupt_image": t2v + ["--input_image", str(bad_png)],
+        "image_for_t2i": t2i + ["--input_image", str(bad_png)],
+        "aspect_zero": t2i + ["--aspect_ratio", "0:1"],
+        "aspect_text": t2i + ["--aspect_ratio", "wide"],
+        "aspect_extreme": t2i + ["--aspect_ratio", "40:1"],
+        "missing_prompts": t2i[:4] + ["--caption", str(tmp_path / "prompts.txt")],
+        "bad_length": t2v + ["--target_length", "7"],
+        "long_without_jacobi": t2v + ["--target_length", "9"],
+        "missing_text_encoder": t2i + ["--text", str(tmp_path / "no_t5")],
+    }[case]
+    monkeypatch.setattr(sys, "argv", ["sample.py", *argv, "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        sample.cli()
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # earlier lines can only be loading progress bars
+    assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err
+    assert re.search(match, last), err
