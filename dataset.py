@@ -304,11 +304,12 @@ class GlobalBatchSampler:
     """Yields this rank's share of each global batch: the same global batches for any world size.
 
     Global batches are drawn from a permutation seeded by (seed, epoch); with buckets each global batch holds one
-    bucket. Items carry a per-epoch seed for their own augmentation randomness.
+    bucket. An epoch is at most max_batches of them (0: a full pass). Items carry a per-epoch seed for their own
+    augmentation randomness.
     """
 
-    def __init__(self, buckets, global_batch, rank, world_size, seed):
-        self.buckets, self.global_batch = buckets, global_batch
+    def __init__(self, buckets, global_batch, rank, world_size, seed, max_batches=0):
+        self.buckets, self.global_batch, self.max_batches = buckets, global_batch, max_batches
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.start = 0, 0
 
@@ -322,7 +323,8 @@ class GlobalBatchSampler:
             by_bucket.setdefault(self.buckets[i], []).append(i)
         batches = [idx[j:j + self.global_batch] for _, idx in sorted(by_bucket.items())
                    for j in range(0, len(idx) - self.global_batch + 1, self.global_batch)]
-        return [batches[k] for k in rng.permutation(len(batches)).tolist()]
+        order = rng.permutation(len(batches)).tolist()
+        return [batches[k] for k in order[:self.max_batches or None]]
 
     def __len__(self):
         return len(self.global_batches())
@@ -474,7 +476,8 @@ class TrainData:
                                      mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip),
                                      caption_column=cfg.caption_column)
             self.skipped_at_scan = base.skipped_at_scan
-            self.sampler = GlobalBatchSampler(base.buckets, self.global_batch, rank, world_size, seed)
+            self.sampler = GlobalBatchSampler(base.buckets, self.global_batch, rank, world_size, seed,
+                                              max_batches=cfg.epoch_length // self.global_batch)
             self.steps_per_epoch = len(self.sampler)
             if self.steps_per_epoch == 0:
                 raise UserError(f"the data has {len(base)} items, fewer than one global batch of {self.global_batch} "

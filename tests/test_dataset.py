@@ -109,6 +109,8 @@ def test_global_batches_do_not_depend_on_world_size(tmp_path):
     assert torch.equal(resumed[0][0], one[1][0])
     other_epoch = all_batches(dataset.TrainData(cfg, 0, 1, seed=3, multiple=8), epoch=2)
     assert [b[1] for b in other_epoch] != [b[1] for b in one]
+    capped = dataset.TrainData(cfg_for(root, batch_size=4, no_flip=0, epoch_length=5), 0, 1, seed=3, multiple=8)
+    assert capped.steps_per_epoch == 1 and torch.equal(all_batches(capped, epoch=1)[0][0], one[0][0])
 
 
 def test_aspect_buckets(tmp_path):

@@ -84,7 +84,8 @@ SCHEMA = {
     "fp8": Key(0, "int", "unused (accepted for compatibility)"),
     "use_8bit_adam": Key(0, "int", "unused (accepted for compatibility)"),
     "epochs": Key(1000, "int", "training epochs"),
-    "epoch_length": Key(50000, "int", "samples per epoch for built-in datasets; 0 = one pass over the data"),
+    "epoch_length": Key(50000, "int", "samples per epoch; at most one pass over a folder or MNIST (0 = one full "
+                                      "pass); tar shards stream, so there it sets the epoch"),
     "lr": Key(1e-4, "float", "peak learning rate"),
     "min_lr": Key(1e-6, "float", "cosine-decay floor (also the warmup start)"),
     "drop_label": Key(0.0, "float", "probability of replacing a caption with '' (classifier-free guidance)"),
@@ -102,7 +103,8 @@ SCHEMA = {
     "latent_norm_regularization": Key(0.0, "float", "lambda of the penalty on intermediate flow outputs"),
     "loss_scaling": Key(1, "int", "gradient scaling for fp16 (bf16/fp32 need none, so it is a no-op there)"),
     "grad_clip": Key(0.0, "float", "gradient-norm clipping threshold (0 = off)"),
-    "grad_skip": Key(0, "int", "skip (no optimizer step) updates whose grad norm is non-finite or > grad_clip"),
+    "grad_skip": Key(0, "int", "skip (no optimizer step) updates whose grad norm is > grad_clip after "
+                               "grad_skip_after steps; non-finite gradients are always skipped"),
     "dry_run": Key(0, "int", "one training step and one sample, no checkpoint"),
     "wandb_name": Key(None, "str", "run-name suffix; 'a+b' gives {dataset}-a-{value of key b}"),
     "save_every": Key(20, "int", "also keep a numbered copy of the weights every N epochs"),
@@ -120,9 +122,11 @@ SCHEMA = {
     "sample_every": Key(0, "int", "also save a sample grid every N optimizer steps (0 = only per sample_freq)"),
     "train_samples": Key(8, "int", "images/videos in each training-time sample grid"),
     "sample_captions": Key(None, "str", "captions for training-time samples, '|'-separated; None = from the data"),
+    "grad_skip_after": Key(100, "int", "grad_skip applies from this optimizer step on (early norms are large)"),
     "denoiser_lr": Key(1e-4, "float", "peak learning rate of the learnable self-denoiser"),
     "weight_decay": Key(1e-4, "float", "AdamW weight decay"),
     "cache_latents": Key(0, "int", "encode each training item once with the VAE and reuse the latents"),
+    "cache_text": Key(0, "int", "keep the text embedding of each distinct prompt in memory (small caption sets)"),
     "wandb": Key(1, "int", "log to wandb on rank 0 (offline when there is no API key); 0 = off"),
     "device": Key("auto", "str", "auto | cpu | cuda | mps"),
 }

@@ -1,0 +1,227 @@
+"""Training machinery: parallel wrapping (FSDP2 / DDP), AdamW + warmup-cosine schedule, gradient clip/skip,
+and atomic, exactly-resumable training-state checkpoints."""
+import contextlib
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from utils.checkpoint import save_weights
+from utils.config import load_config, save_config
+from utils.errors import UserError
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+# ------------------------------------------------------------------------------------------------ parallelism
+def parallelize(model, info, fsdp, layer_types, bf16):
+    """FSDP2: fully_shard each layer of `layer_types` (and the self-denoiser) then the root; else DDP or the model.
+
+    Returns the module to call for training; parameters and state dicts are read from it directly.
+    """
+    if info.world_size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for module in model.modules():
+            if isinstance(module, layer_types):
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        denoiser = getattr(model, "learnable_self_denoiser", None)
+        if denoiser is not None:
+            fully_shard(denoiser, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The self-denoiser and the flow are trained by separate backward passes; each leaves the other's params unused.
+    unused = getattr(model, "learnable_self_denoiser", None) is not None
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
+def shard_frozen(module, info):
+    """FSDP2-shard a frozen module (the text encoder) so each rank holds only a slice of its weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=init_device_mesh(info.device.type, (info.world_size,)))
+    return module
+
+
+def no_grad_sync(module, sync):
+    """Enable/disable gradient reduction for accumulation micro-steps (FSDP2 or DDP); returns a context."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync") and not sync:
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------- optimizer and schedule
+def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.95)):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+class WarmupCosine:
+    """Linear warmup from min(min_lr, 1e-6) to max_lr, then cosine decay to min_lr at total_steps.
+
+    The LR is a pure function of the step, so resuming only needs the step counter.
+    """
+
+    def __init__(self, optimizer, warmup_steps, total_steps, max_lr, min_lr):
+        self.optimizer, self.warmup, self.total = optimizer, max(0, warmup_steps), max(1, total_steps)
+        self.max_lr, self.min_lr, self.start_lr = max_lr, min_lr, min(min_lr, 1e-6)
+        self.step_count = 0
+        self._apply()
+
+    def lr_at(self, step):
+        if step < self.warmup:
+            return self.start_lr + (self.max_lr - self.start_lr) * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def _apply(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step_count)
+
+    def step(self):
+        self.step_count += 1
+        self._apply()
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self):
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state):
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
+def grad_norm_and_clip(params, clip):
+    """Total gradient norm over params (global under FSDP); clips to `clip` when clip > 0."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def should_skip(norms, grad_clip, grad_skip, step, skip_after=100):
+    """A step is skipped when a gradient norm is non-finite, or (grad_skip, from step skip_after) above grad_clip."""
+    if not all(math.isfinite(n) for n in norms):
+        return True
+    return bool(grad_skip and grad_clip > 0 and step >= skip_after and max(norms) > grad_clip)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def full_model_state(model):
+    """Full (unsharded) model state dict on CPU; a collective under FSDP, so every rank must call it."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main):
+    """Write checkpoints/step_NNNNNNN/{model.safetensors, training_state.pt, config.yaml}, then point
+    checkpoints/latest at it with an atomic rename; older step folders are removed afterwards.
+
+    Collective under FSDP (full state dicts are gathered), so every rank calls it.
+    """
+    model_state = full_model_state(model)
+    optim_states = {name: get_optimizer_state_dict(model, opt, options=FULL) for name, opt in optimizers.items()}
+    if not is_main:
+        return None
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_weights(model_state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
+    torch.save({"step": step, "optimizers": optim_states, "rng": rng_state(), **extra},
+               os.path.join(tmp, "training_state.pt"))
+    save_config(cfg, os.path.join(tmp, "config.yaml"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    link = os.path.join(root, "latest")
+    os.symlink(os.path.basename(final), link + ".tmp")
+    os.replace(link + ".tmp", link)
+    for name in os.listdir(root):
+        if name.startswith("step_") and name != os.path.basename(final):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+def resolve_resume(path):
+    """('state', folder) for a training-state checkpoint (a run folder, checkpoints/, latest or step_N folder),
+    or ('weights', file) for bare model weights (.pth / .safetensors)."""
+    path = os.path.expanduser(str(path))
+    for candidate in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
+        if os.path.isfile(os.path.join(candidate, "training_state.pt")):
+            return "state", os.path.realpath(candidate)
+    if os.path.isfile(path):
+        return "weights", path
+    raise UserError(f"--resume_path {path} is neither a training checkpoint (a folder with training_state.pt, "
+                    "or a run folder holding checkpoints/latest) nor a weights file")
+
+
+def resume_config(resume_path, overrides):
+    """Config of a run being resumed: its saved config.yaml, updated by explicit overrides."""
+    kind, where = resolve_resume(resume_path)
+    if kind != "state":
+        return None
+    return load_config(os.path.join(where, "config.yaml"), overrides)
+
+
+def load_training_state(folder):
+    """The training state of a checkpoint folder, read weights-only (never unpickling code)."""
+    try:
+        return torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {folder}/training_state.pt ({type(e).__name__}); the checkpoint is damaged, "
+                        "resume from an earlier one or from the weights only") from None
+
+
+def restore_optimizers(model, optimizers, states):
+    for name, opt in optimizers.items():
+        set_optimizer_state_dict(model, opt, states[name], options=StateDictOptions(full_state_dict=True))
+
+
+def broadcast_int(value, device):
+    """Rank 0's integer on every rank (e.g. a clock-derived seed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
