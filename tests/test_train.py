@@ -1,0 +1,217 @@
+"""train.py end to end on tiny models: learning, exact resume, errors, corrupt data, video, checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from utils import training as T
+from utils.checkpoint import load_state_dict_file
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A flow small enough for hundreds of CPU steps: 16x16 RGB in pixel space, 4x4 patches -> 16 tokens.
+TINY = ["--vae", "none", "--channel_size", "3", "--img_size", "16", "--patch_size", "4", "--channels", "32",
+        "--head_dim", "16", "--layers_per_block", "1", "1", "--rope", "1", "--sos", "1", "--seq_order", "L2R",
+        "--use_softplus", "1", "--cond_top_only", "1", "--use_final_norm", "1", "--soft_clip", "4",
+        "--txt_size", "8", "--cache_text", "1", "--noise_std", "0.1", "--num_workers", "0", "--wandb", "0",
+        "--sample_freq", "0", "--train_seed", "0", "--warmup_steps", "5", "--lr", "2e-3", "--min_lr", "1e-4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(args, tmp_path, name="run"):
+    """train.main in this process; returns (run folder, per-step metrics keyed by step)."""
+    logdir = tmp_path / name
+    train.main([*args, "--logdir", str(logdir), "--dataset", "t"])
+    return logdir / "t", metrics(logdir / "t")
+
+
+def metrics(run_dir):
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["step"]: r for r in rows}  # a resumed run may repeat steps after its last checkpoint: keep the last
+
+
+def weights(run_dir):
+    return load_state_dict_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+
+
+def test_loss_decreases_on_mnist(tmp_path, tiny_t5_dir):
+    args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "16",
+                   "--epochs", "1", "--epoch_length", str(16 * 150), "--ckpt_every", "0"]
+    run_dir, m = run(args, tmp_path)
+    losses = [m[s]["loss"] for s in sorted(m)]
+    assert len(losses) == 150
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.5, (first, last)
+    assert all(r["skipped"] == 0 for r in m.values())
+
+
+# Flow, denoiser, accumulation, label drop, clipping and the latent-norm penalty all carry state across steps.
+FULL = ["--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--acc", "2", "--drop_label", "0.3",
+        "--grad_clip", "1", "--latent_norm_regularization", "1e-3", "--data_format", "colour_mnist",
+        "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir):
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "2"]
+    straight_dir, straight = run(args, tmp_path, "straight")
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]  # 2 epochs x (24 samples / 8 per step)
+    stopped_dir, first = run(args + ["--max_steps", "4"], tmp_path, "stopped")
+    assert sorted(first) == [1, 2, 3, 4]
+    # resume from the run folder alone: its saved config is used, the flag lifts the step limit
+    train.main(["--resume_path", str(stopped_dir), "--max_steps", "0"])
+    resumed = metrics(stopped_dir)
+    for step in range(1, 7):
+        for key in ("loss", "loss_denoiser", "grad_norm", "lr"):
+            assert resumed[step][key] == straight[step][key], (step, key)
+    a, b = weights(straight_dir), weights(stopped_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fsdp", [1, 0])
+def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp)]
+    single_dir, single = run(args, tmp_path, "single")
+    logdir = tmp_path / "double"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), *args, "--logdir", str(logdir), "--dataset", "t"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("FSDP2" if fsdp else "DDP") in proc.stdout
+    double = metrics(logdir / "t")
+    assert sorted(double) == sorted(single) == [1, 2, 3]
+    for step in single:
+        for key in ("loss", "loss_denoiser", "grad_norm"):
+            assert double[step][key] == pytest.approx(single[step][key], rel=1e-5, abs=1e-5), (step, key)
+    a, b = weights(single_dir), weights(logdir / "t")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_video_end_to_end(tmp_path, tiny_t5_dir):
+    from test_dataset import make_video_folder
+    from utils.pipeline import STARFlowPipeline
+
+    data = make_video_folder(tmp_path / "clips", n=4, frames=12, fps=8)
+    args = TINY + ["--text", tiny_t5_dir, "--data", str(data), "--vid_size", "5:4", "--fps_cond", "1",
+                   "--cond_noise_level", "1", "--noise_std", "0.3", "--mix_aspect", "1", "--temporal_causal", "2",
+                   "--shallow_block_local", "1", "--learnable_self_denoiser", "1", "--conditional_denoiser", "1",
+                   "--denoiser_window", "2", "--drop_image", "0.5", "--batch_size", "2", "--epochs", "2",
+                   "--sample_freq", "2", "--train_samples", "2", "--cache_latents", "1"]
+    run_dir, m = run(args, tmp_path)
+    assert sorted(m) == [1, 2, 3, 4] and all(r["loss_denoiser"] > 0 for r in m.values())
+    samples = run_dir / "samples"  # sample_freq 2: after epochs 0, 2, ... (0-based), named by 1-based epoch
+    assert sorted(p.name for p in samples.iterdir()) == ["epoch_0001.mp4", "epoch_0001.png", "epoch_0001.txt"]
+    ckpt = run_dir / "checkpoints" / "latest" / "model.safetensors"
+    pipe = STARFlowPipeline.from_pretrained(str(run_dir / "config.yaml"), str(ckpt))
+    out = pipe("clip 1", cfg=0)
+    assert len(out.frames[0]) == 5
+
+
+def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, monkeypatch):
+    from test_dataset import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n=7, corrupt=1)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data", str(data), "--batch_size", "4", "--epochs", "2",
+                             "--wandb", "1"], tmp_path)
+    out = capsys.readouterr().out
+    assert sorted(m) == [1, 2, 3, 4]
+    assert "skipped 1 unreadable file," in out and "bad0.png" in out
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_dry_run(tmp_path, tiny_t5_dir, capsys):
+    from PIL import Image
+
+    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4",
+                             "--dry_run", "1", "--train_samples", "4"], tmp_path)
+    assert "dry run: one step" in capsys.readouterr().out
+    grid = Image.open(run_dir / "samples" / "dry_run.png")
+    assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 cells of 16 px with 2 px borders
+    assert not (run_dir / "checkpoints").exists() and m == {}
+
+
+def test_grad_skip_really_skips(tmp_path, tiny_t5_dir, capsys):
+    from transformer_flow import Model
+    from utils.config import load_config, model_kwargs
+
+    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4", "--epochs", "1",
+                             "--epoch_length", "12", "--grad_skip", "1", "--grad_clip", "1e-9",
+                             "--grad_skip_after", "0"], tmp_path)
+    assert [m[s]["skipped"] for s in sorted(m)] == [1, 1, 1]
+    assert "3 optimizer steps with a non-finite or too large gradient" in capsys.readouterr().out
+    cfg = load_config(run_dir / "config.yaml")
+    torch.manual_seed(cfg.train_seed)
+    initial = Model(**model_kwargs(cfg, 16, 32)).state_dict()
+    final = weights(run_dir)
+    assert all(torch.equal(final[k], initial[k]) for k in final)  # not even weight decay moved them
+
+
+def test_schedule_and_skip_rules():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    sched = T.WarmupCosine(opt, warmup_steps=4, total_steps=10, max_lr=1.0, min_lr=0.1)
+    lrs = [sched.lr]
+    for _ in range(10):
+        sched.step()
+        lrs.append(sched.lr)
+    assert lrs[0] == pytest.approx(1e-6 + (1 - 1e-6) / 4) and lrs[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[10] == pytest.approx(0.1)
+    sched2 = T.WarmupCosine(opt, 4, 10, 1.0, 0.1)
+    sched2.load_state_dict({"step_count": 6})
+    assert sched2.lr == lrs[6]
+    assert T.should_skip([float("nan")], 0, 0, 0) and T.should_skip([1.0, float("inf")], 0, 0, 0)
+    assert not T.should_skip([5.0], 1.0, 0, 500) and not T.should_skip([5.0], 1.0, 1, 99)
+    assert T.should_skip([5.0], 1.0, 1, 100) and not T.should_skip([0.5], 1.0, 1, 100)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from utils.config import load_config
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = load_config(None, [])
+    T.save_checkpoint(str(tmp_path), 1, model, {"model": opt}, cfg, {"epoch": 0}, True)
+    with torch.no_grad():
+        model.weight.add_(1)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(str(tmp_path), 2, model, {"model": opt}, cfg, {"epoch": 0}, True)
+    kind, where = T.resolve_resume(str(tmp_path))
+    assert kind == "state" and where.endswith("step_0000001")
+    state = load_state_dict_file(os.path.join(where, "model.safetensors"))
+    assert not torch.equal(state["weight"], model.weight)  # the last complete checkpoint, untouched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer_per_block", "2"], "unknown config key 'layer_per_block'; did you mean 'layers_per_block'"),
+    (["--data", "/no/such/folder"], "data path not found: /no/such/folder"),
+    (["--batch_size", "3", "--data_format", "mnist"], "batch_size 3 is not divisible by world_size x acc = 2 x 1"),
+    (["--resume_path", "/no/such/run"], "--resume_path /no/such/run is neither"),
+])
+def test_clear_errors(tmp_path, tiny_t5_dir, capsys, monkeypatch, args, message):
+    if "--batch_size" in args:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; the check runs before any process group
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--text", tiny_t5_dir, "--logdir", str(tmp_path)] + args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+

@@ -1,0 +1,498 @@
+"""Train STARFlow / STARFlow-V: exact NLL of noise-augmented latents, one process, DDP or FSDP2 under torchrun.
+
+    python train.py --model_config_path configs/tiny_mnist.yaml --epochs 1
+    torchrun --standalone --nproc_per_node 8 train.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \
+        --data /data/shards/train-{0000..0999}.tar --epoch_length 1000000
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dataset import TrainData
+from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
+from utils import training as T
+from utils.checkpoint import load_model_weights
+from utils.config import load_config, model_kwargs, save_config
+from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from utils.errors import UserError
+from sample import write_video
+from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid
+from utils.text_encoder import format_prompt, load_text_encoder
+from utils.vae import load_vae
+
+
+def parse_config(argv):
+    """CLI tokens -> Config; a resumed run starts from its saved config unless a YAML is given."""
+    probe = load_config(None, argv)
+    if probe.resume_path and not probe.model_config_path:
+        cfg = T.resume_config(probe.resume_path, argv)
+        if cfg is not None:
+            return cfg
+    return probe
+
+
+def job_name(cfg):
+    """The original's run naming: dataset, '-wandb_name', or 'a+b' -> dataset-a-<value of key b>."""
+    if not cfg.wandb_name:
+        return cfg.dataset
+    if "+" in cfg.wandb_name:
+        prefix, key = cfg.wandb_name.split("+", 1)
+        return f"{cfg.dataset}-{prefix}-{getattr(cfg, key, key)}"
+    return f"{cfg.dataset}-{cfg.wandb_name}"
+
+
+def step_generator(seed, index):
+    """Randomness of one micro-batch (noise, label drop), a function of (seed, index) only: exact resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + 17) % (2**63))
+
+
+def rank_slice(tensor_fn, shape, info, gen):
+    """Draw for the whole global batch and keep this rank's rows, so results do not depend on the world size."""
+    full = tensor_fn((shape[0] * info.world_size, *shape[1:]), generator=gen)
+    return full[info.rank * shape[0]:(info.rank + 1) * shape[0]]
+
+
+class Run:
+    """Everything one training run holds: config, data, frozen encoders, model, optimizers and progress."""
+
+    def __init__(self, cfg, info):
+        self.cfg, self.info = cfg, info
+        self.main = info.rank == 0
+        self.cuda = info.device.type == "cuda"
+        seed = cfg.train_seed if cfg.train_seed is not None else time.time_ns() % 2**31
+        self.seed = T.broadcast_int(seed, info.device)
+        self.run_dir = os.path.join(cfg.logdir, job_name(cfg))
+        self.setup_encoders()
+        self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
+        if cfg.vid_size and self.vae.temporal_factor > 1:
+            frames = int(cfg.vid_size.split(":")[0])
+            if (frames - 1) % self.vae.temporal_factor:
+                raise UserError(f"vid_size {cfg.vid_size}: the VAE compresses time {self.vae.temporal_factor}x, so "
+                                f"clips need 1 + {self.vae.temporal_factor}k frames (e.g. "
+                                f"{frames - (frames - 1) % self.vae.temporal_factor})")
+        self.secondary = self.setup_secondary()
+        self.setup_model()
+        self.steps_per_epoch = self.data.steps_per_epoch // cfg.acc
+        if self.steps_per_epoch == 0:
+            raise UserError(f"an epoch has {self.data.steps_per_epoch} batches, fewer than acc={cfg.acc}")
+        total = cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else self.steps_per_epoch
+        self.schedules = {"model": T.WarmupCosine(self.optimizers["model"], warmup, total, cfg.lr, cfg.min_lr)}
+        if "denoiser" in self.optimizers:
+            self.schedules["denoiser"] = T.WarmupCosine(self.optimizers["denoiser"], warmup, total,
+                                                        cfg.denoiser_lr, cfg.min_lr)
+        self.step, self.epoch, self.skipped_steps = 0, cfg.resume_epoch, 0
+        self.skipped_files = set(self.data.skipped_at_scan)
+        self.secondary_pos = [0, 0]
+        self.latent_cache, self.text_cache = {}, {}
+        self.sample_captions = cfg.sample_captions.split("|") if cfg.sample_captions else None
+        self.wandb_id = None
+        self.resume()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup_encoders(self):
+        cfg, dev = self.cfg, self.info.device
+        self.text_encoder = None
+        if cfg.text and cfg.text != "none":
+            self.text_encoder = load_text_encoder(cfg.text, cfg.txt_size, dev)
+            if cfg.fsdp and cfg.fsdp_text_encoder and self.info.world_size > 1:
+                T.shard_frozen(self.text_encoder.model, self.info)
+        elif cfg.txt_size:
+            raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
+        self.vae = load_vae(cfg.vae, dev)
+        if self.vae.latent_channels != cfg.channel_size:
+            raise UserError(f"channel_size {cfg.channel_size} does not match the {self.vae.latent_channels} latent "
+                            f"channels of vae '{cfg.vae or 'none'}'; set --channel_size {self.vae.latent_channels}")
+        multiple = self.vae.spatial_factor * cfg.patch_size
+        if cfg.img_size % multiple:
+            raise UserError(f"img_size {cfg.img_size} must be a multiple of VAE factor x patch_size = {multiple}")
+
+    def setup_secondary(self):
+        cfg = self.cfg
+        if not cfg.secondary_dataset or cfg.secondary_ratio <= 0:
+            return None
+        overrides = dict(cfg.to_dict(), data=cfg.secondary_dataset, img_size=cfg.secondary_img_size,
+                         vid_size=cfg.secondary_vid_size, batch_size=cfg.secondary_batch_size, data_format="auto")
+        overrides.pop("model_config_path")
+        sec_cfg = load_config(None, overrides)
+        if sec_cfg.batch_size % (self.info.world_size * cfg.acc):
+            raise UserError(f"secondary_batch_size {sec_cfg.batch_size} is not divisible by world_size x acc")
+        return TrainData(sec_cfg, self.info.rank, self.info.world_size, self.seed + 1,
+                         self.vae.spatial_factor * cfg.patch_size)
+
+    def setup_model(self):
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(self.seed)  # identical initial weights on every rank (FSDP shards local copies)
+        txt_dim = self.text_encoder.dim if self.text_encoder else 0
+        self.model = Model(**model_kwargs(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim)).to(info.device)
+        self.resume_kind, self.resume_dir = (None, None)
+        if cfg.resume_path:
+            self.resume_kind, where = T.resolve_resume(cfg.resume_path)
+            weights = os.path.join(where, "model.safetensors") if self.resume_kind == "state" else where
+            load_model_weights(self.model, weights, skip=DEPRECATED_KEYS.match)
+            self.resume_dir = where
+        if cfg.fsdp and info.world_size == 1 and self.main:
+            print("fsdp: 1 with a single process: training the unsharded model")
+        self.train_model = T.parallelize(self.model, info, bool(cfg.fsdp), (AttentionBlock,), bf16=self.cuda)
+        is_denoiser = {n: n.startswith("learnable_self_denoiser") for n, _ in self.model.named_parameters()}
+        params = dict(self.model.named_parameters())
+        self.flow_params = [p for n, p in params.items() if p.requires_grad and not is_denoiser[n]]
+        self.denoiser_params = [p for n, p in params.items() if p.requires_grad and is_denoiser[n]]
+        self.optimizers = {"model": T.make_optimizer(self.flow_params, cfg.lr, cfg.weight_decay)}
+        if self.denoiser_params:
+            self.optimizers["denoiser"] = torch.optim.AdamW(self.denoiser_params, lr=cfg.denoiser_lr,
+                                                            weight_decay=cfg.weight_decay)
+        if self.main:
+            n = sum(p.numel() for p in self.flow_params + self.denoiser_params)
+            print(f"model: {n / 1e6:.2f}M trainable parameters ({len(self.denoiser_params)} denoiser tensors); "
+                  f"world size {info.world_size}, {'FSDP2' if cfg.fsdp and info.world_size > 1 else 'DDP' if info.world_size > 1 else 'single process'} on {info.device}")
+
+    def resume(self):
+        if self.resume_kind == "weights":  # bare weights: like the original, start the schedule at resume_epoch
+            self.step = self.cfg.resume_epoch * self.steps_per_epoch
+            for sched in self.schedules.values():
+                sched.load_state_dict({"step_count": self.step})
+        if self.resume_kind != "state":
+            return
+        state = T.load_training_state(self.resume_dir)
+        T.restore_optimizers(self.train_model, self.optimizers, state["optimizers"])
+        for name, sched in self.schedules.items():
+            sched.load_state_dict(state["schedules"][name])
+        self.step, self.epoch, self.skipped_steps = state["step"], state["epoch"], state["skipped_steps"]
+        self.secondary_pos = list(state.get("secondary_pos", [0, 0]))
+        self.skipped_files |= set(state.get("skipped_files", []))
+        self.wandb_id = state.get("wandb_id")
+        T.set_rng_state(state["rng"])
+        if self.main:
+            print(f"resumed from {self.resume_dir} at step {self.step} (epoch {self.epoch})")
+
+    # ------------------------------------------------------------------------------------------------- data
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels, meta):
+        """VAE latents of a batch (cached per item when cache_latents); videos arrive as (B, T, 3, H, W)."""
+        keys = meta["key"]
+        if self.cfg.cache_latents and all(k in self.latent_cache for k in keys):
+            return torch.stack([self.latent_cache[k] for k in keys]).to(self.info.device)
+        pixels = pixels.to(self.info.device)
+        with self.autocast():
+            if pixels.dim() == 5:
+                latents = self.encode_video(pixels)
+            else:
+                latents = self.vae.encode(pixels)
+        latents = latents.float()
+        if self.cfg.cache_latents:
+            self.latent_cache.update({k: lat.cpu() for k, lat in zip(keys, latents)})
+        return latents
+
+    def encode_video(self, pixels):
+        """Plain, last-frame-conditioned or video-to-video encoding (original options), (B,T,3,H,W) in."""
+        cfg, vae = self.cfg, self.vae
+        if cfg.last_frame_cond:
+            last = vae.encode(pixels[:, -4])[:, None]
+            return torch.cat([last, vae.encode(pixels[:, :-4].transpose(1, 2))], 1)
+        if cfg.video_to_video:
+            half = pixels.shape[1] // 2
+            target, source = pixels[:, :half], pixels[:, half:]
+            both = vae.encode(torch.cat([source, target]).transpose(1, 2))
+            return torch.cat(both.chunk(2), 1)
+        return vae.encode(pixels.transpose(1, 2))
+
+    @torch.no_grad()
+    def encode_text(self, captions, meta, gen):
+        """Label drop (one global draw per sample), prompt templates, frozen encoder."""
+        cfg = self.cfg
+        keep = rank_slice(torch.rand, (len(captions),), self.info, gen) >= cfg.drop_label
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        if self.text_encoder is None:
+            return None
+        texts = []
+        for i, caption in enumerate(captions):
+            fps = meta["fps"][i]
+            fps = int(fps) if float(fps).is_integer() else fps
+            texts.append(format_prompt(caption, fps=fps if cfg.fps_cond else None,
+                                       noise_std=cfg.noise_std if cfg.cond_noise_level else None,
+                                       aspect_ratio=meta["aspect"][i] if cfg.mix_aspect else None))
+        if not cfg.cache_text:
+            with self.autocast():
+                return self.text_encoder.encode(texts).float()
+        new = sorted(set(t for t in texts if t not in self.text_cache))
+        if new:
+            with self.autocast():
+                self.text_cache.update(zip(new, self.text_encoder.encode(new).float()))
+        return torch.stack([self.text_cache[t] for t in texts])
+
+    def batches(self):
+        """(epoch, micro-batch) pairs from the resume position onward; secondary batches mixed in by a seeded draw."""
+        while self.epoch < self.cfg.epochs:
+            start = (self.step - self.epoch * self.steps_per_epoch) * self.cfg.acc
+            for n, batch in enumerate(self.data.epoch(self.epoch, max(0, start))):
+                if start + n >= self.steps_per_epoch * self.cfg.acc:
+                    break
+                yield batch
+            self.epoch += 1
+            yield None  # epoch boundary
+
+    def secondary_batch(self):
+        while True:
+            epoch, start = self.secondary_pos
+            for batch in self.secondary.epoch(epoch, start):
+                self.secondary_pos[1] += 1
+                return batch
+            self.secondary_pos = [epoch + 1, 0]
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def micro_step(self, batch, index, sync):
+        """Forward/backward of one micro-batch; returns its loss terms (flow and denoiser)."""
+        cfg, info = self.cfg, self.info
+        gen = step_generator(self.seed, index)
+        if self.secondary is not None and torch.rand((), generator=gen) < cfg.secondary_ratio:
+            batch = self.secondary_batch()
+        pixels, captions, meta = batch
+        self.skipped_files.update(meta["skipped"])
+        x0 = self.encode_pixels(pixels, meta)
+        if x0.dim() == 5 and cfg.drop_image > 0 and torch.rand((), generator=gen) < cfg.drop_image:
+            x0, captions = x0[:, 1:], ["(extend) " + c for c in captions]
+        if cfg.last_frame_cond:
+            captions = ["(last) " + c for c in captions]
+        if cfg.video_to_video:
+            captions = ["(v2v) " + c for c in captions]
+        if cfg.noise_type == "uniform":
+            noise = (rank_slice(torch.rand, x0.shape, info, gen) * 2 - 1).to(x0.device)
+        else:
+            noise = rank_slice(torch.randn, x0.shape, info, gen).to(x0.device)
+        x = (x0 + cfg.noise_std * noise).requires_grad_(bool(self.denoiser_params))
+        y = self.encode_text(captions, meta, gen)
+        weight = cfg.noise_std / 0.3 if cfg.cond_noise_level else None
+        with T.no_grad_sync(self.train_model, sync):
+            with self.autocast():
+                z, outputs, logdets = self.train_model(x, y)
+                losses = self.model.get_loss(z, logdets, outputs=outputs, weights=weight,
+                                             latent_norm_regularization=cfg.latent_norm_regularization)
+            target = None
+            if self.denoiser_params:
+                # Denoiser target: (sigma^2 / step) * grad_x NLL(x | y), the per-sample score of the noisy input, so
+                # that x - step * prediction is the Tweedie estimate x + sigma^2 grad log p(x).
+                nll = 0.5 * z.float().pow(2).sum() - sum(ld.float().sum() for ld in logdets)
+                (grad,) = torch.autograd.grad(nll, x, retain_graph=True)
+                target = (cfg.noise_std ** 2 / LEARNED_DENOISER_STEP) * grad.detach()
+            (losses["loss"] / cfg.acc).backward()
+            if target is not None:
+                with self.autocast():
+                    pred = self.train_model(x.detach(), y, mode="denoise")
+                    losses["loss_denoiser"] = torch.nn.functional.mse_loss(pred.float(), target)
+                (losses["loss_denoiser"] / cfg.acc).backward()
+        return {k: v.detach().float() for k, v in losses.items()}
+
+    def optimizer_step(self, micro_batches, first_index):
+        """acc micro-batches, then clip, skip-or-step, schedule; returns averaged metrics."""
+        cfg = self.cfg
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        totals = {}
+        for k, batch in enumerate(micro_batches):
+            for name, value in self.micro_step(batch, first_index + k, sync=k == len(micro_batches) - 1).items():
+                totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
+        norms = {"grad_norm": T.grad_norm_and_clip(self.flow_params, cfg.grad_clip)}
+        if self.denoiser_params:
+            norms["grad_norm_denoiser"] = T.grad_norm_and_clip(self.denoiser_params, cfg.grad_clip)
+        skip = T.should_skip(list(norms.values()), cfg.grad_clip, cfg.grad_skip, self.step, cfg.grad_skip_after)
+        if skip:
+            self.skipped_steps += 1
+        else:
+            for opt in self.optimizers.values():
+                opt.step()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        lr = self.schedules["model"].lr
+        for sched in self.schedules.values():
+            sched.step()
+        self.step += 1
+        metrics = {k: float(all_reduce_mean(v)) for k, v in totals.items()}
+        return dict(metrics, **norms, lr=lr, skipped=int(skip))
+
+    # ---------------------------------------------------------------------------------------------- outputs
+    def save(self):
+        extra = {"epoch": self.epoch, "skipped_steps": self.skipped_steps, "secondary_pos": self.secondary_pos,
+                 "skipped_files": sorted(self.skipped_files), "wandb_id": self.wandb_id,
+                 "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
+        path = T.save_checkpoint(self.run_dir, self.step, self.train_model, self.optimizers, self.cfg, extra,
+                                 self.main)
+        barrier()
+        return path
+
+    @torch.no_grad()
+    def sample(self, captions, tag):
+        """A grid of samples from the current weights (every rank takes part: the model may be sharded)."""
+        cfg = self.cfg
+        n = cfg.train_samples
+        captions = (self.sample_captions or captions)
+        captions = [captions[i % len(captions)] for i in range(n)]
+        self.model.eval()
+        pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, self.info.device, torch.float32)
+        with self.autocast():
+            out = pipe(captions, num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
+                       generator=torch.Generator().manual_seed(self.seed))
+        self.model.train()
+        if not self.main:
+            return None
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        path = os.path.join(self.run_dir, "samples", f"{tag}.png")
+        if out.frames is not None:  # PNG: one row of frames per video; MP4: the videos tiled
+            clips = [np.stack([np.asarray(f) for f in clip]) for clip in out.frames]
+            grid, _ = make_grid([np.concatenate(list(clip), axis=1) for clip in clips], tall=True)
+            write_video(path[:-4] + ".mp4", make_grid(clips)[0], max(1, round(out.fps or 8)))
+        else:
+            grid, _ = make_grid([np.asarray(im) for im in out.images])
+        Image.fromarray(grid).save(path)
+        with open(os.path.join(self.run_dir, "samples", f"{tag}.txt"), "w") as f:
+            f.write("\n".join(captions) + "\n")
+        return path
+
+
+def setup_wandb(run, enabled):
+    """wandb on rank 0: online with an API key, otherwise offline into the run folder; None when disabled."""
+    if not (enabled and run.main):
+        return None
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    os.makedirs(run.run_dir, exist_ok=True)
+    wb = wandb.init(project="starflow", name=job_name(run.cfg), config=run.cfg.to_dict(), dir=run.run_dir, mode=mode,
+                    id=run.wandb_id, resume="allow")
+    run.wandb_id = wb.id
+    return wb
+
+
+def train(cfg, info):
+    run = Run(cfg, info)
+    if run.main:
+        os.makedirs(run.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
+    wb = setup_wandb(run, cfg.wandb and not cfg.dry_run)
+    metrics_file = open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if run.main and not cfg.dry_run else None
+    total_steps = cfg.epochs * run.steps_per_epoch
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    per_step = cfg.batch_size
+    bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
+    run.model.train()
+    pending, first_captions, tick = [], None, time.time()
+    micro_index = run.step * cfg.acc
+    reported = len(run.skipped_files)
+    for batch in run.batches():
+        if batch is not None:
+            pending.append(batch)
+            first_captions = first_captions or batch[1]
+            if len(pending) < cfg.acc:
+                continue
+            m = run.optimizer_step(pending, micro_index)
+            micro_index += len(pending)
+            pending = []
+            now = time.time()
+            m.update(step=run.step, epoch=run.epoch, samples_per_s=per_step / max(now - tick, 1e-9))
+            tick = now
+            if metrics_file:
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == 1:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
+                if wb:
+                    wb.log(m, step=run.step)
+            if len(run.skipped_files) > reported and run.main:
+                new = sorted(run.skipped_files)[reported:]
+                tqdm.write(f"skipped {len(new)} unreadable file(s): {', '.join(new[:5])}")
+                reported = len(run.skipped_files)
+            if cfg.dry_run:
+                path = run.sample(first_captions, "dry_run")
+                if run.main:
+                    print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {path}")
+                break
+            if cfg.sample_every and run.step % cfg.sample_every == 0:
+                log_sample(run, wb, first_captions, f"step_{run.step:07d}")
+            if run.step >= stop_at:
+                break
+            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
+                run.save()
+        else:  # epoch end (run.epoch already counts the finished epoch)
+            pending = []
+            done = run.epoch - 1
+            if cfg.sample_freq and done % cfg.sample_freq == 0:
+                log_sample(run, wb, first_captions, f"epoch_{run.epoch:04d}")
+            if run.step >= stop_at:
+                break
+            path = run.save()
+            if run.main and cfg.save_every and done % cfg.save_every == 0:
+                save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
+    bar.close()
+    if not cfg.dry_run:
+        path = run.save()
+        if run.main:
+            print(f"saved {path}/model.safetensors (step {run.step})")
+    report_skips(run)
+    if wb:
+        wb.finish()
+    if metrics_file:
+        metrics_file.close()
+    return run
+
+
+def save_weights_copy(checkpoint_dir, dest):
+    """Keep a numbered copy of a checkpoint's weights (copied to a temp name, then renamed)."""
+    shutil.copyfile(os.path.join(checkpoint_dir, "model.safetensors"), dest + ".tmp")
+    os.replace(dest + ".tmp", dest)
+
+
+def log_sample(run, wb, captions, tag):
+    path = run.sample(captions, tag)
+    if path and run.main:
+        tqdm.write(f"sample grid: {path}")
+        if wb:
+            import wandb
+            wb.log({"train_samples": wandb.Image(path)}, step=run.step)
+
+
+def report_skips(run):
+    files = run.skipped_files
+    if run.info.world_size > 1:
+        gathered = [None] * run.info.world_size
+        torch.distributed.all_gather_object(gathered, sorted(files))
+        files = set().union(*gathered)
+    if run.main:
+        files, steps = len(files), run.skipped_steps  # every rank skips the same steps
+        print(f"skipped {files} unreadable file{'s' if files != 1 else ''}, {steps} optimizer step"
+              f"{'s' if steps != 1 else ''} with a non-finite or too large gradient")
+
+
+def check_batch(cfg, world_size):
+    """The global batch must split evenly over ranks and accumulation steps (checked before any process group)."""
+    micro = world_size * cfg.acc
+    if cfg.batch_size % micro:
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by world_size x acc = {world_size} x {cfg.acc}; "
+                        f"choose a multiple of {micro}")
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        info = init_distributed(cfg.device)
+        train(cfg, info)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
