@@ -1,0 +1,120 @@
+"""Split a sample grid (PNG, or MP4 for videos) into single images, and optionally re-tile chosen cells.
+
+    python scripts/extract_images.py logs/run/a_cat_grid.png                 # every cell -> a_cat_grid_cell00.png ...
+    python scripts/extract_images.py a_cat_grid.png --ids 0 3 5              # + a_cat_grid_extracted.png of those
+    python scripts/extract_images.py old_grid.png -H 256 -W 256              # cell size of a grid without JSON
+    python scripts/extract_images.py a_dog_grid.mp4                          # video grid -> one MP4 per cell
+
+The layout comes from the JSON sample.py writes beside each grid; otherwise from -H/-W (cell size, 2 px padding),
+otherwise from the black separator lines.
+"""
+import argparse
+import json
+import os
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+
+PAD = 2
+DARK = 24  # separators are black; lossy video codecs lift them a little
+
+
+def _spans(is_content):
+    """[(start, length)] of the runs of True."""
+    spans, start = [], None
+    for i, c in enumerate(list(is_content) + [False]):
+        if c and start is None:
+            start = i
+        elif not c and start is not None:
+            spans.append((start, i - start))
+            start = None
+    return spans
+
+
+def grid_cells(frames, layout=None, cell_size=None, rows=None, cols=None, pad=PAD):
+    """Boxes (top, left, height, width) of the cells of a grid, row-major. frames: (T, H, W, 3) uint8."""
+    H, W = frames.shape[1:3]
+    if layout:
+        pad, ch, cw = layout["pad"], layout["cell_height"], layout["cell_width"]
+        rows, cols = layout["rows"], layout["cols"]
+        boxes = [(pad + r * (ch + pad), pad + c * (cw + pad), ch, cw) for r in range(rows) for c in range(cols)]
+        return boxes[:len(layout.get("cells", boxes))]
+    if cell_size:
+        ch, cw = cell_size
+        rows, cols = (H - pad) // (ch + pad), (W - pad) // (cw + pad)
+    elif rows and cols:
+        ch, cw = (H - pad) // rows - pad, (W - pad) // cols - pad
+    else:
+        profile = frames.max(axis=(0, 3))
+        row_spans, col_spans = _spans(profile.max(axis=1) > DARK), _spans(profile.max(axis=0) > DARK)
+        return [(t, left, h, w) for t, h in row_spans for left, w in col_spans]
+    if rows < 1 or cols < 1:
+        raise SystemExit(f"error: cells of {ch}x{cw} px do not fit a {H}x{W} grid")
+    return [(pad + r * (ch + pad), pad + c * (cw + pad), ch, cw) for r in range(rows) for c in range(cols)]
+
+
+def read_layout(path):
+    """The grid JSON written by sample.py beside `path`, or None."""
+    meta = os.path.splitext(path)[0] + ".json"
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            data = json.load(f)
+        if "rows" in data:
+            return data
+    return None
+
+
+def read_frames(path):
+    """(T, H, W, 3) uint8 of an image (T = 1) or a video, and the video fps (None for images)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found")
+    try:
+        if path.lower().endswith((".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")):
+            reader = imageio.get_reader(path)
+            fps = reader.get_meta_data().get("fps", 16)
+            return np.stack([f[..., :3] for f in reader]), fps
+        image = imageio.imread(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}") from None
+    image = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
+    return image[None], None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="grid .png (or .mp4)")
+    parser.add_argument("--ids", type=int, nargs="*", default=None, help="cells to keep (row-major, from 0)")
+    parser.add_argument("-H", "--height", type=int, default=None, help="cell height in px (grids without JSON)")
+    parser.add_argument("-W", "--width", type=int, default=None, help="cell width in px (grids without JSON)")
+    parser.add_argument("--output_dir", default=None, help="default: beside the input")
+    args = parser.parse_args(argv)
+    frames, fps = read_frames(args.input)
+    cell_size = (args.height or args.width, args.width or args.height) if (args.height or args.width) else None
+    boxes = grid_cells(frames, read_layout(args.input), cell_size)
+    ids = list(range(len(boxes))) if args.ids is None else args.ids
+    bad = [i for i in ids if not 0 <= i < len(boxes)]
+    if bad:
+        raise SystemExit(f"error: ids {bad} are outside the {len(boxes)} cells of this grid")
+    out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.input))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(args.input))[0])
+    cells = [frames[:, t:t + h, left:left + w] for t, left, h, w in (boxes[i] for i in ids)]
+    for i, cell in zip(ids, cells):
+        if fps is None:
+            imageio.imwrite(f"{stem}_cell{i:02d}.png", cell[0])
+        else:
+            imageio.mimwrite(f"{stem}_cell{i:02d}.mp4", list(cell), fps=fps, codec="libx264", macro_block_size=1,
+                             quality=None, ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+    if args.ids is not None and fps is None:
+        h, w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
+        strip = np.zeros((h + 2 * PAD, len(cells) * (w + PAD) + PAD, 3), dtype=np.uint8)
+        for k, c in enumerate(cells):
+            strip[PAD:PAD + c.shape[1], PAD + k * (w + PAD):PAD + k * (w + PAD) + c.shape[2]] = c[0]
+        imageio.imwrite(f"{stem}_extracted.png", strip)
+    print(f"wrote {len(cells)} cell(s) to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Text-to-image with STARFlow 3B: a 4x2 grid of 8 images at 256x256 (plus single PNGs and JSONs).
+#   bash scripts/test_sample_image.sh ["prompt" or prompts.txt] [input_image|none] [extra sample.py flags...]
+# The image model has no image conditioning: an input image other than "none" is rejected with a clear error.
+# Environment: NGPUS (default: visible GPUs, else 1), CONFIG, CKPT, OUTPUT_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+caption=${1:-"a film still of a cat playing piano"}
+input_image=${2:-none}
+extra=("${@:3}")
+if [ -z "${NGPUS:-}" ]; then
+    NGPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+    [ "${NGPUS:-0}" -ge 1 ] || NGPUS=1
+fi
+echo "caption: $caption | input image: $input_image | processes: $NGPUS"
+out=()
+[ -n "${OUTPUT_DIR:-}" ] && out=(--output_dir "$OUTPUT_DIR")
+NCCL_DEBUG=WARN torchrun --standalone --nproc_per_node "$NGPUS" sample.py \
+    --model_config_path "${CONFIG:-configs/starflow_3B_t2i_256x256.yaml}" \
+    --checkpoint_path "${CKPT:-ckpts/starflow_3B_t2i_256x256.pth}" \
+    --caption "$caption" \
+    --input_image "$input_image" \
+    --sample_batch_size 8 \
+    --cfg 3.6 \
+    --aspect_ratio "1:1" \
+    --seed 999 \
+    --save_folder 1 \
+    --finetuned_vae none \
+    --jacobi 1 --jacobi_th 0.001 --jacobi_block_size 16 \
+    "${out[@]}" "${extra[@]}"
