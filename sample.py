@@ -53,6 +53,7 @@ SAMPLE_KEYS = {
     "save_folder": Key(0, "int", "accepted for compatibility: single files and a grid are always written"),
     "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"),
 }
+CLI_ONLY = ("num_samples", "sample_batch_size")  # also train.py keys (unused there): YAML values never apply
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRID_CELLS = 64  # samples per grid file
 
@@ -127,6 +128,13 @@ def main(argv=None):
         print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
         return 0
     cfg = load_config(None, argv, extra_keys=SAMPLE_KEYS)
+    beside = cfg.checkpoint_path and os.path.join(cfg.checkpoint_path, "config.yaml")
+    if not cfg.model_config_path and beside and os.path.isfile(beside):  # a train.py checkpoint folder
+        cfg = load_config(beside, argv, extra_keys=SAMPLE_KEYS)
+    given = {tok[2:].partition("=")[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+    for key in CLI_ONLY:  # saved configs carry train.py's unrelated defaults for these (4096 samples, batch 256)
+        if key not in given:
+            setattr(cfg, key, SAMPLE_KEYS[key].default)
     for key in ("model_config_path", "checkpoint_path"):
         if not getattr(cfg, key):
             raise UserError(f"--{key} is required")
@@ -145,7 +153,8 @@ def main(argv=None):
 
     pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=dist_info.device,
                                         dtype=DTYPES.get(cfg.dtype))
-    out_dir = cfg.output_dir or os.path.join(cfg.logdir, os.path.splitext(os.path.basename(cfg.checkpoint_path))[0])
+    out_dir = cfg.output_dir or os.path.join(
+        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
     os.makedirs(out_dir, exist_ok=True)
     prefix = slug(name)
     items, rounds = plan(captions, num_samples, cfg.seed, cfg.sample_batch_size, world, rank)

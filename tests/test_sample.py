@@ -182,3 +182,18 @@ def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeyp
     last = err.strip().splitlines()[-1]  # earlier lines can only be loading progress bars
     assert e.value.code == 2 and last.startswith("error: ") and "Traceback" not in err
     assert re.search(match, last), err
+
+
+def test_train_checkpoint_folder_with_saved_config(tiny_t2i, tmp_path):
+    """A train.py checkpoint folder (model.safetensors + config.yaml from save_config) samples without
+    --model_config_path; the saved config's train-only num_samples/sample_batch_size (4096/256) do not apply."""
+    import shutil
+    from utils.config import load_config, save_config
+    folder = tmp_path / "checkpoints" / "step_0000010"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_t2i["safetensors"], folder / "model.safetensors")
+    save_config(load_config(tiny_t2i["config"]), folder / "config.yaml")
+    assert sample.main(["--checkpoint_path", str(folder), "--caption", "a dot", "--sample_batch_size", "2",
+                        "--output_dir", str(tmp_path / "out")]) == 0
+    assert sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png")) == \
+        ["a_dot_0000.png", "a_dot_0001.png", "a_dot_grid.png"]

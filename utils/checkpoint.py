@@ -51,6 +51,8 @@ def load_state_dict_file(path, what="checkpoint"):
     """Read a flat tensor dict from .safetensors or a weights-only .pth; unwrap 'model'/'state_dict' nesting and
     'module.'/'_orig_mod.' prefixes (DDP / torch.compile)."""
     path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):  # a training checkpoint folder (train.py)
+        path = os.path.join(path, "model.safetensors")
     if os.path.isdir(path):
         raise UserError(f"{what} '{path}' is a folder (a torch.distributed checkpoint?); convert it to one file "
                         f"first, e.g. `python -m torch.distributed.checkpoint.format_utils dcp_to_torch {path} "
