@@ -221,3 +221,17 @@ def test_load_state_dict_names_missing_and_unknown_keys():
     with pytest.raises(RuntimeError, match=r"blocks\.0\.proj_in\.weight(.|\n)*blocks\.0\.extra|"
                                            r"blocks\.0\.extra(.|\n)*blocks\.0\.proj_in\.weight"):
         model.load_state_dict(state)
+
+
+def test_bf16_transformer_with_float32_flow_arithmetic():
+    model = tiny_model(**VIDEO_FLAGS["official_video"], learnable_self_denoiser=True, conditional_denoiser=True)
+    x, y = inputs(model, frames=2)
+    z32 = model(x, y)[0]
+    sample32 = model.reverse(z32, y, jacobi=True, jacobi_block_size=4, jacobi_th=1e-8, jacobi_max_iter=50)
+    model.to(torch.bfloat16)
+    z16, _, logdets = model(x, y)
+    assert z16.dtype == torch.float32 and all(ld.dtype == torch.float32 for ld in logdets)
+    assert (z16 - z32).abs().max() < 0.1
+    sample16 = model.reverse(z32, y.bfloat16(), jacobi=True, jacobi_block_size=4, jacobi_th=1e-8, jacobi_max_iter=50)
+    assert sample16.dtype == torch.float32 and (sample16 - sample32).abs().max() < 0.1
+    assert model.denoise(x, y).shape == x.shape
