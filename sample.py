@@ -37,14 +37,15 @@ SAMPLE_KEYS = {
     "jacobi_th": Key(0.005, "float", "Jacobi convergence threshold (relative mean squared change)"),
     "jacobi_block_size": Key(64, "int", "tokens per Jacobi block in the first frame (4x after it)"),
     "jacobi_max_iter": Key(32, "int", "Jacobi iterations per block at most"),
-    "attn_temp": Key(1.0, "float", "attention temperature (sequential decoding)"),
+    "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)"),
     "out_fps": Key(None, "float", "video fps (prompt text and MP4); default: the fps of vid_size"),
     "target_length": Key(None, "int", "video frames to generate; beyond the training length a sliding window "
                                       "is used (needs --jacobi 1); 1 gives an image"),
     "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, "
                                        "at most window - 1)"),
     "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)"),
-    "target_noise_std": Key(None, "float", "noise level assumed by denoising (default noise_std)"),
+    "target_noise_std": Key(None, "float", "noise level of the samples: prompt 'Noise Level', input-image noise and "
+                                            "denoising (default noise_std)"),
     "disable_learnable_denoiser": Key(0, "int", "denoise with the flow's score step even if a learned "
                                                 "denoiser exists"),
     "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)"),
@@ -94,17 +95,19 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def regen_command(cfg, caption, seed):
-    """A command that regenerates one sample: the same flags, this prompt and seed, one sample."""
-    flags = {"model_config_path": cfg.model_config_path, "checkpoint_path": cfg.checkpoint_path, "caption": caption,
-             "seed": seed, "num_samples": 1, "sample_batch_size": 1}
-    for key in ("cfg", "jacobi", "jacobi_th", "jacobi_block_size", "jacobi_max_iter", "attn_temp", "out_fps",
-                "target_length", "context_length", "input_image", "target_noise_std", "disable_learnable_denoiser",
-                "finetuned_vae", "dtype"):
-        value = getattr(cfg, key)
-        if value is not None:
-            flags[key] = " ".join(map(str, value)) if isinstance(value, list) else value
-    return "python sample.py " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())
+def regen_command(argv, caption, seed, aspect, out_dir):
+    """The command line that regenerates one sample: this run's flags with this prompt, seed and aspect, 1 sample,
+    written to <out_dir>/regenerated (so it cannot overwrite this run's files)."""
+    replaced = {"caption", "seed", "num_samples", "sample_batch_size", "aspect_ratio", "output_dir"}
+    kept, skip = [], False
+    for tok in argv:
+        if tok.startswith("--"):
+            skip = tok[2:].partition("=")[0].replace("-", "_") in replaced
+        if not skip:
+            kept.append(tok)
+    new = ["--caption", caption, "--seed", str(seed), "--aspect_ratio", aspect, "--num_samples", "1",
+           "--sample_batch_size", "1", "--output_dir", os.path.join(out_dir, "regenerated")]
+    return "python sample.py " + " ".join(shlex.quote(t) for t in kept + new)
 
 
 def plan(captions, num_samples, seed, batch, world, rank):
@@ -188,7 +191,7 @@ def main(argv=None):
                 attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
                 input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
                 model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path,
-                command=regen_command(cfg, caption, seed)))
+                command=regen_command(argv, caption, seed, aspect, out_dir)))
             written.append(path)
         if cfg.save_latents and mine:
             from safetensors.torch import save_file

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 import imageio.v2 as imageio
@@ -51,11 +52,11 @@ def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path):
     img = [np.asarray(Image.open(d / f"a_red_circle_{i:04d}.png")) for d in (a, b) for i in range(2)]
     assert np.array_equal(img[0], img[2]) and np.array_equal(img[1], img[3])
     assert not np.array_equal(img[0], img[1])
-    # sample 1 alone, from its recorded seed, in a batch of one (safetensors weights this time)
-    seed = meta(a / "a_red_circle_0001.png")["seed"]
-    c = run(tiny_t2i, tmp_path / "c", "--caption", "a red circle", "--num_samples", 1, "--sample_batch_size", 1,
-            "--seed", seed, checkpoint="safetensors")
-    again = np.asarray(Image.open(c / "a_red_circle_0000.png")).astype(int)
+    # sample 1 alone, in a batch of one, by the command its JSON records
+    command = shlex.split(meta(a / "a_red_circle_0001.png")["command"])
+    assert command[:2] == ["python", "sample.py"] and "--seed" in command
+    assert sample.main(command[2:]) == 0
+    again = np.asarray(Image.open(a / "regenerated" / "a_red_circle_0000.png")).astype(int)
     assert np.abs(again - img[1].astype(int)).max() <= 1
 
 

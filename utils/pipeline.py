@@ -152,11 +152,11 @@ class STARFlowPipeline:
                             f"1:1 or a larger img_size")
         return h, w
 
-    def prompt_text(self, caption, aspect_ratio, fps):
+    def prompt_text(self, caption, aspect_ratio, fps, noise_std=None):
         """The decorated caption, as the model was trained: fps / noise level / aspect text per the config."""
         c = self.config
         return format_prompt(caption, fps=fps if c.fps_cond else None,
-                             noise_std=c.noise_std if c.cond_noise_level else None,
+                             noise_std=(noise_std or c.noise_std) if c.cond_noise_level else None,
                              aspect_ratio=(aspect_ratio or "1:1") if c.mix_aspect else None)
 
     def encode_text(self, texts):
@@ -263,14 +263,14 @@ class STARFlowPipeline:
         if input_image is not None and not self.video:
             raise UserError("--input_image (image-to-video) needs a video model")
 
-        texts = [self.prompt_text(cap, aspect_ratio, fps if self.video else None) for cap in captions]
+        texts = [self.prompt_text(cap, aspect_ratio, fps if self.video else None, noise_std) for cap in captions]
         y_cond = self.encode_text(texts)
         y = y_cond
         if cfg > 0:
             if y_cond is None:
                 raise UserError("classifier-free guidance (cfg > 0) needs a text-conditional model; use --cfg 0")
-            y = torch.cat([y_cond, self.encode_text([self.prompt_text("", aspect_ratio,
-                                                                       fps if self.video else None)] * B)])
+            null = self.prompt_text("", aspect_ratio, fps if self.video else None, noise_std)
+            y = torch.cat([y_cond, self.encode_text([null] * B)])
         C = c.channel_size
         shape = (B, T, C, h // f, w // f) if video else (B, C, h // f, w // f)
         noise = self._noise(shape, generator)
