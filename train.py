@@ -94,6 +94,7 @@ class Run:
         self.latent_cache, self.text_cache = {}, {}
         self.sample_captions = cfg.sample_captions.split("|") if cfg.sample_captions else None
         self.wandb_id = None
+        self.saved_step = self.saved_path = None
         self.resume()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -328,6 +329,7 @@ class Run:
         path = T.save_checkpoint(self.run_dir, self.step, self.train_model, self.optimizers, self.cfg, extra,
                                  self.main)
         barrier()
+        self.saved_step, self.saved_path = self.step, path
         return path
 
     @torch.no_grad()
@@ -419,7 +421,7 @@ def train(cfg, info):
                 break
             if cfg.sample_every and run.step % cfg.sample_every == 0:
                 log_sample(run, wb, first_captions, f"step_{run.step:07d}")
-            if run.step >= stop_at:
+            if cfg.max_steps and run.step >= cfg.max_steps:
                 break
             if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
                 run.save()
@@ -428,14 +430,12 @@ def train(cfg, info):
             done = run.epoch - 1
             if cfg.sample_freq and done % cfg.sample_freq == 0:
                 log_sample(run, wb, first_captions, f"epoch_{run.epoch:04d}")
-            if run.step >= stop_at:
-                break
             path = run.save()
             if run.main and cfg.save_every and done % cfg.save_every == 0:
                 save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
     bar.close()
     if not cfg.dry_run:
-        path = run.save()
+        path = run.save() if run.saved_step != run.step else run.saved_path
         if run.main:
             print(f"saved {path}/model.safetensors (step {run.step})")
     report_skips(run)

@@ -14,7 +14,7 @@ ORIGINAL = """arguments:
   - lr: 6.4e-5
   - finetuned_vae: none
   - cfg: 2.5
-  - vid_size: '81:16'
+  - vid_size: 81:16
   - vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6
   - gradient_checkpoint: 1
   - seq_order: L2R
@@ -66,9 +66,9 @@ def test_plain_mapping_roundtrip(tmp_path, original):
     expected.pop("model_config_path")
     assert back == expected
     plain = tmp_path / "plain.yaml"
-    plain.write_text("img_size: 64\nlayers_per_block: [1, 2]\nrope: true\n")
+    plain.write_text("img_size: 64\nlayers_per_block: [1, 2]\nrope: true\nnum_heads: ~\nvid_size: '9:8'\n")
     cfg = load_config(plain)
-    assert (cfg.img_size, cfg.layers_per_block, cfg.rope) == (64, [1, 2], 1)
+    assert (cfg.img_size, cfg.layers_per_block, cfg.rope, cfg.num_heads, cfg.vid_size) == (64, [1, 2], 1, None, "9:8")
 
 
 @pytest.mark.parametrize("where", ["cli", "yaml", "dict"])

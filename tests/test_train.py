@@ -82,7 +82,8 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir):
 
 @pytest.mark.parametrize("fsdp", [1, 0])
 def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
-    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp)]
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp),
+                          "--fsdp_text_encoder", str(fsdp)]
     single_dir, single = run(args, tmp_path, "single")
     logdir = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -122,18 +123,22 @@ def test_video_end_to_end(tmp_path, tiny_t5_dir):
     assert len(out.frames[0]) == 5
 
 
-def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, monkeypatch):
-    from test_dataset import make_image_folder
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, monkeypatch, source):
+    from test_dataset import make_image_folder, make_shards
 
-    data = make_image_folder(tmp_path / "imgs", n=7, corrupt=1)
+    if source == "folder":
+        data, bad = make_image_folder(tmp_path / "imgs", n=7, corrupt=1), "bad0.png"
+    else:
+        data, bad = str(make_shards(tmp_path / "shards", corrupt=True) / "data-{000..001}.tar"), "00001"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data", str(data), "--batch_size", "4", "--epochs", "2",
-                             "--wandb", "1"], tmp_path)
+                             "--epoch_length", "8", "--wandb", str(int(source == "folder"))], tmp_path)
     out = capsys.readouterr().out
     assert sorted(m) == [1, 2, 3, 4]
-    assert "skipped 1 unreadable file," in out and "bad0.png" in out
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert "skipped 1 unreadable file," in out and bad in out
+    assert source == "shards" or list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_dry_run(tmp_path, tiny_t5_dir, capsys):

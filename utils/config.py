@@ -153,7 +153,7 @@ def _unknown(key, schema):
 
 def _convert(key, value, kind):
     """Turn a YAML/CLI value into the key's type; 'None'/'null' give None."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
         return None if kind not in ("ints", "floats") else []
     try:
         if kind in ("ints", "floats"):
@@ -179,7 +179,9 @@ def _read_yaml(path):
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        # Every scalar as a string, as the original (which str()-ed each value into argparse); this also keeps
+        # YAML 1.1 from reading an unquoted vid_size 9:8 as the base-60 integer 548.
+        data = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:

