@@ -95,11 +95,20 @@ def test_finetuned_weights_file(tiny_sd_vae_dir, tmp_path):
     save_weights(state, tmp_path / "dec.safetensors")
     tuned = load_vae(tiny_sd_vae_dir, finetuned=str(tmp_path / "dec.safetensors"))
     torch.testing.assert_close(tuned.vae.decoder.conv_out.bias, base.vae.decoder.conv_out.bias + 1)
+    decoder_only = {k: v for k, v in state.items() if k.startswith(("vae.decoder.", "vae.post_quant_conv."))}
+    save_weights(decoder_only, tmp_path / "dec_only.safetensors")  # the layout finetune_decoder.py writes
+    tuned = load_vae(tiny_sd_vae_dir, finetuned=str(tmp_path / "dec_only.safetensors"))
+    torch.testing.assert_close(tuned.vae.decoder.conv_out.bias, base.vae.decoder.conv_out.bias + 1)
+    torch.testing.assert_close(tuned.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)
     bad = dict(state)
     bad["vae.decoder.conv_out.bias"] = torch.zeros(7)
     save_weights(bad, tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match=r"decoder.conv_out.bias: file \(7,\) vs model \(3,\)"):
         load_vae(tiny_sd_vae_dir, finetuned=str(tmp_path / "bad.safetensors"))
+    del decoder_only["vae.decoder.conv_out.weight"]
+    save_weights(decoder_only, tmp_path / "partial.safetensors")
+    with pytest.raises(UserError, match=r"missing keys: decoder.conv_out.weight"):
+        load_vae(tiny_sd_vae_dir, finetuned=str(tmp_path / "partial.safetensors"))
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -132,8 +132,11 @@ def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None):
 
 
 def load_vae_weights(vae, path):
-    """Load a fine-tuned state dict into a diffusers VAE; keys may carry the 'vae.' prefix of a wrapper."""
+    """Load fine-tuned weights into a diffusers VAE: the whole VAE or only some of its modules (finetune_decoder.py
+    stores decoder + post_quant_conv); keys may carry the 'vae.' prefix of a wrapper."""
     state = load_state_dict_file(path, "fine-tuned VAE")
     state = {k[4:] if k.startswith("vae.") else k: v for k, v in state.items()}
-    check_fit(vae.state_dict(), state, f"fine-tuned VAE '{path}'", "Was it fine-tuned from this config's `vae:`?")
-    vae.load_state_dict(state)
+    modules = {k.split(".")[0] for k in state}
+    expected = {k: v for k, v in vae.state_dict().items() if k.split(".")[0] in modules}
+    check_fit(expected, state, f"fine-tuned VAE '{path}'", "Was it fine-tuned from this config's `vae:`?")
+    vae.load_state_dict(state, strict=False)  # check_fit matched every key of the modules the file holds
