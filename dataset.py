@@ -448,11 +448,12 @@ def list_shards(data):
 
 
 def detect_format(cfg):
-    """Resolve data_format 'auto' from --data: tar shards -> wds, a folder -> video (vid_size set) or folder."""
+    """Resolve data_format 'auto' from --data: tar shards (or a .txt list of them) -> wds, a folder -> video
+    (vid_size set) or folder."""
     if cfg.data_format != "auto":
         return cfg.data_format
     data = str(cfg.data)
-    if data.endswith(".tar") or "{" in data or (os.path.isdir(data) and any(Path(data).glob("*.tar"))):
+    if data.endswith((".tar", ".txt")) or "{" in data or (os.path.isdir(data) and any(Path(data).glob("*.tar"))):
         return "wds"
     if not os.path.exists(data):
         raise UserError(f"data path not found: {data} (pass --data with a folder of captioned images or videos, "

@@ -1,6 +1,6 @@
 """Train STARFlow / STARFlow-V: exact NLL of noise-augmented latents, one process, DDP or FSDP2 under torchrun.
 
-    python train.py --model_config_path configs/tiny_mnist.yaml --epochs 1
+    python train.py --model_config_path configs/tiny_image.yaml --text <MiniLM folder> --epochs 1
     torchrun --standalone --nproc_per_node 8 train.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \
         --data /data/shards/train-{0000..0999}.tar --epoch_length 1000000
 """
@@ -16,13 +16,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import TrainData
+from sample import write_video
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
 from utils import training as T
 from utils.checkpoint import load_model_weights
 from utils.config import load_config, model_kwargs, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
-from sample import write_video
 from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid
 from utils.text_encoder import format_prompt, load_text_encoder
 from utils.vae import load_vae
@@ -133,7 +133,7 @@ class Run:
         torch.manual_seed(self.seed)  # identical initial weights on every rank (FSDP shards local copies)
         txt_dim = self.text_encoder.dim if self.text_encoder else 0
         self.model = Model(**model_kwargs(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim)).to(info.device)
-        self.resume_kind, self.resume_dir = (None, None)
+        self.resume_kind = self.resume_dir = None
         if cfg.resume_path:
             self.resume_kind, where = T.resolve_resume(cfg.resume_path)
             weights = os.path.join(where, "model.safetensors") if self.resume_kind == "state" else where
@@ -142,18 +142,18 @@ class Run:
         if cfg.fsdp and info.world_size == 1 and self.main:
             print("fsdp: 1 with a single process: training the unsharded model")
         self.train_model = T.parallelize(self.model, info, bool(cfg.fsdp), (AttentionBlock,), bf16=self.cuda)
-        is_denoiser = {n: n.startswith("learnable_self_denoiser") for n, _ in self.model.named_parameters()}
-        params = dict(self.model.named_parameters())
-        self.flow_params = [p for n, p in params.items() if p.requires_grad and not is_denoiser[n]]
-        self.denoiser_params = [p for n, p in params.items() if p.requires_grad and is_denoiser[n]]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.flow_params = [p for n, p in named if not n.startswith("learnable_self_denoiser")]
+        self.denoiser_params = [p for n, p in named if n.startswith("learnable_self_denoiser")]
         self.optimizers = {"model": T.make_optimizer(self.flow_params, cfg.lr, cfg.weight_decay)}
         if self.denoiser_params:
             self.optimizers["denoiser"] = torch.optim.AdamW(self.denoiser_params, lr=cfg.denoiser_lr,
                                                             weight_decay=cfg.weight_decay)
         if self.main:
             n = sum(p.numel() for p in self.flow_params + self.denoiser_params)
+            mode = "single process" if info.world_size == 1 else "FSDP2" if cfg.fsdp else "DDP"
             print(f"model: {n / 1e6:.2f}M trainable parameters ({len(self.denoiser_params)} denoiser tensors); "
-                  f"world size {info.world_size}, {'FSDP2' if cfg.fsdp and info.world_size > 1 else 'DDP' if info.world_size > 1 else 'single process'} on {info.device}")
+                  f"{mode}, world size {info.world_size}, on {info.device}")
 
     def resume(self):
         if self.resume_kind == "weights":  # bare weights: like the original, start the schedule at resume_epoch

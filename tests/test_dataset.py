@@ -154,6 +154,8 @@ def test_webdataset_shards(tmp_path, corrupt):
     assert all(c.startswith("shard image") for b in batches for c in b[1])
     skipped = [s for b in batches for s in b[2]["skipped"]]
     assert len(skipped) == int(corrupt) and (not corrupt or "00001" in skipped[0])
+    (root / "list.txt").write_text("\n".join(str(p) for p in sorted(root.glob("*.tar"))) + "\n")
+    assert dataset.TrainData(cfg_for(root / "list.txt", batch_size=2, epoch_length=6), 0, 1, 0, 8).format == "wds"
     ranks = [all_batches(dataset.TrainData(cfg_for(str(root), batch_size=2, epoch_length=4), r, 2, 0, 8))
              for r in range(2)]
     seen = [set(c for b in batches for c in b[1]) for batches in ranks]

@@ -141,6 +141,19 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, mo
     assert source == "shards" or list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def test_secondary_data_is_mixed_in(tmp_path, tiny_t5_dir, monkeypatch):
+    from test_dataset import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n=8)
+    calls = []
+    original = train.Run.secondary_batch
+    monkeypatch.setattr(train.Run, "secondary_batch", lambda self: calls.append(1) or original(self))
+    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4", "--epochs", "1",
+                             "--epoch_length", "24", "--secondary_dataset", str(data), "--secondary_ratio", "0.5",
+                             "--secondary_batch_size", "4", "--secondary_img_size", "16"], tmp_path)
+    assert sorted(m) == list(range(1, 7)) and 0 < len(calls) < 6
+
+
 def test_dry_run(tmp_path, tiny_t5_dir, capsys):
     from PIL import Image
 
