@@ -141,6 +141,13 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, mo
     assert source == "shards" or list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_t5_dir):
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--epochs", "1", "--ckpt_every", "0"]
+    _, plain = run(args, tmp_path, "plain")
+    _, ckpt = run(args + ["--gradient_checkpoint", "1", "--gradient_checkpoint_mlp", "1"], tmp_path, "ckpt")
+    assert [plain[s]["loss"] for s in plain] == pytest.approx([ckpt[s]["loss"] for s in ckpt], rel=1e-6)
+
+
 def test_secondary_data_is_mixed_in(tmp_path, tiny_t5_dir, monkeypatch):
     from test_dataset import make_image_folder
 

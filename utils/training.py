@@ -21,7 +21,7 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 # ------------------------------------------------------------------------------------------------ parallelism
 def parallelize(model, info, fsdp, layer_types, bf16):
-    """FSDP2: fully_shard each layer of `layer_types` (and the self-denoiser) then the root; else DDP or the model.
+    """FSDP2: fully_shard each layer of `layer_types`, then the root; otherwise DDP, or the model itself.
 
     Returns the module to call for training; parameters and state dicts are read from it directly.
     """
@@ -37,9 +37,6 @@ def parallelize(model, info, fsdp, layer_types, bf16):
         for module in model.modules():
             if isinstance(module, layer_types):
                 fully_shard(module, mesh=mesh, mp_policy=policy)
-        denoiser = getattr(model, "learnable_self_denoiser", None)
-        if denoiser is not None:
-            fully_shard(denoiser, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
