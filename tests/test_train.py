@@ -10,7 +10,6 @@ import torch
 import train
 from utils import training as T
 from utils.checkpoint import load_state_dict_file
-from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

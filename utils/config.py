@@ -92,7 +92,8 @@ SCHEMA = {
     "drop_image": Key(0.0, "float", "video: probability of dropping the first latent frame, prefix '(extend) '"),
     "last_frame_cond": Key(0, "int", "video: condition on an encoded late frame, prefix '(last) '"),
     "video_to_video": Key(0, "int", "video: clips are target||source in time, prefix '(v2v) '"),
-    "resume_path": Key(None, "str", "resume: a training-state folder/file (exact resume) or model weights (.pth/.safetensors)"),
+    "resume_path": Key(None, "str", "a run folder or checkpoint folder (exact resume) or model weights "
+                                    "(.pth/.safetensors; weights only)"),
     "resume_epoch": Key(0, "int", "start epoch when resuming from bare weights"),
     "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch"),
     "fsdp": Key(0, "int", "FSDP2 (fully_shard per transformer layer, then the root); 0 = DDP or one process"),
