@@ -1,0 +1,397 @@
+"""Fine-tune a VAE decoder to decode noisy latents straight to clean pixels (it replaces STARFlow's denoising step).
+
+STARFlow samples latents that still carry Gaussian noise of std `noise_std`. This script freezes the VAE encoder and
+trains the decoder on decode(encode(x) + noise_std * eps) ~= x with L2 + `lpips` * LPIPS + `gan_weight` * hinge GAN.
+It writes <logdir>/vae/<run>.safetensors (decoder weights; <run>.json says what they are), which
+`sample.py --finetuned_vae <run>` (or the file's path) loads; the run folder <logdir>/vae/<run>/ holds resumable
+checkpoints, metrics.jsonl and probe images (clean above decoded).
+
+    python finetune_decoder.py --model_config_path configs/starflow_3B_t2i_256x256.yaml --data DIR --max_steps 20000
+    torchrun --standalone --nproc_per_node 8 finetune_decoder.py --model_config_path ... --data DIR
+    python finetune_decoder.py --resume_path logs/vae/<run>          # continue an interrupted run exactly
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+import utils.training as T
+from dataset import TrainData
+from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from misc.lpips import load_lpips
+from utils.checkpoint import check_fit, load_state_dict_file, save_weights
+from utils.config import Key, load_config, parse_vid_size, save_config
+from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from utils.errors import UserError
+from utils.pipeline import make_grid, to_uint8
+from utils.vae import load_vae
+
+DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
+METADATA_KEY = "starflow_finetuned_decoder"
+PROBE_STEP = 2**40  # noise key of the probe items, apart from every training step
+
+EXTRA_KEYS = {
+    "lpips": Key(1.0, "float", "LPIPS loss weight (0 = off; then no VGG16 weights are needed)"),
+    "lpips_weights": Key(None, "str", "file or folder with the LPIPS VGG16 backbone and linear heads "
+                                      "(None = Hugging Face cache, torch hub cache, installed lpips package)"),
+    "gan_weight": Key(0.1, "float", "weight of the hinge GAN term on the decoder (0 = no discriminator)"),
+    "gan_start": Key(0, "int", "step from which the GAN term reaches the decoder (the discriminator trains from 0)"),
+    "use_3d_disc": Key(0, "int", "video: a space-time (3D) PatchGAN instead of a 2D PatchGAN on each frame"),
+    "eval_samples": Key(8, "int", "items of the first batch scored at every checkpoint (noisy-latent L2, PNG)"),
+    "warmup_steps": Key(None, "int", "linear warmup steps; None = 10% of the steps, at most 1000"),
+}
+
+
+# ------------------------------------------------------------------------------------- the decoder checkpoint
+def _network(vae):
+    """The diffusers VAE inside a utils.vae wrapper; pixel space has no decoder to fine-tune."""
+    net = getattr(vae, "vae", None)
+    if not isinstance(net, nn.Module) or getattr(net, "decoder", None) is None:
+        raise UserError("a fine-tuned decoder needs a VAE (AutoencoderKL or AutoencoderKLWan); the config has none")
+    return net
+
+
+def decoder_modules(vae):
+    """{name: module} of the decoder side of a utils.vae wrapper (decoder, post_quant_conv)."""
+    net = _network(vae)
+    return {name: getattr(net, name) for name in DECODER_PARTS if getattr(net, name, None) is not None}
+
+
+def decoder_state(vae):
+    """The decoder-side weights, keyed as in the diffusers VAE (decoder.*, post_quant_conv.*)."""
+    return {f"{name}.{k}": v for name, module in decoder_modules(vae).items() for k, v in module.state_dict().items()}
+
+
+def save_finetuned_decoder(vae, path, info):
+    """Decoder weights as safetensors with `info` in the metadata, and the same info as readable JSON beside it."""
+    save_weights(decoder_state(vae), path, metadata={METADATA_KEY: json.dumps(info)})
+    json_path = os.path.splitext(path)[0] + ".json"
+    with open(json_path + ".tmp", "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
+    os.replace(json_path + ".tmp", json_path)
+
+
+def load_finetuned_decoder(vae, path):
+    """Load a finetune_decoder.py checkpoint (.safetensors) into the decoder of `vae` (from utils.vae.load_vae).
+
+    Returns the checkpoint's info: 'vae' (the spec it was tuned from), 'noise_std' (the noise it removes), 'step',
+    and the probe scores. Raises UserError for a missing file, another kind of file, or another VAE's decoder.
+    """
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise UserError(f"fine-tuned decoder '{path}' not found; finetune_decoder.py writes <logdir>/vae/<run>.safetensors")
+    try:
+        with safe_open(path, "pt") as f:
+            info = json.loads((f.metadata() or {})[METADATA_KEY])
+    except KeyError:
+        raise UserError(f"'{path}' is not a finetune_decoder.py checkpoint (no '{METADATA_KEY}' metadata)") from None
+    except Exception as e:
+        raise UserError(f"cannot read fine-tuned decoder '{path}': {e}") from None
+    state = load_state_dict_file(path, "fine-tuned decoder")
+    check_fit(decoder_state(vae), state, f"fine-tuned decoder '{path}'",
+              f"It was fine-tuned from VAE '{info.get('vae')}'; use that VAE in the config.")
+    _network(vae).load_state_dict(state, strict=False)  # check_fit matched every decoder key; the encoder stays
+    return info
+
+
+# ------------------------------------------------------------------------------------------ training pieces
+class NoisyDecoder(nn.Module):
+    """latents -> pixels through the wrapper's decode with autograd on; the unit that DDP synchronises."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        # utils.vae marks decode no_grad for inference; training needs the graph, so call the undecorated function.
+        decode = type(self.vae).decode
+        return getattr(decode, "__wrapped__", decode)(self.vae, latents)
+
+
+def item_generators(seed, step, first, count):
+    """One CPU generator per batch item, keyed by (seed, step, global item index): the noise is the same for any
+    number of ranks and any device, and a resumed run draws exactly the noise it would have drawn."""
+    keys = np.random.SeedSequence([seed, step]).spawn(first + count)[first:]
+    return [torch.Generator().manual_seed(int(k.generate_state(1)[0])) for k in keys]
+
+
+def to_vae_layout(pixels):
+    """Data batches are (B,3,H,W) or (B,T,3,H,W); the VAE takes videos as (B,3,T,H,W)."""
+    return pixels.transpose(1, 2) if pixels.dim() == 5 else pixels
+
+
+def noisy_latents(vae, pixels, noise_std, generators):
+    """encode(pixels) (a posterior sample) + noise_std * eps, each item drawing from its own generator."""
+    per_frame = pixels.dim() == 5 and vae.temporal_factor == 1  # an image VAE encodes a video frame by frame
+    z = vae.encode(pixels, generator=[g for g in generators for _ in range(pixels.shape[2] if per_frame else 1)])
+    eps = torch.cat([torch.randn((1, *z.shape[1:]), generator=g) for g in generators])
+    return z + noise_std * eps.to(z.device)
+
+
+def probe_mse(vae, probe, noise_std, seed):
+    """L2 on [0,1] pixels between the probe items and the decodes of their noisy latents (fixed noise); the decodes."""
+    gens = item_generators(seed, PROBE_STEP, 0, len(probe))
+    with torch.no_grad():  # one item at a time: long videos at full size need it
+        decoded = torch.cat([vae.decode(noisy_latents(vae, x[None], noise_std, [g])) for x, g in zip(probe, gens)])
+    return F.mse_loss((decoded + 1) / 2, (probe + 1) / 2).item(), decoded
+
+
+def save_comparison(clean, decoded, path, max_frames=8):
+    """PNG grid of cells: the clean item above its decode (videos: up to max_frames frames, left to right)."""
+    cells = []
+    for a, b in zip(to_uint8(to_vae_layout(clean)), to_uint8(to_vae_layout(decoded))):
+        if a.ndim == 4:  # (T, H, W, 3)
+            frames = np.linspace(0, len(a) - 1, min(len(a), max_frames)).round().astype(int)
+            a, b = np.concatenate(list(a[frames]), axis=1), np.concatenate(list(b[frames]), axis=1)
+        cells.append(np.concatenate([a, b], axis=0))
+    grid, _ = make_grid(cells)
+    Image.fromarray(grid).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def run_name(cfg):
+    """<dataset>[-<wandb_name>]_<vae folder or id>_<noise_std>, e.g. mnist_sd-vae-ft-ema_0.30."""
+    vae = str(cfg.vae).rstrip("/").split("/")[-1].replace(":", "-")
+    job = f"{cfg.dataset}-{cfg.wandb_name}" if cfg.wandb_name else cfg.dataset
+    return f"{job}_{vae}_{cfg.noise_std:.2f}"
+
+
+def check_cfg(cfg, world_size):
+    if cfg.vae is None or str(cfg.vae).lower() == "none":
+        raise UserError("finetune_decoder.py needs a VAE: set --vae (e.g. stabilityai/sd-vae-ft-ema)")
+    if cfg.noise_std <= 0 or cfg.noise_type != "gaussian":
+        raise UserError(f"the decoder learns to remove Gaussian latent noise: needs noise_type gaussian and "
+                        f"noise_std > 0, got {cfg.noise_type} / {cfg.noise_std}")
+    if cfg.acc != 1:
+        raise UserError("finetune_decoder.py does not accumulate gradients: use acc 1 and set batch_size directly")
+    if cfg.batch_size % world_size:
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks")
+    for key in ("lpips", "gan_weight"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+def parse_config(argv):
+    """CLI tokens -> Config (with this script's keys); resuming a run restores its saved config under the CLI."""
+    cfg = load_config(None, argv, extra_keys=EXTRA_KEYS)
+    if cfg.resume_path and not cfg.model_config_path:
+        kind, where = T.resolve_resume(cfg.resume_path)
+        if kind == "state":
+            return load_config(os.path.join(where, "config.yaml"), argv, extra_keys=EXTRA_KEYS)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------- the run
+class Finetune:
+    """One decoder fine-tune: frozen encoder, trainable decoder (+ discriminator), data, optimizers, progress."""
+
+    def __init__(self, cfg, info):
+        self.cfg, self.info, self.main = cfg, info, info.rank == 0
+        device = info.device
+        self.lpips = load_lpips(cfg.lpips_weights, device) if cfg.lpips > 0 else None  # first: fails fast
+        name = run_name(cfg)
+        self.run_dir = os.path.join(cfg.logdir, "vae", name)
+        self.out_path = os.path.join(cfg.logdir, "vae", name + ".safetensors")
+        kind, where = T.resolve_resume(cfg.resume_path) if cfg.resume_path else (None, None)
+        state = T.load_training_state(where) if kind == "state" else None
+        if state is not None and (state["vae"], state["noise_std"]) != (cfg.vae, cfg.noise_std):
+            raise UserError(f"checkpoint {where} fine-tunes '{state['vae']}' at noise_std {state['noise_std']}, not "
+                            f"'{cfg.vae}' at {cfg.noise_std}; resume with the run's own config")
+        seed = cfg.train_seed if cfg.train_seed is not None else time.time_ns() % 2**31
+        self.seed = state["seed"] if state else T.broadcast_int(seed, device)
+
+        self.vae = load_vae(cfg.vae, device)
+        if cfg.vid_size and (parse_vid_size(cfg.vid_size)[0] - 1) % self.vae.temporal_factor:
+            raise UserError(f"vid_size {cfg.vid_size}: the VAE compresses time {self.vae.temporal_factor}x, so clips "
+                            f"need 1 + {self.vae.temporal_factor}k frames")
+        self.trainable = nn.ModuleDict(decoder_modules(self.vae))  # shares the VAE's modules
+        self.trainable.requires_grad_(True).train()
+        self.params = list(self.trainable.parameters())
+        self.decoder = T.parallelize(NoisyDecoder(self.vae), info, False, (), False)
+        self.optimizers = {"decoder": T.make_optimizer(self.params, cfg.lr, cfg.weight_decay, betas=(0.9, 0.999))}
+        self.disc = None
+        if cfg.gan_weight > 0:
+            with torch.random.fork_rng(devices=[]):  # its initial weights follow the run's seed
+                torch.manual_seed(self.seed)
+                self.disc = PatchDiscriminator(video=bool(cfg.use_3d_disc and cfg.vid_size)).to(device)
+            self.trainable["disc"] = self.disc
+            self.disc_ddp = T.parallelize(self.disc, info, False, (), False)
+            self.optimizers["disc"] = T.make_optimizer(list(self.disc.parameters()), cfg.lr, cfg.weight_decay,
+                                                       betas=(0.9, 0.999))
+
+        self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor)
+        total = cfg.epochs * self.data.steps_per_epoch
+        self.total = min(total, cfg.max_steps) if cfg.max_steps else total
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, self.total // 10)
+        self.schedules = {k: T.WarmupCosine(opt, warmup, self.total, cfg.lr, cfg.min_lr)
+                          for k, opt in self.optimizers.items()}
+        self.probe = None
+        if self.main:
+            self.probe = to_vae_layout(next(iter(self.data.epoch(0)))[0][:cfg.eval_samples]).to(device)
+        self.step, self.scores, self.wandb_id = 0, {}, None
+        if state is not None:
+            weights = load_state_dict_file(os.path.join(where, "model.safetensors"), "training checkpoint")
+            check_fit(self.trainable.state_dict(), weights, f"checkpoint {where}",
+                      "Resume with the run's own config (gan_weight and the VAE must match).")
+            self.trainable.load_state_dict(weights)
+            T.restore_optimizers(self.trainable, self.optimizers, state["optimizers"])
+            for k, sched in self.schedules.items():
+                sched.load_state_dict(state["schedules"][k])
+            self.step, self.scores, self.wandb_id = state["step"], state["scores"], state.get("wandb_id")
+        else:
+            if self.main:
+                self.scores["probe_mse_base"], base = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)
+                os.makedirs(self.run_dir, exist_ok=True)
+                save_comparison(self.probe, base, os.path.join(self.run_dir, "probe_base.png"))
+            if kind == "weights":  # continue from an earlier decoder, with a fresh schedule
+                load_finetuned_decoder(self.vae, where)
+
+    def autocast(self):
+        cuda = self.info.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def train_step(self, pixels):
+        """One optimizer step of the decoder (and of the discriminator); returns rank-averaged metrics."""
+        cfg, x = self.cfg, to_vae_layout(pixels).to(self.info.device)
+        gens = item_generators(self.seed, self.step, self.info.rank * len(x), len(x))
+        with torch.no_grad():
+            z = noisy_latents(self.vae, x, cfg.noise_std, gens)
+        with self.autocast():
+            x_hat = self.decoder(z).float()
+        logs = {"l2": F.mse_loss((x_hat + 1) / 2, (x + 1) / 2)}  # on [0,1] pixels, as the original weighs it
+        loss = logs["l2"]
+        if self.lpips is not None:
+            logs["lpips"] = self.lpips(x_hat, x).mean()
+            loss = loss + cfg.lpips * logs["lpips"]
+        if self.disc is not None and self.step >= cfg.gan_start:
+            self.disc.requires_grad_(False)  # the generator term must leave no gradient on the discriminator
+            logs["g_loss"] = hinge_g_loss(self.disc(x_hat))
+            self.disc.requires_grad_(True)
+            loss = loss + cfg.gan_weight * logs["g_loss"]
+        opt = self.optimizers["decoder"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        logs["grad_norm"] = torch.tensor(T.grad_norm_and_clip(self.params, cfg.grad_clip))
+        opt.step()
+        if self.disc is not None:
+            real, fake = self.disc_ddp(torch.cat([x, x_hat.detach()])).chunk(2)
+            logs["d_loss"] = hinge_d_loss(real, fake)
+            self.optimizers["disc"].zero_grad(set_to_none=True)
+            logs["d_loss"].backward()
+            self.optimizers["disc"].step()
+        lr = self.schedules["decoder"].lr
+        for sched in self.schedules.values():
+            sched.step()
+        self.step += 1
+        return dict({k: float(all_reduce_mean(v.detach().float().clone())) for k, v in logs.items()}, lr=lr)
+
+    def info_dict(self):
+        """What the decoder file records about itself (also its JSON twin)."""
+        cfg = self.cfg
+        return {"vae": cfg.vae, "vae_class": type(_network(self.vae)).__name__, "noise_std": cfg.noise_std,
+                "step": self.step, "dataset": cfg.dataset, "img_size": cfg.img_size, "vid_size": cfg.vid_size,
+                "lpips": cfg.lpips, "gan_weight": cfg.gan_weight, "probe_items": cfg.eval_samples, **self.scores}
+
+    def save(self):
+        """Score the probe, write the resumable checkpoint and the decoder file (every rank calls this)."""
+        if self.main:
+            self.scores["probe_mse"], decoded = probe_mse(self.vae, self.probe, self.cfg.noise_std, self.seed)
+            save_comparison(self.probe, decoded, os.path.join(self.run_dir, f"probe_{self.step:07d}.png"))
+        extra = {"seed": self.seed, "vae": self.cfg.vae, "noise_std": self.cfg.noise_std, "scores": self.scores,
+                 "wandb_id": self.wandb_id, "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
+        T.save_checkpoint(self.run_dir, self.step, self.trainable, self.optimizers, self.cfg, extra, self.main)
+        if self.main:
+            save_finetuned_decoder(self.vae, self.out_path, self.info_dict())
+        barrier()
+
+
+def setup_wandb(run):
+    """wandb on rank 0: online with an API key, otherwise offline into the run folder; None when off."""
+    if not (run.cfg.wandb and run.main and not run.cfg.dry_run):
+        return None
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    wb = wandb.init(project="starflow-decoder", name=os.path.basename(run.run_dir), config=run.cfg.to_dict(),
+                    dir=run.run_dir, mode=mode, id=run.wandb_id, resume="allow")
+    run.wandb_id = wb.id
+    return wb
+
+
+def open_metrics(path, step):
+    """metrics.jsonl for appending, without the lines of steps after `step` (redone after an interruption)."""
+    kept = []
+    if os.path.isfile(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def finetune(cfg, info):
+    """Run the fine-tune `cfg` describes on this rank; returns the Finetune (out_path is the decoder file)."""
+    check_cfg(cfg, info.world_size)
+    run = Finetune(cfg, info)
+    if run.main:
+        os.makedirs(run.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
+        print(f"fine-tuning the decoder of {cfg.vae} to remove noise_std {cfg.noise_std}: steps {run.step} -> "
+              f"{run.total}, {info.world_size} rank(s) on {info.device}; run folder {run.run_dir}")
+    wb = setup_wandb(run)
+    metrics_file = open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) if run.main and not cfg.dry_run \
+        else None
+    bar = tqdm(total=run.total, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="decoder")
+    while run.step < run.total:
+        epoch, start = divmod(run.step, run.data.steps_per_epoch)
+        for pixels, _, _ in run.data.epoch(epoch, start):
+            m = run.train_step(pixels)
+            bar.update(1)
+            if metrics_file:
+                metrics_file.write(json.dumps(dict(m, step=run.step)) + "\n")
+                metrics_file.flush()
+            if run.step % cfg.log_every == 0 or run.step == 1:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in m.items()})
+                if wb:
+                    wb.log(m, step=run.step)
+            if cfg.dry_run or run.step >= run.total:
+                break
+            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
+                run.save()
+        if cfg.dry_run:
+            break
+    bar.close()
+    if not cfg.dry_run:
+        run.save()
+        if run.main:
+            print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
+                  f"{run.scores['probe_mse']:.5g} (fine-tuned, step {run.step}); wrote {run.out_path}")
+    if wb:
+        wb.finish()
+    if metrics_file:
+        metrics_file.close()
+    return run
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        check_cfg(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        finetune(cfg, init_distributed(cfg.device))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        cleanup()
+        sys.exit(2)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
