@@ -35,18 +35,23 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim, theta=10000.0):
         super().__init__()
-        half = head_dim // 2
-        spatial3 = half - 8
-        self.register_buffer("freqs_xy3", theta ** (-torch.arange(0, spatial3, 2).double() / spatial3), persistent=False)
-        self.register_buffer("freqs_t", theta ** (-torch.arange(0, 8).double() / 8), persistent=False)
-        self.register_buffer("freqs_xy2", theta ** (-torch.arange(0, half, 2).double() / half), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+
+    def spatial_frequencies(self, n):
+        """theta^(-2k/n) for k < n/2, float64."""
+        return self.theta ** (-torch.arange(0, n, 2, dtype=torch.float64) / n)
 
     def forward(self, pos):
-        pos = pos.to(self.freqs_t.device, torch.float64)
+        """No buffers: the tables are recomputed per call, so the module also works when built on the meta device."""
+        pos = pos.to(torch.float64)
+        half = self.head_dim // 2
         if pos.shape[1] == 3:
-            angles = torch.cat([pos[:, :1] * self.freqs_xy3, pos[:, 1:2] * self.freqs_xy3, pos[:, 2:] * self.freqs_t], 1)
+            xy = self.spatial_frequencies(half - 8)
+            t = self.theta ** (-torch.arange(8, dtype=torch.float64) / 8)
+            angles = torch.cat([pos[:, :1] * xy, pos[:, 1:2] * xy, pos[:, 2:] * t], 1)
         else:
-            angles = torch.cat([pos[:, :1] * self.freqs_xy2, pos[:, 1:2] * self.freqs_xy2], 1)
+            xy = self.spatial_frequencies(half)
+            angles = torch.cat([pos[:, :1] * xy, pos[:, 1:2] * xy], 1)
         angles = angles.repeat_interleave(2, dim=1)
         return angles.cos().float(), angles.sin().float()
 

@@ -235,3 +235,16 @@ def test_bf16_transformer_with_float32_flow_arithmetic():
     sample16 = model.reverse(z32, y.bfloat16(), jacobi=True, jacobi_block_size=4, jacobi_th=1e-8, jacobi_max_iter=50)
     assert sample16.dtype == torch.float32 and (sample16 - sample32).abs().max() < 0.1
     assert model.denoise(x, y).shape == x.shape
+
+
+def test_meta_device_build_takes_checkpoint_tensors():
+    """No buffers to materialise: a model built on the meta device works once the weights are assigned."""
+    model = tiny_model()
+    with torch.device("meta"):
+        empty = Model(in_channels=2, img_size=4, patch_size=1, channels=64,
+                      num_blocks=3, layers_per_block=[1, 1, 2], head_dim=32, rope=True, sos=True, txt_size=3,
+                      txt_dim=8, cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0,
+                      seq_order="L2R")
+    empty.load_state_dict(model.state_dict(), assign=True)
+    x, y = inputs(model)
+    torch.testing.assert_close(empty(x, y)[0], model(x, y)[0])

@@ -124,11 +124,12 @@ def save_weights(state, path, metadata=None):
             os.remove(tmp)
 
 
-def load_model_weights(model, checkpoint, skip=None):
+def load_model_weights(model, checkpoint, skip=None, assign=False):
     """Load STARFlow weights (a .pth/.safetensors path or a state dict read by load_state_dict_file) into `model`;
     anything that doesn't fit is one UserError.
 
     skip: predicate on key names that the checkpoint may carry but the model rebuilds itself (deprecated buffers).
+    assign: take the checkpoint's tensors as the parameters (for a model built on the meta device).
     """
     state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if skip is not None:
@@ -137,5 +138,5 @@ def load_model_weights(model, checkpoint, skip=None):
     check_fit(model.state_dict(), state, source,
               "Pass the --model_config_path this checkpoint was trained with (layers_per_block, channels, "
               "channel_size, txt_size, learnable_self_denoiser, ... must match)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
     return model

@@ -81,13 +81,6 @@ def to_uint8(pixels):
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
 
 
-def cast_parameters(model, dtype):
-    """Cast parameters only: buffers such as the float64 RoPE frequency tables keep their precision."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-
 class STARFlowPipeline:
     """Text encoder + STARFlow model + VAE, with the sampling recipe of the official release."""
 
@@ -129,13 +122,13 @@ class STARFlowPipeline:
                             f"latent channels of VAE '{config.vae}'")
         latent_size = config.img_size // vae.spatial_factor
         kwargs = model_kwargs(config, latent_size, txt_dim=text_encoder.dim if text_encoder else 0)
-        with torch.device(device):
+        with torch.device("meta"):  # no float32 copy: the checkpoint's tensors become the parameters
             model = Model(**kwargs)
         try:
-            load_model_weights(model, weights, skip=DEPRECATED_KEYS.match)
+            load_model_weights(model, weights, skip=DEPRECATED_KEYS.match, assign=True)
         except UserError as e:
             raise UserError(f"{checkpoint_path}: {e}") from None
-        model = cast_parameters(model, dtype).eval().requires_grad_(False)
+        model = model.to(device, dtype).eval().requires_grad_(False)
         return cls(model, text_encoder, vae, config, device, dtype, finetuned)
 
     # --------------------------------------------------------------------------------------------- pieces
