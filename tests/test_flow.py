@@ -25,11 +25,13 @@ VIDEO_FLAGS = {
 }
 
 
+TINY = dict(in_channels=2, img_size=4, patch_size=1, channels=64, num_blocks=3, layers_per_block=[1, 1, 2],
+            head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=True, use_softplus=True,
+            use_final_norm=True, soft_clip=4.0, seq_order="L2R")
+
+
 def tiny_model(seed=0, **overrides):
-    kwargs = dict(in_channels=2, img_size=4, patch_size=1, channels=64, num_blocks=3, layers_per_block=[1, 1, 2],
-                  head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=True, use_softplus=True,
-                  use_final_norm=True, soft_clip=4.0, seq_order="L2R")
-    kwargs.update(overrides)
+    kwargs = dict(TINY, **overrides)
     if kwargs.get("temporal_causal") and kwargs["seq_order"] != "L2R":
         pytest.skip("temporal causality needs L2R")
     torch.manual_seed(seed)
@@ -241,10 +243,7 @@ def test_meta_device_build_takes_checkpoint_tensors():
     """No buffers to materialise: a model built on the meta device works once the weights are assigned."""
     model = tiny_model()
     with torch.device("meta"):
-        empty = Model(in_channels=2, img_size=4, patch_size=1, channels=64,
-                      num_blocks=3, layers_per_block=[1, 1, 2], head_dim=32, rope=True, sos=True, txt_size=3,
-                      txt_dim=8, cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0,
-                      seq_order="L2R")
+        empty = Model(**TINY)
     empty.load_state_dict(model.state_dict(), assign=True)
     x, y = inputs(model)
     torch.testing.assert_close(empty(x, y)[0], model(x, y)[0])
