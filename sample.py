@@ -23,7 +23,7 @@ from dataset import ASPECT_RATIOS
 from utils import distributed
 from utils.config import Key, load_config
 from utils.errors import UserError
-from utils.pipeline import STARFlowPipeline, make_grid
+from utils.pipeline import STARFlowPipeline, make_grid, write_video
 
 SAMPLE_KEYS = {
     "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)"),
@@ -76,16 +76,6 @@ def read_captions(caption):
 
 def slug(text, limit=80):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "samples"
-
-
-def write_video(path, frames, fps):
-    """uint8 (T, H, W, 3) -> H.264 MP4 at `fps`; sides padded to even sizes for yuv420p."""
-    T, H, W, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
-    tmp = path + ".tmp.mp4"
-    imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=None,
-                     ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
-    os.replace(tmp, path)
 
 
 def write_json(path, data):

@@ -16,14 +16,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import TrainData
-from sample import write_video
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
 from utils import training as T
 from utils.checkpoint import load_model_weights
 from utils.config import load_config, model_kwargs, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
-from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid
+from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid, write_video
 from utils.text_encoder import format_prompt, load_text_encoder
 from utils.vae import load_vae
 

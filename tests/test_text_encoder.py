@@ -66,3 +66,10 @@ def test_bad_txt_size(tiny_t5_dir, txt_size, match):
         name = tiny_t5_dir
     with pytest.raises(UserError, match=match):
         load_text_encoder(name, txt_size=txt_size)
+
+
+def test_packaged_minilm_loads_offline_by_its_hub_id():
+    encoder = load_text_encoder("sentence-transformers/all-MiniLM-L6-v2", 6)
+    y = encoder.encode(["a red seven", ""])
+    assert y.shape == (2, 6, 384)
+    assert y[1, 2:].abs().sum() == 0  # the empty prompt is [CLS] [SEP] and padding, zeroed

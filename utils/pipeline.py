@@ -8,6 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import imageio.v2 as imageio
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -298,6 +299,16 @@ class STARFlowPipeline:
         else:
             out.images = [Image.fromarray(a) for a in arrays]
         return out
+
+
+def write_video(path, frames, fps):
+    """uint8 (T, H, W, 3) -> H.264 MP4 at `fps`; sides padded to even sizes for yuv420p."""
+    T, H, W, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+    tmp = path + ".tmp.mp4"
+    imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=None,
+                     ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+    os.replace(tmp, path)
 
 
 def grid_shape(n, tall=False):

