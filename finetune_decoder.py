@@ -3,8 +3,8 @@
 STARFlow samples latents that still carry Gaussian noise of std `noise_std`. This script freezes the VAE encoder and
 trains the decoder on decode(encode(x) + noise_std * eps) ~= x with L2 + `lpips` * LPIPS + `gan_weight` * hinge GAN.
 It writes <logdir>/vae/<run>.safetensors (decoder weights; <run>.json says what they are), which
-`sample.py --finetuned_vae <run>` (or the file's path) loads; the run folder <logdir>/vae/<run>/ holds resumable
-checkpoints, metrics.jsonl and probe images (clean above decoded).
+`sample.py --finetuned_vae <run>` (or the file's path) loads through utils.vae; the run folder <logdir>/vae/<run>/
+holds resumable checkpoints, metrics.jsonl and probe images (clean above decoded).
 
     python finetune_decoder.py --model_config_path configs/starflow_3B_t2i_256x256.yaml --data DIR --max_steps 20000
     torchrun --standalone --nproc_per_node 8 finetune_decoder.py --model_config_path ... --data DIR
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -32,7 +31,7 @@ from utils.config import Key, load_config, parse_vid_size, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
 from utils.pipeline import make_grid, to_uint8
-from utils.vae import load_vae
+from utils.vae import load_vae, load_vae_weights
 
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
 METADATA_KEY = "starflow_finetuned_decoder"
@@ -77,29 +76,6 @@ def save_finetuned_decoder(vae, path, info):
     with open(json_path + ".tmp", "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")
     os.replace(json_path + ".tmp", json_path)
-
-
-def load_finetuned_decoder(vae, path):
-    """Load a finetune_decoder.py checkpoint (.safetensors) into the decoder of `vae` (from utils.vae.load_vae).
-
-    Returns the checkpoint's info: 'vae' (the spec it was tuned from), 'noise_std' (the noise it removes), 'step',
-    and the probe scores. Raises UserError for a missing file, another kind of file, or another VAE's decoder.
-    """
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise UserError(f"fine-tuned decoder '{path}' not found; finetune_decoder.py writes <logdir>/vae/<run>.safetensors")
-    try:
-        with safe_open(path, "pt") as f:
-            info = json.loads((f.metadata() or {})[METADATA_KEY])
-    except KeyError:
-        raise UserError(f"'{path}' is not a finetune_decoder.py checkpoint (no '{METADATA_KEY}' metadata)") from None
-    except Exception as e:
-        raise UserError(f"cannot read fine-tuned decoder '{path}': {e}") from None
-    state = load_state_dict_file(path, "fine-tuned decoder")
-    check_fit(decoder_state(vae), state, f"fine-tuned decoder '{path}'",
-              f"It was fine-tuned from VAE '{info.get('vae')}'; use that VAE in the config.")
-    _network(vae).load_state_dict(state, strict=False)  # check_fit matched every decoder key; the encoder stays
-    return info
 
 
 # ------------------------------------------------------------------------------------------ training pieces
@@ -251,8 +227,8 @@ class Finetune:
                 self.scores["probe_mse_base"], base = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)
                 os.makedirs(self.run_dir, exist_ok=True)
                 save_comparison(self.probe, base, os.path.join(self.run_dir, "probe_base.png"))
-            if kind == "weights":  # continue from an earlier decoder, with a fresh schedule
-                load_finetuned_decoder(self.vae, where)
+            if kind == "weights":  # continue from an earlier decoder file, with a fresh schedule
+                load_vae_weights(_network(self.vae), where)
 
     def autocast(self):
         cuda = self.info.device.type == "cuda"

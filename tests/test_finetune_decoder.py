@@ -1,5 +1,5 @@
 """finetune_decoder.py on tiny VAEs and real MNIST: noisy latents decode closer to the images, exact resume,
-torchrun == one process, the pipeline decodes with the result; LPIPS weight loading and errors; the discriminator."""
+torchrun == one process, sample.py decodes with the result; LPIPS weight loading and errors; the discriminator."""
 import json
 import os
 import subprocess
@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import finetune_decoder as FD
+import sample
 from dataset import load_mnist_arrays
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import LPIPS, TAP_CHANNELS, load_lpips
-from utils.config import load_config
 from utils.distributed import DistInfo
 from utils.errors import UserError
-from utils.pipeline import STARFlowPipeline, to_uint8
+from utils.pipeline import to_uint8
 from utils.vae import load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,30 +81,45 @@ def mnist_vae(tmp_path_factory):
 
 
 def noisy_decode_mse(vae_dir, decoder_file, pixels, noise_std):
-    """L2 of base and fine-tuned decodes of the same noisy latents, computed here, not by the script."""
-    base, tuned = load_vae(vae_dir), load_vae(vae_dir)
-    info = FD.load_finetuned_decoder(tuned, decoder_file)
+    """L2 of base and fine-tuned decodes of the same noisy latents, computed here (not by the script), with the
+    fine-tuned decoder loaded the way sampling loads it."""
+    base, tuned = load_vae(vae_dir), load_vae(vae_dir, finetuned=decoder_file)
     z = FD.noisy_latents(base, pixels, noise_std, FD.item_generators(123, 0, 0, len(pixels)))
     with torch.no_grad():
-        return F.mse_loss(base.decode(z), pixels).item(), F.mse_loss(tuned.decode(z), pixels).item(), info, base, tuned
+        return F.mse_loss(base.decode(z), pixels).item(), F.mse_loss(tuned.decode(z), pixels).item(), base, tuned
+
+
+def decoder_info(path):
+    """The info a decoder file carries in its safetensors metadata; its JSON twin must say the same."""
+    with safe_open(path, "pt") as f:
+        info = json.loads(f.metadata()[FD.METADATA_KEY])
+    assert json.load(open(os.path.splitext(path)[0] + ".json")) == info
+    return info
 
 
 def test_image_decoder_gets_closer_on_noisy_latents(mnist_vae, tmp_path):
     run = finetune(tmp_path, mnist_vae, "--data_format", "mnist", "--dataset", "mnist", "--img_size", 32,
-                   "--batch_size", 16, "--max_steps", 30, "--lr", 1e-3, "--noise_std", 0.5, "--lpips", 0,
+                   "--batch_size", 16, "--max_steps", 60, "--lr", 1e-3, "--noise_std", 0.5, "--lpips", 0,
                    "--gan_weight", 0)
     name = f"mnist_{os.path.basename(mnist_vae)}_0.50"  # <dataset>_<vae>_<noise_std>
     assert run.out_path == str(tmp_path / "vae" / f"{name}.safetensors")
     x = mnist_pixels(512, 32)
-    base, tuned, info, base_vae, tuned_vae = noisy_decode_mse(mnist_vae, run.out_path, x, 0.5)
+    base, tuned, base_vae, tuned_vae = noisy_decode_mse(mnist_vae, run.out_path, x, 0.5)
     assert tuned < 0.85 * base, (base, tuned)
-    assert (info["vae"], info["noise_std"], info["step"]) == (mnist_vae, 0.5, 30)
+    info = decoder_info(run.out_path)
+    assert (info["vae"], info["noise_std"], info["step"]) == (mnist_vae, 0.5, 60)
     assert info["probe_mse"] < info["probe_mse_base"]
-    assert json.load(open(tmp_path / "vae" / f"{name}.json")) == info
     assert set(load_file(run.out_path)) == set(FD.decoder_state(base_vae))  # decoder weights only
     torch.testing.assert_close(tuned_vae.encode(x, sample=False), base_vae.encode(x, sample=False))
-    for png in ("probe_base.png", "probe_0000030.png"):
+    for png in ("probe_base.png", "probe_0000060.png"):
         assert os.path.getsize(tmp_path / "vae" / name / png) > 0
+    # --resume_path with a decoder file: a new run starts from that decoder (a near-zero LR keeps it there)
+    again = finetune(tmp_path / "again", mnist_vae, "--data_format", "mnist", "--dataset", "mnist", "--img_size", 32,
+                     "--batch_size", 16, "--max_steps", 1, "--lr", 1e-12, "--min_lr", 1e-12, "--noise_std", 0.5,
+                     "--lpips", 0, "--gan_weight", 0, "--resume_path", run.out_path)
+    first, second = decoder_info(run.out_path), decoder_info(again.out_path)
+    assert second["probe_mse_base"] == first["probe_mse_base"]  # "base" is still the VAE's own decoder
+    assert second["probe_mse"] == pytest.approx(first["probe_mse"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -244,25 +261,27 @@ def test_wan22_video_decoder_gets_closer_on_noisy_latents(tiny_wan22_vae_dir, mo
                    "--gan_weight", 0.1, "--use_3d_disc", 1, "--eval_samples", 2)
     clips = torch.stack([torch.from_numpy(np.stack(imageio.mimread(moving_mnist / f"clip{i}.mp4"))) for i in (4, 5)])
     x = clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B,3,T,H,W)
-    base, tuned, info, _, _ = noisy_decode_mse(vae, run.out_path, x, 0.5)
+    base, tuned, _, _ = noisy_decode_mse(vae, run.out_path, x, 0.5)
     assert tuned < 0.85 * base, (base, tuned)
-    assert (info["vae_class"], info["vid_size"]) == ("AutoencoderKLWan", "5:8")
+    assert (decoder_info(run.out_path)["vae_class"], decoder_info(run.out_path)["vid_size"]) == ("AutoencoderKLWan", "5:8")
     assert any(k.startswith("disc.net.0.weight") and v.dim() == 5 for k, v in
                load_file(os.path.join(run.run_dir, "checkpoints", "latest", "model.safetensors")).items())
 
 
-def test_pipeline_decodes_with_the_finetuned_decoder(tiny_t2i, tiny_sd_vae_dir, tmp_path):
+def test_sample_py_decodes_with_the_finetuned_decoder(tiny_t2i, tiny_sd_vae_dir, tmp_path):
     run = finetune(tmp_path, tiny_sd_vae_dir, "--data_format", "mnist", "--img_size", 32, "--batch_size", 4,
                    "--max_steps", 2, "--lr", 1e-2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0)
-    pipe = STARFlowPipeline.from_config(load_config(tiny_t2i["config"]), tiny_t2i["pth"])
-    FD.load_finetuned_decoder(pipe.vae, run.out_path)
-    pipe.finetuned_vae = run.out_path
-    out = pipe(["a dot"], generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out.latents, out.noisy_latents)  # no denoising step
+    run_id = os.path.basename(run.out_path)[:-len(".safetensors")]  # as the original: an id under <logdir>/vae/
+    out = tmp_path / "samples"
+    argv = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"], "--output_dir", out,
+            "--caption", "a dot", "--num_samples", 1, "--save_latents", 1, "--logdir", tmp_path, "--finetuned_vae", run_id]
+    assert sample.main([str(a) for a in argv]) == 0
+    latents = load_file(out / "a_dot_latents_0000.safetensors")
+    torch.testing.assert_close(latents["latents"], latents["noisy_latents"])  # no denoising step
     with torch.no_grad():
-        tuned = to_uint8(pipe.vae.decode(out.noisy_latents))[0]
-        base = to_uint8(load_vae(tiny_sd_vae_dir).decode(out.noisy_latents))[0]
-    image = np.asarray(out.images[0]).astype(int)
+        tuned = to_uint8(load_vae(tiny_sd_vae_dir, finetuned=run.out_path).decode(latents["noisy_latents"]))[0]
+        base = to_uint8(load_vae(tiny_sd_vae_dir).decode(latents["noisy_latents"]))[0]
+    image = np.asarray(Image.open(out / "a_dot_0000.png")).astype(int)
     assert np.abs(image - tuned).max() <= 1 and np.abs(image - base).max() > 8
 
 
@@ -273,15 +292,10 @@ def test_bad_input_clear_errors(mnist_vae, tiny_sd_vae_dir, tmp_path):
         finetune(tmp_path, mnist_vae, "--data_format", "mnist", "--acc", 2)
     with pytest.raises(UserError, match="unknown config key 'lpips_weight'; did you mean 'lpips_weights'"):
         FD.parse_config(["--lpips_weight", "x"])
-    with pytest.raises(UserError, match="not found"):
-        FD.load_finetuned_decoder(load_vae(mnist_vae), tmp_path / "missing.safetensors")
-    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(UserError, match="not a finetune_decoder.py checkpoint"):
-        FD.load_finetuned_decoder(load_vae(mnist_vae), tmp_path / "other.safetensors")
-    other = load_vae(tiny_sd_vae_dir)
-    FD.save_finetuned_decoder(other, tmp_path / "sd.safetensors", {"vae": tiny_sd_vae_dir, "noise_std": 0.3})
-    with pytest.raises(UserError, match=r"does not fit the model: .*fine-tuned from VAE"):
-        FD.load_finetuned_decoder(load_vae(mnist_vae), tmp_path / "sd.safetensors")
+    other = tmp_path / "sd_decoder.safetensors"
+    FD.save_finetuned_decoder(load_vae(tiny_sd_vae_dir), other, {"vae": tiny_sd_vae_dir, "noise_std": 0.3})
+    with pytest.raises(UserError, match="does not fit the model"):  # another VAE's decoder
+        load_vae(mnist_vae, finetuned=str(other))
 
 
 def test_patch_discriminator_and_hinge_losses():
