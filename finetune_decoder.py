@@ -123,6 +123,7 @@ def probe_mse(vae, probe, noise_std, seed):
 def save_comparison(clean, decoded, path, max_frames=8):
     """PNG grid of cells: the clean item above its decode (videos: up to max_frames frames, left to right)."""
     cells = []
+    # to_vae_layout is its own inverse: videos go back to (B,T,3,H,W), so to_uint8 gives (T,H,W,3) per item
     for a, b in zip(to_uint8(to_vae_layout(clean)), to_uint8(to_vae_layout(decoded))):
         if a.ndim == 4:  # (T, H, W, 3)
             frames = np.linspace(0, len(a) - 1, min(len(a), max_frames)).round().astype(int)
@@ -338,6 +339,8 @@ def finetune(cfg, info):
                 bar.set_postfix({k: f"{v:.4g}" for k, v in m.items()})
                 if wb:
                     wb.log(m, step=run.step)
+            if cfg.dry_run and run.main:
+                print(f"dry run: one step ({', '.join(f'{k} {v:.4g}' for k, v in m.items())}); nothing saved")
             if cfg.dry_run or run.step >= run.total:
                 break
             if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from utils.checkpoint import load_state_dict_file
 from utils.errors import UserError
 
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -87,20 +88,6 @@ def _canonical_key(key):
     return key if re.fullmatch(r"heads\.\d\.weight", key) else None
 
 
-def _read_tensors(path):
-    """A flat {name: tensor} dict from a .safetensors file or a .pth/.pt/.bin read with weights_only=True."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read LPIPS weights from {path}: {e}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict of tensors (found {type(state).__name__})")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def _default_weight_files():
     """The cache locations searched when no --lpips_weights is given (only files that exist)."""
     from huggingface_hub import try_to_load_from_cache
@@ -133,7 +120,7 @@ def load_lpips(weights=None, device="cpu"):
     expected = model.state_dict()
     state, files = {}, _weight_files(weights)
     for path in files:
-        for key, tensor in _read_tensors(path).items():
+        for key, tensor in load_state_dict_file(path, "LPIPS weights").items():
             name = _canonical_key(key)
             if name in expected and name not in state:
                 if tensor.shape != expected[name].shape:
@@ -145,7 +132,8 @@ def load_lpips(weights=None, device="cpu"):
         parts = [name for name, prefix in (("the VGG16 backbone", "features."), ("the linear heads", "heads."))
                  if any(k.startswith(prefix) for k in missing)]
         looked = ", ".join(str(p) for p in files) or "no weight files"
-        where = f"in {weights}" if weights is not None else "in the Hugging Face cache, torch hub cache or lpips package"
+        where = f"in {weights}" if weights is not None else \
+            "in the Hugging Face cache, torch hub cache or lpips package"
         raise UserError(f"LPIPS weights incomplete: {' and '.join(parts)} not found {where} (read: {looked}). "
                         f"{HOW_TO_GET}")
     model.load_state_dict(state)

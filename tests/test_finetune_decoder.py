@@ -263,7 +263,8 @@ def test_wan22_video_decoder_gets_closer_on_noisy_latents(tiny_wan22_vae_dir, mo
     x = clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # (B,3,T,H,W)
     base, tuned, _, _ = noisy_decode_mse(vae, run.out_path, x, 0.5)
     assert tuned < 0.85 * base, (base, tuned)
-    assert (decoder_info(run.out_path)["vae_class"], decoder_info(run.out_path)["vid_size"]) == ("AutoencoderKLWan", "5:8")
+    info = decoder_info(run.out_path)
+    assert (info["vae_class"], info["vid_size"]) == ("AutoencoderKLWan", "5:8")
     assert any(k.startswith("disc.net.0.weight") and v.dim() == 5 for k, v in
                load_file(os.path.join(run.run_dir, "checkpoints", "latest", "model.safetensors")).items())
 
@@ -274,7 +275,8 @@ def test_sample_py_decodes_with_the_finetuned_decoder(tiny_t2i, tiny_sd_vae_dir,
     run_id = os.path.basename(run.out_path)[:-len(".safetensors")]  # as the original: an id under <logdir>/vae/
     out = tmp_path / "samples"
     argv = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"], "--output_dir", out,
-            "--caption", "a dot", "--num_samples", 1, "--save_latents", 1, "--logdir", tmp_path, "--finetuned_vae", run_id]
+            "--caption", "a dot", "--num_samples", 1, "--save_latents", 1, "--logdir", tmp_path,
+            "--finetuned_vae", run_id]
     assert sample.main([str(a) for a in argv]) == 0
     latents = load_file(out / "a_dot_latents_0000.safetensors")
     torch.testing.assert_close(latents["latents"], latents["noisy_latents"])  # no denoising step
