@@ -87,9 +87,7 @@ class NoisyDecoder(nn.Module):
         self.vae = vae
 
     def forward(self, latents):
-        # utils.vae marks decode no_grad for inference; training needs the graph, so call the undecorated function.
-        decode = type(self.vae).decode
-        return getattr(decode, "__wrapped__", decode)(self.vae, latents)
+        return self.vae.decode(latents)
 
 
 def item_generators(seed, step, first, count):
@@ -160,9 +158,7 @@ def parse_config(argv):
     """CLI tokens -> Config (with this script's keys); resuming a run restores its saved config under the CLI."""
     cfg = load_config(None, argv, extra_keys=EXTRA_KEYS)
     if cfg.resume_path and not cfg.model_config_path:
-        kind, where = T.resolve_resume(cfg.resume_path)
-        if kind == "state":
-            return load_config(os.path.join(where, "config.yaml"), argv, extra_keys=EXTRA_KEYS)
+        return T.resume_config(cfg.resume_path, argv, EXTRA_KEYS) or cfg
     return cfg
 
 

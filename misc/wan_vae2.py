@@ -50,7 +50,6 @@ class WanVAE(nn.Module):
             return z[:, 0]
         return z * self._frame_scale(z.shape[1], z)
 
-    @torch.no_grad()
     def decode(self, latents):
         video = latents.dim() == 5
         z = latents if video else latents.unsqueeze(1)

@@ -193,12 +193,12 @@ def resolve_resume(path):
                     "or a run folder holding checkpoints/latest) nor a weights file")
 
 
-def resume_config(resume_path, overrides):
+def resume_config(resume_path, overrides, extra_keys=None):
     """Config of a run being resumed: its saved config.yaml, updated by explicit overrides."""
     kind, where = resolve_resume(resume_path)
     if kind != "state":
         return None
-    return load_config(os.path.join(where, "config.yaml"), overrides)
+    return load_config(os.path.join(where, "config.yaml"), overrides, extra_keys=extra_keys)
 
 
 def load_training_state(folder):

@@ -39,7 +39,6 @@ class ImageVAE(nn.Module):
         z = ((z - self.shift_factor) * self.scaling_factor).float()
         return z.unflatten(0, (pixels.shape[0], -1)) if video else z
 
-    @torch.no_grad()
     def decode(self, latents):
         video = latents.dim() == 5
         z = latents.flatten(0, 1) if video else latents
