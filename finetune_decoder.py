@@ -29,7 +29,7 @@ from misc.lpips import load_lpips
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights
 from utils.config import Key, load_config, parse_vid_size, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.pipeline import make_grid, to_uint8
 from utils.vae import load_vae, load_vae_weights
 
@@ -356,16 +356,14 @@ def finetune(cfg, info):
     return run
 
 
+def run(argv):
+    cfg = parse_config(argv)
+    check_cfg(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    finetune(cfg, init_distributed(cfg.device))
+
+
 def main(argv=None):
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        check_cfg(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        finetune(cfg, init_distributed(cfg.device))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
-    cleanup()
+    run_cli(run, sys.argv[1:] if argv is None else argv, cleanup=cleanup)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dataset import ASPECT_RATIOS
 from utils import distributed
 from utils.config import Key, load_config
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.pipeline import STARFlowPipeline, make_grid, write_video
 
 SAMPLE_KEYS = {
@@ -217,11 +217,7 @@ def write_grids(out_dir, prefix, items, video):
 
 
 def cli():
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))
 
 
 if __name__ == "__main__":

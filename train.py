@@ -21,7 +21,7 @@ from utils import training as T
 from utils.checkpoint import load_model_weights
 from utils.config import load_config, model_kwargs, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid, write_video
 from utils.text_encoder import format_prompt, load_text_encoder
 from utils.vae import load_vae
@@ -480,17 +480,14 @@ def check_batch(cfg, world_size):
                         f"choose a multiple of {micro}")
 
 
+def run(argv):
+    cfg = parse_config(argv)
+    check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    train(cfg, init_distributed(cfg.device))
+
+
 def main(argv=None):
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        info = init_distributed(cfg.device)
-        train(cfg, info)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
-    cleanup()
+    run_cli(run, sys.argv[1:] if argv is None else argv, cleanup=cleanup)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformer_flow import DEPRECATED_KEYS, Model  # noqa: E402
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights  # noqa: E402
 from utils.config import load_config, model_kwargs, save_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 
 def text_dim_of(state):
@@ -56,11 +56,7 @@ def main(argv=None):
     parser.add_argument("--model_config_path", required=True, help="YAML config the checkpoint belongs to")
     parser.add_argument("--output", default=None, help="output .safetensors (default: beside the input)")
     args = parser.parse_args(argv)
-    try:
-        weights, config = convert(args.checkpoint, args.model_config_path, args.output)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    weights, config = run_cli(convert, args.checkpoint, args.model_config_path, args.output)
     print(f"wrote {weights} and {config}")
     return 0
 

@@ -97,6 +97,7 @@ def test_convert_refuses_misfit(tiny_t2i, tmp_path, capsys):
     config = tmp_path / "other.yaml"
     values = yaml.safe_load(open(tiny_t2i["config"]))
     config.write_text(yaml.safe_dump(dict(values, channels=64)))
-    assert convert_main([tiny_t2i["pth"], "--model_config_path", str(config), "--output",
-                         str(tmp_path / "x.safetensors")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([tiny_t2i["pth"], "--model_config_path", str(config), "--output", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2
     assert "error: checkpoint" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
