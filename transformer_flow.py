@@ -183,7 +183,6 @@ class Trunk(nn.Module):
                            checkpoint_mlp=bool(ckpt_mlp) and ckpt_mlp > 0 and (i + 1) % ckpt_mlp == 0)
             for i in range(num_layers)])
         self.final_norm = RMSNorm(channels) if use_final_norm else None
-        self.num_kv_heads = self.attn_blocks[0].attention.num_kv_heads if num_layers else 0
 
     @property
     def has_text(self):
