@@ -46,6 +46,7 @@ class KVCache:
     def __init__(self, max_len):
         self.max_len = max_len
         self.length = 0
+        self.text_len = 0  # slots taken by the text prefix
         self.keys, self.values = {}, {}
 
     def write(self, layer, k, v):
