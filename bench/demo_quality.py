@@ -201,7 +201,7 @@ def main(argv=None):
     root = Path(__file__).resolve().parents[1]
     parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_mnist_t2i"),
                         help="a folder with model.safetensors and config.yaml (the shipped demo or a train.py run)")
-    parser.add_argument("--per_combo", type=int, default=5, help="samples per (digit, colour) pair")
+    parser.add_argument("--per_combo", type=int, default=10, help="samples per (digit, colour) pair")
     parser.add_argument("--cfg", type=float, nargs="+", default=None,
                         help="guidance scales to score (default: the config's cfg, as sample.py uses)")
     parser.add_argument("--nll_images", type=int, default=2000, help="test digits for the NLL (0: skip)")
