@@ -1,4 +1,5 @@
-"""Training data: captioned image/video folders, webdataset shards, embedded (colourised) MNIST, aspect buckets.
+"""Training data: captioned image/video folders, webdataset shards, embedded (colourised or moving) MNIST, aspect
+buckets.
 
 Every item is (pixels in [-1, 1], caption, meta). Per-item randomness (flip, clip start, colour) comes from a seed the
 batch sampler hands out with each index, so batches do not depend on the number of ranks or loader workers, and a
@@ -237,6 +238,12 @@ def load_mnist_arrays(split="train"):
                         "pip install -r requirements.txt") from None
 
 
+def digit_pixels(image, size):
+    """A 28x28 uint8 MNIST digit resized to size x size (bilinear), as a float tensor in [0, 1]."""
+    img = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
 class MNISTDataset(torch.utils.data.Dataset):
     """Embedded MNIST as RGB images of img_size, captioned from labels; colour=True tints each digit.
 
@@ -261,8 +268,7 @@ class MNISTDataset(torch.utils.data.Dataset):
     def load(self, index, seed):
         rng = _item_rng(seed, index)
         digit = int(self.labels[index])
-        img = Image.fromarray(self.images[index]).resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)
-        grey = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        grey = digit_pixels(self.images[index], self.img_size)
         colour = "grey"
         if self.colour:
             colour = rng.choice(self.allowed[digit])
@@ -275,6 +281,69 @@ class MNISTDataset(torch.utils.data.Dataset):
 
     def describe(self, index):
         return f"mnist[{index}]"
+
+
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per step
+MOTION_TEMPLATES = ["a {name} moving {direction}", "the digit {digit} moves {direction}",
+                    "a handwritten {name} going {direction}", "the number {digit} moving {direction}",
+                    "a {name} sliding {direction}"]
+
+
+def moving_mnist_caption(digit, direction, rng):
+    """Default caption for a moving digit: a random template naming digit and direction ('a seven moving left')."""
+    return rng.choice(MOTION_TEMPLATES).format(name=DIGIT_NAMES[digit], digit=digit, direction=direction)
+
+
+def moving_digit_size(img_size):
+    """Side of the digit in a moving-MNIST clip: 3/5 of the canvas."""
+    return img_size * 3 // 5
+
+
+class MovingMNISTDataset(torch.utils.data.Dataset):
+    """Embedded MNIST as clips: one digit, 3/5 of the canvas wide, crosses an img_size canvas left, right, up or down.
+
+    Each item is (num_frames, 3, img_size, img_size) in [-1, 1]; the digit moves `speed` pixels a frame from near one
+    edge, at a random offset across the motion. caption_fn(digit, direction, rng) makes the caption.
+    """
+
+    def __init__(self, img_size, num_frames, fps, caption_fn=None, split="train"):
+        self.digit_size = moving_digit_size(img_size)
+        self.speed = (img_size - self.digit_size) // max(1, num_frames - 1)
+        if self.speed < 1:
+            raise UserError(f"moving_mnist: {num_frames} frames cannot cross a {img_size} px canvas by a pixel a "
+                            "frame; use a larger img_size or fewer frames")
+        self.images, self.labels = load_mnist_arrays(split)
+        self.img_size, self.num_frames, self.fps = img_size, num_frames, fps
+        self.caption_fn = caption_fn or moving_mnist_caption
+        self.buckets = ["1:1"] * len(self.labels)
+        self.skipped_at_scan = []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, index, seed):
+        rng = _item_rng(seed, index)
+        digit = int(self.labels[index])
+        size, room = self.digit_size, self.img_size - self.digit_size
+        grey = digit_pixels(self.images[index], size)
+        grey = grey / grey.max().clamp(min=1 / 255)  # thin strokes fade when shrunk; keep every digit at full ink
+        direction = rng.choice(list(DIRECTIONS))
+        dy, dx = DIRECTIONS[direction]
+        travel = self.speed * (self.num_frames - 1)
+        along = rng.randint(0, room - travel)  # where the path starts, measured from the edge the digit leaves
+        across = rng.randint(0, room)
+        clip = torch.zeros(self.num_frames, self.img_size, self.img_size)
+        for t in range(self.num_frames):
+            step = along + self.speed * t
+            y = across if dy == 0 else (step if dy > 0 else room - step)
+            x = across if dx == 0 else (step if dx > 0 else room - step)
+            clip[t, y:y + size, x:x + size] = grey
+        pixels = clip[:, None].expand(-1, 3, -1, -1) * 2 - 1
+        return pixels, self.caption_fn(digit, direction, rng), {"fps": self.fps, "aspect": "1:1",
+                                                                 "key": f"{index}:{direction}"}
+
+    def describe(self, index):
+        return f"moving_mnist[{index}]"
 
 
 class SkipUnreadable(torch.utils.data.Dataset):
@@ -469,8 +538,12 @@ class TrainData:
         fmt = detect_format(cfg)
         self.global_batch = cfg.batch_size // cfg.acc
         per_rank = self.global_batch // world_size
-        if fmt in ("folder", "video", "mnist", "colour_mnist"):
-            if fmt in ("mnist", "colour_mnist"):
+        if fmt in ("folder", "video", "mnist", "colour_mnist", "moving_mnist"):
+            if fmt == "moving_mnist":
+                if not cfg.vid_size:
+                    raise UserError("data_format moving_mnist makes video clips: set vid_size, e.g. '6:6'")
+                base = MovingMNISTDataset(cfg.img_size, *parse_vid_size(cfg.vid_size), caption_fn=caption_fn)
+            elif fmt in ("mnist", "colour_mnist"):
                 base = MNISTDataset(cfg.img_size, colour=fmt == "colour_mnist", holdout=parse_holdout(cfg.holdout),
                                     caption_fn=caption_fn)
             else:
@@ -498,7 +571,8 @@ class TrainData:
             self.steps_per_epoch = cfg.epoch_length // self.global_batch
             self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers)
         else:
-            raise UserError(f"unknown data_format '{fmt}': use auto, folder, wds, video, mnist or colour_mnist")
+            raise UserError(f"unknown data_format '{fmt}': use auto, folder, wds, video, mnist, colour_mnist "
+                            "or moving_mnist")
         self.format = fmt
 
     def epoch(self, epoch, start=0):

@@ -106,7 +106,7 @@ class Run:
                 T.shard_frozen(self.text_encoder.model, self.info)
         elif cfg.txt_size:
             raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
-        self.vae = load_vae(cfg.vae, dev)
+        self.vae = load_vae(cfg.vae, dev, pixel_channels=cfg.channel_size)
         if self.vae.latent_channels != cfg.channel_size:
             raise UserError(f"channel_size {cfg.channel_size} does not match the {self.vae.latent_channels} latent "
                             f"channels of vae '{cfg.vae or 'none'}'; set --channel_size {self.vae.latent_channels}")

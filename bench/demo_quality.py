@@ -206,24 +206,42 @@ def main(argv=None):
                         help="guidance scales to score (default: the config's cfg, as sample.py uses)")
     parser.add_argument("--nll_images", type=int, default=2000, help="test digits for the NLL (0: skip)")
     parser.add_argument("--timing", type=int, default=1, help="time sequential vs Jacobi sampling (0: skip)")
+    add_common_args(parser, batch=60, out_dir="logs/demo_quality")
+    return run_cli(run, parser.parse_args(argv))
+
+
+def add_common_args(parser, batch, out_dir):
+    """The flags both demo benchmarks share."""
     parser.add_argument("--classifier_epochs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=60, help="samples per sampling batch")
+    parser.add_argument("--batch", type=int, default=batch, help="samples per sampling batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out_dir", default="logs/demo_quality")
-    return run_cli(run, parser.parse_args(argv))
+    parser.add_argument("--out_dir", default=out_dir)
+
+
+def load_demo(checkpoint_path, data_format):
+    """(config, pipeline) of a demo checkpoint folder whose config trains on `data_format`."""
+    config_path = os.path.join(checkpoint_path, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{checkpoint_path} has no config.yaml: pass a demo checkpoint folder (under checkpoints/, "
+                        "or <logdir>/<run>/checkpoints/latest of a demo training run)")
+    config = load_config(config_path)
+    if config.data_format != data_format:
+        raise UserError(f"{config_path} is not a {data_format} demo config (data_format {config.data_format})")
+    return config, STARFlowPipeline.from_config(config, checkpoint_path, device="cpu")
+
+
+def write_report(report, path):
+    """The report as JSON, written atomically."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path}")
 
 
 def run(args):
     torch.set_num_threads(args.threads)
-    config_path = os.path.join(args.checkpoint_path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{args.checkpoint_path} has no config.yaml: pass a demo checkpoint folder "
-                        "(checkpoints/demo_mnist_t2i or <logdir>/demo_mnist_t2i/checkpoints/latest)")
-    config = load_config(config_path)
-    if config.data_format != "colour_mnist":
-        raise UserError(f"{config_path} is not a colour-MNIST demo config (data_format {config.data_format})")
-    pipe = STARFlowPipeline.from_config(config, args.checkpoint_path, device="cpu")
+    config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     holdout = parse_holdout(config.holdout)
     scales = args.cfg if args.cfg is not None else [config.cfg[0] if config.cfg else 0.0]
     os.makedirs(args.out_dir, exist_ok=True)
@@ -272,11 +290,7 @@ def run(args):
         for row in rows:
             print(f"{row['sampler']:<28}{row['seconds']:>9.2f}{row['speed_up']:>10.2f}{row['max_abs_diff']:>12.2e}")
 
-    path = os.path.join(args.out_dir, "demo_quality.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"\nwrote {path}")
+    write_report(report, os.path.join(args.out_dir, "demo_quality.json"))
     return report
 
 

@@ -182,6 +182,42 @@ def test_mnist_and_colour_mnist():
         dataset.parse_holdout("7:teal")
 
 
+def ink_centre(frame):
+    """(y, x) centre of mass of a (H, W) frame's ink."""
+    grid = torch.arange(frame.shape[0], dtype=torch.float32)
+    return ((frame.sum(1) * grid).sum() / frame.sum()).item(), ((frame.sum(0) * grid).sum() / frame.sum()).item()
+
+
+def test_moving_mnist_clips_move_as_captioned():
+    data = dataset.MovingMNISTDataset(24, 6, 6.0)
+    seen = set()
+    for index in range(24):
+        x, caption, meta = data.load(index, seed=3)
+        assert x.shape == (6, 3, 24, 24) and x.min() == -1 and x.max() == 1
+        assert torch.equal(x[:, 0], x[:, 2])
+        direction = meta["key"].split(":")[1]
+        digit = int(data.labels[index])
+        assert direction in caption and (dataset.DIGIT_NAMES[digit] in caption.split() or str(digit) in caption)
+        ink = (x[:, 0] + 1) / 2
+        assert torch.allclose(ink.sum((1, 2)), ink[0].sum().expand(6))  # the whole digit stays on the canvas
+        (y0, x0), (y1, x1) = ink_centre(ink[0]), ink_centre(ink[-1])
+        dy, dx = dataset.DIRECTIONS[direction]
+        assert (round(y1 - y0), round(x1 - x0)) == (10 * dy, 10 * dx)
+        seen.add(direction)
+    assert seen == set(dataset.DIRECTIONS)
+    assert torch.equal(data.load(5, seed=3)[0], data.load(5, seed=3)[0])
+    with pytest.raises(UserError, match="cannot cross"):
+        dataset.MovingMNISTDataset(8, 9, 6.0)
+
+
+def test_moving_mnist_train_data():
+    cfg = cfg_for("unused", data_format="moving_mnist", vid_size="6:6", img_size=24, batch_size=4, epoch_length=8)
+    pixels, captions, meta = next(dataset.TrainData(cfg, 0, 1, 0, 4).epoch(0))
+    assert pixels.shape == (4, 6, 3, 24, 24) and len(captions) == 4 and meta["fps"] == [6.0] * 4
+    with pytest.raises(UserError, match="set vid_size"):
+        dataset.TrainData(cfg_for("unused", data_format="moving_mnist", epoch_length=8), 0, 1, 0, 4)
+
+
 @pytest.mark.parametrize("data, message", [
     ("missing_dir", "data path not found"),
     ("missing-{000..001}.tar", "shards not found"),

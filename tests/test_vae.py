@@ -89,6 +89,20 @@ def test_pixel_space():
     torch.testing.assert_close(vae.decode(vae.encode(x)), x)
 
 
+@pytest.mark.parametrize("video", [False, True])
+def test_grey_pixel_space(video):
+    vae = load_vae("none", pixel_channels=1)
+    grey = torch.rand(2, 1, *((4,) if video else ()), 8, 8)
+    rgb = grey.expand(2, 3, *grey.shape[2:]).clone()
+    rgb[:, 0] += 0.3
+    rgb[:, 2] -= 0.3  # colour that averages out: the latent is the grey level
+    z = vae.encode(rgb)
+    assert z.shape == ((2, 4, 1, 8, 8) if video else (2, 1, 8, 8)) and vae.latent_channels == 1
+    torch.testing.assert_close(vae.decode(z), grey.expand(2, 3, *grey.shape[2:]))
+    with pytest.raises(UserError, match="3 \\(RGB\\) or 1 \\(grey\\)"):
+        load_vae("none", pixel_channels=4)
+
+
 def test_finetuned_weights_file(tiny_sd_vae_dir, tmp_path):
     base = load_vae(tiny_sd_vae_dir)
     state = {f"vae.{k}": v + 1 if k.startswith("decoder.conv_out") else v for k, v in base.vae.state_dict().items()}

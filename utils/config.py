@@ -114,7 +114,7 @@ SCHEMA = {
     "num_samples": Key(4096, "int", "unused by train.py"),
     "sample_batch_size": Key(256, "int", "unused by train.py"),
     # keys added by this train.py
-    "data_format": Key("auto", "str", "auto | folder | wds | video | mnist | colour_mnist"),
+    "data_format": Key("auto", "str", "auto | folder | wds | video | mnist | colour_mnist | moving_mnist"),
     "holdout": Key(None, "str", "colour_mnist: '(digit):(colour)' pairs never shown in training, e.g. '7:red 2:blue'"),
     "num_workers": Key(2, "int", "DataLoader worker processes"),
     "max_steps": Key(0, "int", "stop after this many optimizer steps in total (0 = run all epochs)"),

@@ -117,7 +117,7 @@ class STARFlowPipeline:
             text_encoder = load_text_encoder(config.text, config.txt_size, device, text_dtype)
         elif config.txt_size:
             raise UserError("config has txt_size > 0 but no `text:` encoder; set text: (e.g. google/flan-t5-xl)")
-        vae = load_vae(config.vae, device, finetuned=finetuned)
+        vae = load_vae(config.vae, device, finetuned=finetuned, pixel_channels=config.channel_size)
         if vae.latent_channels != config.channel_size:
             raise UserError(f"config channel_size {config.channel_size} does not match the {vae.latent_channels} "
                             f"latent channels of VAE '{config.vae}'")

@@ -48,16 +48,27 @@ class ImageVAE(nn.Module):
 
 
 class PixelSpace(nn.Module):
-    """No VAE: the flow models pixels directly; videos are only moved to (B,T,3,H,W) layout."""
-    latent_channels = 3
+    """No VAE: the flow models pixels directly, RGB (3 channels) or grey (1 channel: the mean of RGB, shown as grey);
+    videos are only moved to (B,T,C,H,W) layout."""
     spatial_factor = 1
     temporal_factor = 1
 
+    def __init__(self, channels=3):
+        super().__init__()
+        if channels not in (1, 3):
+            raise UserError(f"pixel space (vae: none) has 3 (RGB) or 1 (grey) channels; set --channel_size 3 or 1, "
+                            f"not {channels}")
+        self.latent_channels = channels
+
     def encode(self, pixels, generator=None, sample=True):
-        return pixels.transpose(1, 2).float() if pixels.dim() == 5 else pixels.float()
+        pixels = pixels.float()
+        if self.latent_channels == 1:
+            pixels = pixels.mean(1, keepdim=True)
+        return pixels.transpose(1, 2) if pixels.dim() == 5 else pixels
 
     def decode(self, latents):
-        return latents.transpose(1, 2).float() if latents.dim() == 5 else latents.float()
+        pixels = latents.transpose(1, 2).float() if latents.dim() == 5 else latents.float()
+        return pixels.expand(*pixels.shape[:1], 3, *pixels.shape[2:]) if self.latent_channels == 1 else pixels
 
 
 def parse_vae_spec(spec):
@@ -102,8 +113,9 @@ class _ConfigOnly:
         return AutoencoderKL.load_config(name, **kwargs)
 
 
-def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None):
-    """Build the frozen VAE named by `spec` (hub id, folder, optional ':scale' suffix, or 'none').
+def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None, pixel_channels=3):
+    """Build the frozen VAE named by `spec` (hub id, folder, optional ':scale' suffix, or 'none': pixel space with
+    `pixel_channels` channels).
 
     `finetuned`: a file of fine-tuned weights (safetensors/.pth state dict, keys with or without 'vae.') or a
     save_pretrained folder, e.g. a decoder trained to decode noisy latents (finetune_decoder.py).
@@ -111,7 +123,7 @@ def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None):
     if spec is None or str(spec).lower() == "none":
         if finetuned:
             raise UserError("--finetuned_vae needs a VAE; the config has vae: none (pixel space)")
-        return PixelSpace()
+        return PixelSpace(pixel_channels)
     name, temporal_scale = parse_vae_spec(str(spec))
     class_name, subfolder = _find_vae(name)
     cls = VAE_CLASSES[class_name]
