@@ -36,7 +36,7 @@ SCHEMA = {
     "secondary_vid_size": Key(None, "str", "vid_size of the secondary data"),
     "vae": Key(None, "str", "VAE id or folder ('none' trains in pixel space); ':x' suffix = Wan temporal scale"),
     "vae_decoder_factor": Key(1, "int", "unused (accepted for compatibility)"),
-    "channel_size": Key(3, "int", "latent channels (Model in_channels)"),
+    "channel_size": Key(3, "int", "latent channels (Model in_channels); with vae none 3 (RGB) or 1 (grey)"),
     "finetuned_vae": Key(None, "str", "fine-tuned VAE decoder id under logdir/vae/ ('none' = off)"),
     "text": Key(None, "str", "text encoder id or folder (google/flan-t5-xl, a MiniLM folder, ...)"),
     "txt_size": Key(0, "int", "text tokens (pad/truncate length); Model txt_size"),
