@@ -42,7 +42,8 @@ def ink_centres(clips):
 
 def direction_of(clips):
     """Index into DIRECTION_NAMES: the dominant axis and sign of the ink's motion from first to last frame."""
-    dy, dx = (ink_centres(clips)[:, -1] - ink_centres(clips)[:, 0]).unbind(-1)
+    centres = ink_centres(clips)
+    dy, dx = (centres[:, -1] - centres[:, 0]).unbind(-1)
     vertical = dy.abs() > dx.abs()
     return torch.where(vertical, torch.where(dy > 0, 3, 2), torch.where(dx > 0, 1, 0))
 

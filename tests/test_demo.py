@@ -13,7 +13,7 @@ from PIL import Image
 
 import sample
 from dataset import COLOURS, DIRECTIONS, MNISTDataset, MovingMNISTDataset
-from utils.config import load_config
+from utils.config import load_config, parse_vid_size
 from utils.pipeline import STARFlowPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_shipped_video_checkpoint_moves_digits_as_prompted(tmp_path):
             "--output_dir", str(tmp_path / "out")]
     assert sample.main(argv) == 0
     config = load_config(VIDEO_DEMO / "config.yaml")
-    frames = int(config.vid_size.split(":")[0])
+    frames, _ = parse_vid_size(config.vid_size)
     clips = torch.stack([torch.from_numpy(np.stack(imageio.mimread(tmp_path / "out" / f"prompts_{i:04d}.mp4")))
                          for i in range(len(captions))]).permute(0, 1, 4, 2, 3).float() / 255
     assert clips.shape == (len(captions), frames, 3, config.img_size, config.img_size)

@@ -68,7 +68,7 @@ class PixelSpace(nn.Module):
 
     def decode(self, latents):
         pixels = latents.transpose(1, 2).float() if latents.dim() == 5 else latents.float()
-        return pixels.expand(*pixels.shape[:1], 3, *pixels.shape[2:]) if self.latent_channels == 1 else pixels
+        return pixels.expand(-1, 3, *pixels.shape[2:]) if self.latent_channels == 1 else pixels
 
 
 def parse_vae_spec(spec):
