@@ -9,7 +9,6 @@ reported in meta['skipped'] so the trainer can count and log them.
 import io
 import itertools
 import json
-import math
 import os
 import random
 import tempfile
@@ -21,46 +20,10 @@ from PIL import Image
 
 from utils.config import parse_vid_size
 from utils.errors import UserError
+from utils.image import aspect_ratio_to_image_size, crop_resize, nearest_bucket
 
-ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]  # W:H
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
-
-
-def aspect_ratio_to_image_size(target, ratio, multiple=8):
-    """(h, w) with h*w near target**2 and w/h near ratio ('W:H' string or float); sides are multiples of `multiple`."""
-    if ratio is None:
-        ratio = 1.0
-    if isinstance(ratio, str):
-        w, h = ratio.split(":")
-        ratio = float(w) / float(h)
-    area = float(target) ** 2
-    h = max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple)
-    w = max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple)
-    return int(h), int(w)
-
-
-def nearest_bucket(width, height):
-    """The aspect bucket whose ratio is closest (in log space) to width/height."""
-    r = math.log(width / height)
-    return min(ASPECT_RATIOS, key=lambda a: abs(math.log(float(a.split(":")[0]) / float(a.split(":")[1])) - r))
-
-
-def _crop_resize(img, size, flip):
-    """Centre-crop a PIL image to the aspect of size=(h, w), resize with antialiasing, optionally flip, to [-1, 1]."""
-    h, w = size
-    W, H = img.size
-    if W * h > H * w:  # too wide
-        cw = round(H * w / h)
-        img = img.crop(((W - cw) // 2, 0, (W - cw) // 2 + cw, H))
-    else:
-        ch = round(W * h / w)
-        img = img.crop((0, (H - ch) // 2, W, (H - ch) // 2 + ch))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).clamp_(-1, 1)
 
 
 def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):
@@ -184,10 +147,10 @@ class FolderDataset(torch.utils.data.Dataset):
         start = 0
         if self.video:
             frames, start = read_clip(path, self.num_frames, self.fps, rng)
-            pixels = torch.stack([_crop_resize(f, size, flip) for f in frames])
+            pixels = torch.stack([crop_resize(f, size, flip) for f in frames])
         else:
             with Image.open(path) as im:
-                pixels = _crop_resize(im.convert("RGB"), size, flip)
+                pixels = crop_resize(im.convert("RGB"), size, flip)
         return pixels, caption, {"fps": self.fps, "aspect": self.buckets[index], "key": f"{index}:{int(flip)}:{start}"}
 
     def describe(self, index):
@@ -474,7 +437,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             frames, (w, h), start = [img], img.size, 0
         bucket = nearest_bucket(w, h) if self.mix_aspect else "1:1"
         size = aspect_ratio_to_image_size(self.img_size, bucket, self.multiple)
-        pixels = torch.stack([_crop_resize(f, size, flip) for f in frames])
+        pixels = torch.stack([crop_resize(f, size, flip) for f in frames])
         pixels = pixels if self.video else pixels[0]
         return pixels, caption, {"fps": self.fps, "aspect": bucket, "key": f"{sample['__key__']}:{int(flip)}:{start}"}
 

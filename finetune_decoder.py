@@ -18,7 +18,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -30,7 +29,8 @@ from utils.checkpoint import check_fit, load_state_dict_file, save_weights
 from utils.config import Key, load_config, parse_vid_size, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.pipeline import make_grid, to_uint8
+from utils.files import write_json
+from utils.image import make_grid, to_uint8, write_png
 from utils.vae import load_vae, load_vae_weights
 
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
@@ -45,7 +45,6 @@ EXTRA_KEYS = {
     "gan_start": Key(0, "int", "step from which the GAN term reaches the decoder (the discriminator trains from 0)"),
     "use_3d_disc": Key(0, "int", "video: a space-time (3D) PatchGAN instead of a 2D PatchGAN on each frame"),
     "eval_samples": Key(8, "int", "items of the first batch scored at every checkpoint (noisy-latent L2, PNG)"),
-    "warmup_steps": Key(None, "int", "linear warmup steps; None = 10% of the steps, at most 1000"),
 }
 
 
@@ -72,10 +71,7 @@ def decoder_state(vae):
 def save_finetuned_decoder(vae, path, info):
     """Decoder weights as safetensors with `info` in the metadata, and the same info as readable JSON beside it."""
     save_weights(decoder_state(vae), path, metadata={METADATA_KEY: json.dumps(info)})
-    json_path = os.path.splitext(path)[0] + ".json"
-    with open(json_path + ".tmp", "w") as f:
-        f.write(json.dumps(info, indent=2) + "\n")
-    os.replace(json_path + ".tmp", json_path)
+    write_json(os.path.splitext(path)[0] + ".json", info)
 
 
 # ------------------------------------------------------------------------------------------ training pieces
@@ -127,9 +123,7 @@ def save_comparison(clean, decoded, path, max_frames=8):
             frames = np.linspace(0, len(a) - 1, min(len(a), max_frames)).round().astype(int)
             a, b = np.concatenate(list(a[frames]), axis=1), np.concatenate(list(b[frames]), axis=1)
         cells.append(np.concatenate([a, b], axis=0))
-    grid, _ = make_grid(cells)
-    Image.fromarray(grid).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    write_png(path, make_grid(cells)[0])
 
 
 def run_name(cfg):
@@ -203,7 +197,7 @@ class Finetune:
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor)
         total = cfg.epochs * self.data.steps_per_epoch
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, self.total // 10)
+        warmup = T.warmup_steps(cfg.warmup_steps, self.data.steps_per_epoch, self.total)
         self.schedules = {k: T.WarmupCosine(opt, warmup, self.total, cfg.lr, cfg.min_lr)
                           for k, opt in self.optimizers.items()}
         self.probe = None
@@ -299,17 +293,6 @@ def setup_wandb(run):
     return wb
 
 
-def open_metrics(path, step):
-    """metrics.jsonl for appending, without the lines of steps after `step` (redone after an interruption)."""
-    kept = []
-    if os.path.isfile(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
 def finetune(cfg, info):
     """Run the fine-tune `cfg` describes on this rank; returns the Finetune (out_path is the decoder file)."""
     check_cfg(cfg, info.world_size)
@@ -320,7 +303,7 @@ def finetune(cfg, info):
         print(f"fine-tuning the decoder of {cfg.vae} to remove noise_std {cfg.noise_std}: steps {run.step} -> "
               f"{run.total}, {info.world_size} rank(s) on {info.device}; run folder {run.run_dir}")
     wb = setup_wandb(run)
-    metrics_file = open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) if run.main and not cfg.dry_run \
+    metrics_file = T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) if run.main and not cfg.dry_run \
         else None
     bar = tqdm(total=run.total, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="decoder")
     while run.step < run.total:

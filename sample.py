@@ -19,11 +19,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import ASPECT_RATIOS
 from utils import distributed
-from utils.config import Key, load_config
+from utils.checkpoint import save_weights
+from utils.config import Compat, Key, load_config
 from utils.errors import UserError, run_cli
-from utils.pipeline import STARFlowPipeline, make_grid, write_video
+from utils.files import write_json
+from utils.image import ASPECT_RATIOS, make_grid, write_png, write_video
+from utils.pipeline import STARFlowPipeline
 
 SAMPLE_KEYS = {
     "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)"),
@@ -51,7 +53,7 @@ SAMPLE_KEYS = {
     "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)"),
     "output_dir": Key(None, "str", "output folder (default <logdir>/<checkpoint name>)"),
     "save_latents": Key(0, "int", "also save the noisy and denoised latents of each batch (.safetensors)"),
-    "save_folder": Key(0, "int", "accepted for compatibility: single files and a grid are always written"),
+    "save_folder": Compat(0, "int", "single files instead of a grid (both are always written)", (0, 1)),
     "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"),
 }
 CLI_ONLY = ("num_samples", "sample_batch_size")  # also train.py keys (unused there): YAML values never apply
@@ -76,13 +78,6 @@ def read_captions(caption):
 
 def slug(text, limit=80):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "samples"
-
-
-def write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def regen_command(argv, caption, seed, aspect, out_dir):
@@ -112,14 +107,15 @@ def plan(captions, num_samples, seed, batch, world, rank):
     return items, rounds
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nSampling flags:")
-        for key, spec in SAMPLE_KEYS.items():
-            print(f"  --{key:28s}{spec.help} (default {spec.default})")
-        print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
-        return 0
+def print_help():
+    print(__doc__ + "\nSampling flags:")
+    for key, spec in SAMPLE_KEYS.items():
+        print(f"  --{key:28s}{spec.help} (default {spec.default})")
+    print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
+
+
+def parse_config(argv):
+    """CLI tokens -> Config; a train.py checkpoint folder brings its own config.yaml."""
     cfg = load_config(None, argv, extra_keys=SAMPLE_KEYS)
     beside = cfg.checkpoint_path and os.path.join(cfg.checkpoint_path, "config.yaml")
     if not cfg.model_config_path and beside and os.path.isfile(beside):  # a train.py checkpoint folder
@@ -131,16 +127,60 @@ def main(argv=None):
     for key in ("model_config_path", "checkpoint_path"):
         if not getattr(cfg, key):
             raise UserError(f"--{key} is required")
-    captions, name = read_captions(cfg.caption)
     if cfg.sample_batch_size <= 0:
         raise UserError("--sample_batch_size must be positive")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
+    return cfg
+
+
+def sample_settings(cfg, denoiser):
+    """What every sample's JSON records about how it was drawn."""
+    return dict(denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi, jacobi_th=cfg.jacobi_th,
+                jacobi_block_size=cfg.jacobi_block_size, jacobi_max_iter=cfg.jacobi_max_iter,
+                attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
+                input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
+                model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path)
+
+
+def sample_round(pipe, cfg, batch, aspect):
+    """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
+    return pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
+                generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
+                jacobi=bool(cfg.jacobi), jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
+                jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
+                fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
+                denoiser="score" if cfg.disable_learnable_denoiser else "auto", noise_std=cfg.target_noise_std,
+                denoising_batch_size=cfg.denoising_batch_size)
+
+
+def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
+    """This rank's samples of a round: a PNG or MP4 each, with its JSON beside it."""
+    h, w = out.size
+    for j, (caption, seed, index) in enumerate(mine):
+        stem = stem_of(index)
+        if out.frames is not None:
+            write_video(stem + ".mp4", np.stack([np.asarray(f) for f in out.frames[j]]), out.fps)
+        else:
+            write_png(stem + ".png", np.asarray(out.images[j]))
+        write_json(stem + ".json", dict(
+            prompt=caption, text=out.prompts[j], seed=seed, index=index, rank=rank, height=h, width=w,
+            aspect_ratio=aspect, frames=len(out.frames[j]) if out.frames is not None else 1, fps=out.fps,
+            **settings, command=command_of(caption, seed, aspect)))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    cfg = parse_config(argv)
+    captions, name = read_captions(cfg.caption)
     dist_info = distributed.init_distributed(cfg.device)
     rank, world = dist_info.rank, dist_info.world_size
     num_samples = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * world)
     if num_samples <= 0:
         raise UserError("--num_samples must be positive")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
     if cfg.aspect_ratio not in ("1:1", None) and not cfg.mix_aspect and distributed.is_main():
         print(f"note: this config has mix_aspect 0 (trained on squares only); sampling {cfg.aspect_ratio} anyway")
 
@@ -151,43 +191,16 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     prefix = slug(name)
     items, rounds = plan(captions, num_samples, cfg.seed, cfg.sample_batch_size, world, rank)
-    denoiser = "none" if pipe.finetuned_vae else (
-        "score" if cfg.disable_learnable_denoiser or pipe.model.learnable_self_denoiser is None else "learned")
-    written = []
     for k, (mine, padding) in enumerate(tqdm(rounds, desc=f"sampling {len(items)}", disable=not distributed.is_main())):
         aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \
             else cfg.aspect_ratio
-        batch = mine + padding
-        out = pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
-                   generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
-                   jacobi=bool(cfg.jacobi), jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
-                   jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
-                   fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
-                   denoiser=denoiser, noise_std=cfg.target_noise_std, denoising_batch_size=cfg.denoising_batch_size)
-        h, w = out.size
-        for j, (caption, seed, index) in enumerate(mine):
-            stem = os.path.join(out_dir, f"{prefix}_{index:04d}")
-            if out.frames is not None:
-                path = stem + ".mp4"
-                write_video(path, np.stack([np.asarray(f) for f in out.frames[j]]), out.fps)
-            else:
-                path = stem + ".png"
-                out.images[j].save(path)
-            write_json(stem + ".json", dict(
-                prompt=caption, text=out.prompts[j], seed=seed, index=index, rank=rank, height=h, width=w, aspect_ratio=aspect,
-                frames=len(out.frames[j]) if out.frames is not None else 1, fps=out.fps, denoiser=denoiser,
-                cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi, jacobi_th=cfg.jacobi_th,
-                jacobi_block_size=cfg.jacobi_block_size, jacobi_max_iter=cfg.jacobi_max_iter,
-                attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
-                input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
-                model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path,
-                command=regen_command(argv, caption, seed, aspect, out_dir)))
-            written.append(path)
+        out = sample_round(pipe, cfg, mine + padding, aspect)
+        write_samples(out, mine, lambda index: os.path.join(out_dir, f"{prefix}_{index:04d}"), rank, aspect,
+                      sample_settings(cfg, out.denoiser),
+                      lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir))
         if cfg.save_latents and mine:
-            from safetensors.torch import save_file
-            n = len(mine)
-            save_file({"latents": out.latents[:n].contiguous(), "noisy_latents": out.noisy_latents[:n].contiguous()},
-                      os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))
+            save_weights({"latents": out.latents[:len(mine)], "noisy_latents": out.noisy_latents[:len(mine)]},
+                         os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))
     distributed.barrier()
     if distributed.is_main():
         write_grids(out_dir, prefix, items, video=pipe.video and (cfg.target_length or pipe.train_frames) > 1)
@@ -211,7 +224,7 @@ def write_grids(out_dir, prefix, items, video):
             write_video(path + ".mp4", grid, fps)
         else:
             grid, layout = make_grid([np.asarray(Image.open(s + ".png").convert("RGB")) for s in stems])
-            Image.fromarray(grid).save(path + ".png")
+            write_png(path + ".png", grid)
         write_json(path + ".json", dict(layout, cells=[dict(prompt=c, seed=s, index=i, file=os.path.basename(st))
                                                        for (c, s, i), st in zip(group, stems)]))
 

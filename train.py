@@ -12,18 +12,20 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from dataset import TrainData
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
+from utils import recipe
 from utils import training as T
 from utils.checkpoint import load_model_weights
 from utils.config import load_config, model_kwargs, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.pipeline import LEARNED_DENOISER_STEP, STARFlowPipeline, make_grid, write_video
-from utils.text_encoder import format_prompt, load_text_encoder
+from utils.files import atomic_path, write_text
+from utils.image import make_grid, write_png, write_video
+from utils.pipeline import STARFlowPipeline
+from utils.text_encoder import load_text_encoder
 from utils.vae import load_vae
 
 
@@ -82,7 +84,7 @@ class Run:
         if self.steps_per_epoch == 0:
             raise UserError(f"an epoch has {self.data.steps_per_epoch} batches, fewer than acc={cfg.acc}")
         total = cfg.epochs * self.steps_per_epoch
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else self.steps_per_epoch
+        warmup = T.warmup_steps(cfg.warmup_steps, self.steps_per_epoch, total)
         self.schedules = {"model": T.WarmupCosine(self.optimizers["model"], warmup, total, cfg.lr, cfg.min_lr)}
         if "denoiser" in self.optimizers:
             self.schedules["denoiser"] = T.WarmupCosine(self.optimizers["denoiser"], warmup, total,
@@ -209,19 +211,14 @@ class Run:
 
     @torch.no_grad()
     def encode_text(self, captions, meta, gen):
-        """Label drop (one global draw per sample), prompt templates, frozen encoder."""
+        """Label drop (one global draw per sample: the null prompt), prompt decoration, frozen encoder."""
         cfg = self.cfg
         keep = rank_slice(torch.rand, (len(captions),), self.info, gen) >= cfg.drop_label
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         if self.text_encoder is None:
             return None
-        texts = []
-        for i, caption in enumerate(captions):
-            fps = meta["fps"][i]
-            fps = int(fps) if float(fps).is_integer() else fps
-            texts.append(format_prompt(caption, fps=fps if cfg.fps_cond else None,
-                                       noise_std=cfg.noise_std if cfg.cond_noise_level else None,
-                                       aspect_ratio=meta["aspect"][i] if cfg.mix_aspect else None))
+        texts = [recipe.decorate_prompt(cfg, caption, meta["fps"][i], meta["aspect"][i])
+                 for i, caption in enumerate(captions)]
         if not cfg.cache_text:
             with self.autocast():
                 return self.text_encoder.encode(texts).float()
@@ -266,30 +263,19 @@ class Run:
             captions = ["(last) " + c for c in captions]
         if cfg.video_to_video:
             captions = ["(v2v) " + c for c in captions]
-        if cfg.noise_type == "uniform":
-            noise = (rank_slice(torch.rand, x0.shape, info, gen) * 2 - 1).to(x0.device)
-        else:
-            noise = rank_slice(torch.randn, x0.shape, info, gen).to(x0.device)
-        x = (x0 + cfg.noise_std * noise).requires_grad_(bool(self.denoiser_params))
+        eps = recipe.unit_noise(cfg.noise_type, x0.shape, lambda fn, shape: rank_slice(fn, shape, info, gen))
+        x = recipe.noise_augment(x0, cfg.noise_std, eps.to(x0.device)).requires_grad_(bool(self.denoiser_params))
         y = self.encode_text(captions, meta, gen)
-        weight = cfg.noise_std / 0.3 if cfg.cond_noise_level else None
         with T.no_grad_sync(self.train_model, sync):
             with self.autocast():
                 z, outputs, logdets = self.train_model(x, y)
-                losses = self.model.get_loss(z, logdets, outputs=outputs, weights=weight,
-                                             latent_norm_regularization=cfg.latent_norm_regularization)
-            target = None
-            if self.denoiser_params:
-                # Denoiser target: (sigma^2 / step) * grad_x NLL(x | y), the per-sample score of the noisy input, so
-                # that x - step * prediction is the Tweedie estimate x + sigma^2 grad log p(x).
-                nll = 0.5 * z.float().pow(2).sum() - sum(ld.float().sum() for ld in logdets)
-                (grad,) = torch.autograd.grad(nll, x, retain_graph=True)
-                target = (cfg.noise_std ** 2 / LEARNED_DENOISER_STEP) * grad.detach()
+                losses = recipe.flow_loss(self.model, z, logdets, outputs, cfg)
+            target = recipe.denoiser_target(z, logdets, x, cfg.noise_std) if self.denoiser_params else None
             (losses["loss"] / cfg.acc).backward()
             if target is not None:
                 with self.autocast():
                     pred = self.train_model(x.detach(), y, mode="denoise")
-                    losses["loss_denoiser"] = torch.nn.functional.mse_loss(pred.float(), target)
+                    losses["loss_denoiser"] = recipe.denoiser_loss(pred, target)
                 (losses["loss_denoiser"] / cfg.acc).backward()
         return {k: v.detach().float() for k, v in losses.items()}
 
@@ -346,7 +332,6 @@ class Run:
         self.model.train()
         if not self.main:
             return None
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
         path = os.path.join(self.run_dir, "samples", f"{tag}.png")
         if out.frames is not None:  # PNG: one row of frames per video; MP4: the videos tiled
             clips = [np.stack([np.asarray(f) for f in clip]) for clip in out.frames]
@@ -354,9 +339,8 @@ class Run:
             write_video(path[:-4] + ".mp4", make_grid(clips)[0], max(1, round(out.fps or 8)))
         else:
             grid, _ = make_grid([np.asarray(im) for im in out.images])
-        Image.fromarray(grid).save(path)
-        with open(os.path.join(self.run_dir, "samples", f"{tag}.txt"), "w") as f:
-            f.write("\n".join(captions) + "\n")
+        write_png(path, grid)
+        write_text(os.path.join(self.run_dir, "samples", f"{tag}.txt"), "\n".join(captions) + "\n")
         return path
 
 
@@ -374,90 +358,116 @@ def setup_wandb(run, enabled):
     return wb
 
 
+class TrainLoop:
+    """The loop around a Run: accumulation, progress bar, metrics file and wandb, samples and checkpoints at their
+    intervals, and the final save."""
+
+    def __init__(self, run):
+        self.run, cfg = run, run.cfg
+        if run.main:
+            os.makedirs(run.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
+        self.wb = setup_wandb(run, cfg.wandb and not cfg.dry_run)
+        self.metrics = open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if run.main and not cfg.dry_run else None
+        total = cfg.epochs * run.steps_per_epoch
+        stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
+        self.first_captions, self.tick = None, time.time()
+        self.micro_index = run.step * cfg.acc
+        self.reported = len(run.skipped_files)
+
+    def __call__(self):
+        run, pending = self.run, []
+        run.model.train()
+        for batch in run.batches():
+            if batch is None:  # epoch end
+                pending = []
+                self.end_epoch()
+                continue
+            pending.append(batch)
+            self.first_captions = self.first_captions or batch[1]
+            if len(pending) < run.cfg.acc:
+                continue
+            metrics = run.optimizer_step(pending, self.micro_index)
+            self.micro_index += len(pending)
+            pending = []
+            if self.after_step(metrics):
+                break
+        self.finish()
+
+    def after_step(self, m):
+        """Log one optimizer step, then sample / stop / checkpoint as configured; True ends training."""
+        run, cfg = self.run, self.run.cfg
+        now = time.time()
+        m.update(step=run.step, epoch=run.epoch, samples_per_s=cfg.batch_size / max(now - self.tick, 1e-9))
+        self.tick = now
+        if self.metrics:
+            self.metrics.write(json.dumps(m) + "\n")
+            self.metrics.flush()
+        self.bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step == 1:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
+            if self.wb:
+                self.wb.log(m, step=run.step)
+        if len(run.skipped_files) > self.reported and run.main:
+            new = sorted(run.skipped_files)[self.reported:]
+            tqdm.write(f"skipped {len(new)} unreadable file(s): {', '.join(new[:5])}")
+            self.reported = len(run.skipped_files)
+        if cfg.dry_run:
+            path = run.sample(self.first_captions, "dry_run")
+            if run.main:
+                print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {path}")
+            return True
+        if cfg.sample_every and run.step % cfg.sample_every == 0:
+            self.log_sample(f"step_{run.step:07d}")
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            return True
+        if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
+            run.save()
+        return False
+
+    def end_epoch(self):
+        """Sample and checkpoint after an epoch (run.epoch already counts the finished one)."""
+        run, cfg = self.run, self.run.cfg
+        done = run.epoch - 1
+        if cfg.sample_freq and done % cfg.sample_freq == 0:
+            self.log_sample(f"epoch_{run.epoch:04d}")
+        path = run.save()
+        if run.main and cfg.save_every and done % cfg.save_every == 0:
+            save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
+
+    def log_sample(self, tag):
+        path = self.run.sample(self.first_captions, tag)
+        if path and self.run.main:
+            tqdm.write(f"sample grid: {path}")
+            if self.wb:
+                import wandb
+                self.wb.log({"train_samples": wandb.Image(path)}, step=self.run.step)
+
+    def finish(self):
+        run = self.run
+        self.bar.close()
+        if not run.cfg.dry_run:
+            path = run.save() if run.saved_step != run.step else run.saved_path
+            if run.main:
+                print(f"saved {path}/model.safetensors (step {run.step})")
+        report_skips(run)
+        if self.wb:
+            self.wb.finish()
+        if self.metrics:
+            self.metrics.close()
+
+
 def train(cfg, info):
     run = Run(cfg, info)
-    if run.main:
-        os.makedirs(run.run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
-    wb = setup_wandb(run, cfg.wandb and not cfg.dry_run)
-    metrics_file = open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if run.main and not cfg.dry_run else None
-    total_steps = cfg.epochs * run.steps_per_epoch
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    per_step = cfg.batch_size
-    bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
-    run.model.train()
-    pending, first_captions, tick = [], None, time.time()
-    micro_index = run.step * cfg.acc
-    reported = len(run.skipped_files)
-    for batch in run.batches():
-        if batch is not None:
-            pending.append(batch)
-            first_captions = first_captions or batch[1]
-            if len(pending) < cfg.acc:
-                continue
-            m = run.optimizer_step(pending, micro_index)
-            micro_index += len(pending)
-            pending = []
-            now = time.time()
-            m.update(step=run.step, epoch=run.epoch, samples_per_s=per_step / max(now - tick, 1e-9))
-            tick = now
-            if metrics_file:
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            if run.step % cfg.log_every == 0 or run.step == 1:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
-                if wb:
-                    wb.log(m, step=run.step)
-            if len(run.skipped_files) > reported and run.main:
-                new = sorted(run.skipped_files)[reported:]
-                tqdm.write(f"skipped {len(new)} unreadable file(s): {', '.join(new[:5])}")
-                reported = len(run.skipped_files)
-            if cfg.dry_run:
-                path = run.sample(first_captions, "dry_run")
-                if run.main:
-                    print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {path}")
-                break
-            if cfg.sample_every and run.step % cfg.sample_every == 0:
-                log_sample(run, wb, first_captions, f"step_{run.step:07d}")
-            if cfg.max_steps and run.step >= cfg.max_steps:
-                break
-            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
-                run.save()
-        else:  # epoch end (run.epoch already counts the finished epoch)
-            pending = []
-            done = run.epoch - 1
-            if cfg.sample_freq and done % cfg.sample_freq == 0:
-                log_sample(run, wb, first_captions, f"epoch_{run.epoch:04d}")
-            path = run.save()
-            if run.main and cfg.save_every and done % cfg.save_every == 0:
-                save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
-    bar.close()
-    if not cfg.dry_run:
-        path = run.save() if run.saved_step != run.step else run.saved_path
-        if run.main:
-            print(f"saved {path}/model.safetensors (step {run.step})")
-    report_skips(run)
-    if wb:
-        wb.finish()
-    if metrics_file:
-        metrics_file.close()
+    TrainLoop(run)()
     return run
 
 
 def save_weights_copy(checkpoint_dir, dest):
     """Keep a numbered copy of a checkpoint's weights (copied to a temp name, then renamed)."""
-    shutil.copyfile(os.path.join(checkpoint_dir, "model.safetensors"), dest + ".tmp")
-    os.replace(dest + ".tmp", dest)
-
-
-def log_sample(run, wb, captions, tag):
-    path = run.sample(captions, tag)
-    if path and run.main:
-        tqdm.write(f"sample grid: {path}")
-        if wb:
-            import wandb
-            wb.log({"train_samples": wandb.Image(path)}, step=run.step)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(os.path.join(checkpoint_dir, "model.safetensors"), tmp)
 
 
 def report_skips(run):

@@ -1,8 +1,11 @@
 """STARFlow: a deep-shallow stack of transformer autoregressive affine flows.
 
-The network (norms, attention, MLP, KV cache) comes first; the flow math (MetaBlock: density pass, sequential and
-block-wise Jacobi inversion, guidance) and the model stack (Model) follow. Flow arithmetic runs in float32.
+The flow's structure comes first (FlowConfig and the official presets); then the network (norms, attention, MLP,
+KV cache); then the flow math (MetaBlock: density pass, sequential and block-wise Jacobi inversion, guidance) and
+the model stack (Model). Flow arithmetic runs in float32. The training and sampling recipe around the flow (noise,
+loss weights, denoisers, prompts) lives in utils/recipe.py.
 """
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +21,120 @@ from misc.pe import RotaryEmbedding, apply_rope, grid_positions
 
 SOFTPLUS_OFFSET = math.log(math.e - 1)  # softplus(0 + offset) == 1, so a zero network output is the identity map
 DEPRECATED_KEYS = re.compile(r"^(var|feat_rope\.freqs_(cos|sin)|blocks\.\d+\.attn_mask)$")
+NORM_TYPES = ("layer_norm", "rms_norm")
+SEQ_ORDERS = ("L2R", "R2L")
+# Keywords the official constructor takes for features it never had (or never released); only these values load.
+UNSUPPORTED = {"use_pretrained_lm": (None, "a Gemma top block (its weights were never released)"),
+               "use_mm_attn": (False, "multimodal attention (it had no effect in the original either)")}
+
+
+# ------------------------------------------------------------------------------------------------ structure
+
+@dataclass
+class FlowConfig:
+    """The structure of a STARFlow model; Model(FlowConfig(...)) or Model(**official_keywords) builds it."""
+    in_channels: int  # latent channels C of the data (4 for SD-VAE, 48 for Wan2.2, 3 or 1 in pixel space)
+    img_size: int  # latent side the model is built for; sets the learned position table (rope off) and pt_seq_len
+    patch_size: int  # p: p x p latent patches become one token of p*p*C values
+    channels: int  # transformer width of every step (the deep step: top_block_channels when set)
+    num_blocks: int  # flow steps K, shallow ones first (data side), the deep one last (noise side)
+    layers_per_block: list  # transformer layers of each step, e.g. [2, 2, 2, 2, 2, 24]; 0 makes an identity step
+    head_dim: int = 64  # attention head width
+    num_heads: int = None  # attention heads; None = width // head_dim
+    num_kv_heads: int = None  # key/value heads (grouped-query attention); None = num_heads
+    rope: bool = False  # rotary positions over (row, col[, frame]) instead of a learned position table
+    pt_seq_len: int = None  # RoPE grid length the mean side is stretched to; None = img_size // patch_size
+    sos: bool = False  # a learned start token, so that the first token is transformed too (Jacobi needs it)
+    txt_size: int = 0  # text tokens of the prompt prefix (0 = unconditional)
+    txt_dim: int = 0  # width of the text encoder's states (2048 for flan-t5-xl)
+    cond_top_only: bool = False  # only the deep step sees the text; shallow steps are unconditional
+    use_softplus: bool = False  # sigma = softplus(a + log(e - 1)) instead of exp(a)
+    use_swiglu: bool = False  # gated (tanh-GELU) MLP instead of Linear-GELU-Linear
+    use_bias: bool = True  # biases in attention and gated-MLP projections
+    use_qk_norm: bool = False  # RMS-normalise queries and keys per head
+    use_post_norm: bool = False  # RMSNorm after attention and MLP (sandwich layers)
+    use_final_norm: bool = False  # RMSNorm before each step's output projection
+    hf_style_rope: bool = False  # rotate (i, i + d/2) pairs (Hugging Face convention) instead of (2i, 2i + 1)
+    norm_type: str = "layer_norm"  # pre-norm of every layer: layer_norm or rms_norm
+    use_checkpoint: int = 0  # activation-checkpoint the attention of every N-th layer in training (0 = off)
+    use_checkpoint_mlp: int = None  # the same for MLPs; None = use_checkpoint
+    soft_clip: float = 0.0  # squash step outputs to s * tanh(o / s) (0 = off)
+    seq_order: str = "R2L"  # token order of the last step: L2R raster order or R2L reversed; steps alternate
+    learnable_self_denoiser: bool = False  # add the 8-layer bidirectional denoiser STARFlow-V trains alongside
+    conditional_denoiser: bool = False  # the denoiser sees the text too
+    temporal_causal: int = 0  # video: reverse tokens inside each frame so the flow stays causal in time (> 0);
+    #                           also the denoiser's look-ahead in frames (1 causal, 2 one frame ahead)
+    top_block_channels: int = None  # a wider deep step (4096 in the 7B model); None = channels
+    shallow_block_local: bool = False  # video: shallow steps act on each frame alone
+    denoiser_window: int = None  # video: latent frames the denoiser looks back; None = all
+    local_attn_window: int = None  # video: latent frames the deep step attends to (sliding window); None = all
+
+    def __post_init__(self):
+        if isinstance(self.layers_per_block, int):
+            self.layers_per_block = [self.layers_per_block] * self.num_blocks
+        self.layers_per_block = list(self.layers_per_block)
+        for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "head_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if len(self.layers_per_block) != self.num_blocks:
+            raise ValueError(f"layers_per_block has {len(self.layers_per_block)} entries for "
+                             f"num_blocks={self.num_blocks}")
+        if any(n < 0 for n in self.layers_per_block) or self.layers_per_block[-1] < 1:
+            raise ValueError(f"layers_per_block {self.layers_per_block}: counts must be >= 0 and the deep step "
+                             f"(the last) needs at least one layer")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {self.norm_type!r}")
+        if self.seq_order not in SEQ_ORDERS:
+            raise ValueError(f"seq_order must be 'L2R' or 'R2L', got {self.seq_order!r}")
+        if self.temporal_causal < 0:
+            raise ValueError(f"temporal_causal must be 0 (off) or a look-ahead of 1 or more, got {self.temporal_causal}")
+        if self.temporal_causal and self.seq_order != "L2R":
+            raise ValueError("temporal_causal needs seq_order 'L2R'")
+        if self.local_attn_window and not self.shallow_block_local:
+            raise ValueError("local_attn_window needs shallow_block_local (the window applies to the deep block only)")
+        if self.shallow_block_local and not self.cond_top_only:
+            raise ValueError("shallow_block_local needs cond_top_only (frame-local steps see no text)")
+        for name in ("channels", "top_block_channels"):
+            width = getattr(self, name)
+            if width and self.num_heads is None and width % self.head_dim:
+                raise ValueError(f"{name} {width} is not a multiple of head_dim {self.head_dim}; "
+                                 f"set num_heads or change head_dim")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs):
+        """The official Model constructor's keywords -> FlowConfig; features it never had refuse other values."""
+        for name, (allowed, what) in UNSUPPORTED.items():
+            value = kwargs.pop(name, allowed)
+            if bool(value) != bool(allowed):
+                raise ValueError(f"{name}={value!r} asks for {what}, which is not supported; leave it at {allowed}")
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown Model keywords: {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+def STARFlow_3B_T2I_256(**overrides):
+    """The official 3B text-to-image model (3,858,281,544 parameters): 256x256 px through the SD VAE (32x32x4
+    latents), flan-t5-xl text in the deep step, five 2-layer shallow steps and a 24-layer deep step, 3072 wide."""
+    return FlowConfig(**dict(dict(
+        in_channels=4, img_size=32, patch_size=1, channels=3072, num_blocks=6, layers_per_block=[2, 2, 2, 2, 2, 24],
+        rope=True, sos=True, txt_size=128, txt_dim=2048, cond_top_only=True, use_softplus=True, use_final_norm=True,
+        soft_clip=4.0, seq_order="L2R"), **overrides))
+
+
+def STARFlowV_7B_T2V_480p(**overrides):
+    """The official 7B text-to-video model (6,890,096,528 parameters): 480p clips through the Wan2.2 VAE (48
+    channels, 16x in space, 4x in time), causal in time, frame-local shallow steps, a 4096-wide deep step and
+    the text-conditioned learnable self-denoiser."""
+    return FlowConfig(**dict(dict(
+        in_channels=48, img_size=40, patch_size=1, channels=3072, num_blocks=6, layers_per_block=[2, 2, 2, 2, 2, 24],
+        rope=True, pt_seq_len=32, sos=True, txt_size=256, txt_dim=2048, cond_top_only=True, use_softplus=True,
+        use_final_norm=True, use_checkpoint=1, use_checkpoint_mlp=1, soft_clip=4.0, seq_order="L2R",
+        learnable_self_denoiser=True, conditional_denoiser=True, temporal_causal=2, top_block_channels=4096,
+        shallow_block_local=True, denoiser_window=10), **overrides))
+
+
+PRESETS = {"starflow-3b-t2i-256": STARFlow_3B_T2I_256, "starflow-v-7b-t2v-480p": STARFlowV_7B_T2V_480p}
 
 
 # ----------------------------------------------------------------------------------------------------- network
@@ -37,7 +154,11 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(norm_type, dim):
-    return {"layer_norm": lambda: nn.LayerNorm(dim), "rms_norm": lambda: RMSNorm(dim)}.get(norm_type, nn.Identity)()
+    if norm_type == "layer_norm":
+        return nn.LayerNorm(dim)
+    if norm_type == "rms_norm":
+        return RMSNorm(dim)
+    raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {norm_type!r}")
 
 
 class KVCache:
@@ -69,7 +190,7 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with RoPE, qk-norm, post-norm and an optional KV cache."""
 
-    def __init__(self, channels, head_dim, norm_type="layer_norm", num_heads=None, num_kv_heads=None,
+    def __init__(self, channels, *, head_dim, norm_type="layer_norm", num_heads=None, num_kv_heads=None,
                  use_qk_norm=False, use_post_norm=False, use_bias=True, hf_style_rope=False, non_causal=False):
         super().__init__()
         self.head_dim = head_dim
@@ -118,7 +239,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Pre-norm feed-forward: Linear-GELU-Linear, or a tanh-GELU gated unit when use_swiglu."""
 
-    def __init__(self, channels, expansion=4, use_swiglu=False, norm_type="layer_norm", use_post_norm=False,
+    def __init__(self, channels, *, expansion=4, use_swiglu=False, norm_type="layer_norm", use_post_norm=False,
                  use_bias=True):
         super().__init__()
         hidden = int(channels * expansion)
@@ -144,13 +265,15 @@ class MLP(nn.Module):
 class AttentionBlock(nn.Module):
     """A pre-norm transformer layer over the joint sequence [text; image]; the unit that FSDP shards."""
 
-    def __init__(self, channels, head_dim, expansion=4, use_swiglu=False, norm_type="layer_norm", num_heads=None,
+    def __init__(self, channels, *, head_dim, expansion=4, use_swiglu=False, norm_type="layer_norm", num_heads=None,
                  num_kv_heads=None, use_qk_norm=False, use_post_norm=False, use_bias=True, hf_style_rope=False,
                  non_causal=False, checkpoint_attn=False, checkpoint_mlp=False):
         super().__init__()
-        self.attention = Attention(channels, head_dim, norm_type, num_heads, num_kv_heads, use_qk_norm,
-                                   use_post_norm, use_bias, hf_style_rope, non_causal)
-        self.mlp = MLP(channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias)
+        self.attention = Attention(channels, head_dim=head_dim, norm_type=norm_type, num_heads=num_heads,
+                                   num_kv_heads=num_kv_heads, use_qk_norm=use_qk_norm, use_post_norm=use_post_norm,
+                                   use_bias=use_bias, hf_style_rope=hf_style_rope, non_causal=non_causal)
+        self.mlp = MLP(channels, expansion=expansion, use_swiglu=use_swiglu, norm_type=norm_type,
+                       use_post_norm=use_post_norm, use_bias=use_bias)
         self.checkpoint_attn, self.checkpoint_mlp = checkpoint_attn, checkpoint_mlp
 
     def forward(self, x, text=None, rope=None, mask=None, cache=None, layer=0, temp=1.0):
@@ -167,7 +290,7 @@ class AttentionBlock(nn.Module):
 class Trunk(nn.Module):
     """proj_in -> transformer layers over [text; tokens] -> final norm -> proj_out, shared by flow and denoiser."""
 
-    def __init__(self, in_channels, out_channels, channels, num_layers, head_dim=64, num_heads=None,
+    def __init__(self, in_channels, out_channels, channels, num_layers, *, head_dim=64, num_heads=None,
                  num_kv_heads=None, txt_dim=0, use_swiglu=False, use_qk_norm=False, use_post_norm=False,
                  use_final_norm=False, use_bias=True, hf_style_rope=False, norm_type="layer_norm", use_checkpoint=0,
                  use_checkpoint_mlp=None, non_causal=False, expansion=4):
@@ -178,8 +301,10 @@ class Trunk(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # every flow step (and the denoiser) starts as the identity
         self.proj_txt = nn.Linear(txt_dim, channels) if txt_dim else None
         self.attn_blocks = nn.ModuleList([
-            AttentionBlock(channels, head_dim, expansion, use_swiglu, norm_type, num_heads, num_kv_heads, use_qk_norm,
-                           use_post_norm, use_bias, hf_style_rope, non_causal,
+            AttentionBlock(channels, head_dim=head_dim, expansion=expansion, use_swiglu=use_swiglu,
+                           norm_type=norm_type, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                           use_qk_norm=use_qk_norm, use_post_norm=use_post_norm, use_bias=use_bias,
+                           hf_style_rope=hf_style_rope, non_causal=non_causal,
                            checkpoint_attn=use_checkpoint > 0 and (i + 1) % use_checkpoint == 0,
                            checkpoint_mlp=bool(ckpt_mlp) and ckpt_mlp > 0 and (i + 1) % ckpt_mlp == 0)
             for i in range(num_layers)])
@@ -235,6 +360,22 @@ class DecodeSchedule:
 SEQUENTIAL = DecodeSchedule()
 
 
+@dataclass
+class _Decoding:
+    """What MetaBlock.inverse carries from one chunk to the next."""
+    buffer: torch.Tensor  # (B', 1 + L, D) with SOS, or (B', L, D): decoded tokens in generation order
+    noise: torch.Tensor  # (B', steps, D): the noise each step turns into a token
+    steps: int
+    text: torch.Tensor
+    text_len: int
+    rope: tuple
+    temp: float
+    frames: int
+    frame_len: int
+    cache: KVCache
+    offset: int = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
+
+
 def jacobi_schedule(block_size, max_iter, threshold):
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
 
@@ -251,7 +392,7 @@ def all_ranks_agree(flag):
 class MetaBlock(Trunk):
     """One autoregressive affine flow step: z_i = (x_i - mu_i) / sigma_i with (mu_i, sigma_i) from x_<i."""
 
-    def __init__(self, in_channels, channels, img_size, permutation="identity", num_layers=1, sos=False, rope=True,
+    def __init__(self, in_channels, channels, *, img_size, permutation="identity", num_layers=1, sos=False, rope=True,
                  use_softplus=False, soft_clip=0.0, **trunk_kwargs):
         super().__init__(in_channels, 2 * in_channels, channels, num_layers, **trunk_kwargs)
         self.permutation = permutation
@@ -303,65 +444,83 @@ class MetaBlock(Trunk):
         prefix: known leading raster tokens (B, P, D) to continue. window/context (tokens): decode with the last
         `window` tokens visible, re-encoding the last `context` generated tokens from SOS when the window slides.
         """
-        B, L, D = z.shape
-        frame_len = L // frames
+        B, L, _ = z.shape
+        if window is not None and self.sos_embed is None:
+            raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
+        d = self._begin_decode(z, text, rope, frames, guidance, temp, window)
+        start = 0 if prefix is None else self._continue_prefix(d, prefix)
+        target = d.steps if window is None else min(d.steps, window)
+        while start < d.steps:
+            if start == target:
+                target = min(d.steps, target + window - context)
+                self._slide_window(d, start, context)
+            first_frame = start <= d.frame_len
+            chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
+            self._decode_chunk(d, start, chunk, schedule, guidance)
+            start += chunk
+        x = d.buffer[:B, 1:] if self.sos_embed is not None else d.buffer[:B]
+        return permute(x, self.permutation, frames)
+
+    def _begin_decode(self, z, text, rope, frames, guidance, temp, window):
+        """The decoding state: token buffer, noise in generation order, and a KV cache holding the text prefix."""
+        L = z.shape[1]
         z = permute(z.float(), self.permutation, frames)
         if guidance > 0:
             z = torch.cat([z, z])
-        sos = self.sos_embed is not None
         # buffer[i + 1] = mu_i + sigma_i * noise[i], where (mu_i, sigma_i) comes from buffer[0..i]
-        if sos:
+        if self.sos_embed is not None:
             buffer, noise = torch.cat([self.sos_embed.float().expand(len(z), 1, -1), z], 1), z
         else:
             buffer, noise = z.clone(), z[:, 1:]
         steps = noise.shape[1]
-        if window is not None and not sos:
-            raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
-        text_len = text.shape[1] if text is not None and self.has_text else 0
-        cache = KVCache(text_len + (min(window, steps) if window else steps))
         text = text if self.has_text else None
-        self.prefill(cache, text, rope, temp)
+        text_len = 0 if text is None else text.shape[1]
+        d = _Decoding(buffer=buffer, noise=noise, steps=steps, text=text, text_len=text_len, rope=rope, temp=temp,
+                      frames=frames, frame_len=L // frames,
+                      cache=KVCache(text_len + (min(window, steps) if window else steps)))
+        self.prefill(d.cache, text, rope, temp)
+        return d
 
-        start = 0
-        if prefix is not None:
-            if self.permutation == "flip":
-                raise ValueError("continuing observed frames needs a temporally causal model (temporal_causal > 0)")
-            known = permute(prefix.float(), self.permutation, prefix.shape[1] // frame_len)
-            known = torch.cat([known] * (len(z) // len(known)))
-            buffer[:, int(sos):int(sos) + known.shape[1]] = known
-            start = known.shape[1] - (0 if sos else 1)
-            self.encode_context(cache, buffer[:, :start], rope, text_len, temp, frames, frame_len)
-        offset = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
-        target = steps if window is None else min(steps, window)
-        while start < steps:
-            if start == target:
-                target = min(steps, target + window - context)
-                cache = KVCache(cache.max_len)
-                self.prefill(cache, text, rope, temp)
-                self.encode_context(cache, torch.cat([buffer[:, :1], buffer[:, start - context + 1:start]], 1),
-                                    rope, text_len, temp, frames, frame_len)
-                offset = start - context
-            chunk = min(schedule.block_size if start <= frame_len else schedule.later_block_size, target - start)
-            for it in range(schedule.max_iter):
-                inp = buffer[:, start:start + chunk]
-                if it == 0 and start > frame_len and chunk > 1:
-                    # the same tokens one frame earlier are a better first guess than noise
-                    inp = torch.cat([inp[:, :1], buffer[:, start + 1 - frame_len:start + chunk - frame_len]], 1)
-                mu, sigma = self.step(inp, None, rope, text_len + start - offset, cache, temp, frames, frame_len)
-                if guidance > 0:
-                    mu, sigma = guide(mu, sigma, guidance)
-                new = mu + sigma * noise[:, start:start + chunk]
-                last = it == schedule.max_iter - 1
-                done = last or all_ranks_agree(
-                    ((new - buffer[:, start + 1:start + 1 + chunk]).pow(2).mean() / new.pow(2).mean()).item()
-                    < schedule.threshold)
-                buffer[:, start + 1:start + 1 + chunk] = new
-                if done:
-                    cache.commit(chunk)
-                    break
-            start += chunk
-        x = buffer[:B, 1:] if sos else buffer[:B]
-        return permute(x, self.permutation, frames)
+    def _continue_prefix(self, d, prefix):
+        """Writes known leading tokens into the buffer and teacher-forces them into the cache; returns the first
+        step still to decode."""
+        if self.permutation == "flip":
+            raise ValueError("continuing observed frames needs a temporally causal model (temporal_causal > 0)")
+        known = permute(prefix.float(), self.permutation, prefix.shape[1] // d.frame_len)
+        known = torch.cat([known] * (len(d.buffer) // len(known)))
+        sos = int(self.sos_embed is not None)
+        d.buffer[:, sos:sos + known.shape[1]] = known
+        start = known.shape[1] - (1 - sos)
+        self.encode_context(d.cache, d.buffer[:, :start], d.rope, d.text_len, d.temp, d.frames, d.frame_len)
+        return start
+
+    def _slide_window(self, d, start, context):
+        """A fresh cache for the next window: text, SOS, then the last `context` decoded tokens re-encoded."""
+        d.cache = KVCache(d.cache.max_len)
+        self.prefill(d.cache, d.text, d.rope, d.temp)
+        self.encode_context(d.cache, torch.cat([d.buffer[:, :1], d.buffer[:, start - context + 1:start]], 1),
+                            d.rope, d.text_len, d.temp, d.frames, d.frame_len)
+        d.offset = start - context
+
+    def _decode_chunk(self, d, start, chunk, schedule, guidance):
+        """Fixed-point iterations on tokens [start, start + chunk) until they stop changing; then into the cache."""
+        for it in range(schedule.max_iter):
+            inp = d.buffer[:, start:start + chunk]
+            if it == 0 and start > d.frame_len and chunk > 1:
+                # the same tokens one frame earlier are a better first guess than noise
+                inp = torch.cat([inp[:, :1], d.buffer[:, start + 1 - d.frame_len:start + chunk - d.frame_len]], 1)
+            mu, sigma = self.step(inp, None, d.rope, d.text_len + start - d.offset, d.cache, d.temp, d.frames,
+                                  d.frame_len)
+            if guidance > 0:
+                mu, sigma = guide(mu, sigma, guidance)
+            new = mu + sigma * d.noise[:, start:start + chunk]
+            old = d.buffer[:, start + 1:start + 1 + chunk]
+            done = it == schedule.max_iter - 1 or all_ranks_agree(
+                ((new - old).pow(2).mean() / new.pow(2).mean()).item() < schedule.threshold)
+            d.buffer[:, start + 1:start + 1 + chunk] = new
+            if done:
+                d.cache.commit(chunk)
+                return
 
     def prefill(self, cache, text, rope, temp):
         """Writes the text prefix into the cache (causal among text tokens)."""
@@ -391,7 +550,7 @@ class IdentityFlow(nn.Module):
 class NonCausalBlock(Trunk):
     """The learnable self-denoiser: a bidirectional (or frame-windowed) transformer predicting a score step."""
 
-    def __init__(self, in_channels, channels, num_layers=8, block_causal=0, window=None, **trunk_kwargs):
+    def __init__(self, in_channels, channels, *, num_layers=8, block_causal=0, window=None, **trunk_kwargs):
         super().__init__(in_channels, in_channels, channels, num_layers, non_causal=True, **trunk_kwargs)
         self.block_causal, self.window = block_causal, window
 
@@ -414,57 +573,45 @@ class NonCausalBlock(Trunk):
 
 
 class Model(nn.Module):
-    """STARFlow: K flow steps on patchified latents; shallow steps first (data side), the deep text step last."""
+    """STARFlow: K flow steps on patchified latents; shallow steps first (data side), the deep text step last.
 
-    def __init__(self, in_channels, img_size, patch_size, channels, num_blocks, layers_per_block, head_dim=64,
-                 num_heads=None, num_kv_heads=None, rope=False, pt_seq_len=None, sos=False, txt_size=0, txt_dim=0,
-                 cond_top_only=False, use_softplus=False, use_swiglu=False, use_bias=True, use_qk_norm=False,
-                 use_post_norm=False, use_final_norm=False, hf_style_rope=False, norm_type="layer_norm",
-                 use_checkpoint=0, use_checkpoint_mlp=None, soft_clip=0, seq_order="R2L",
-                 learnable_self_denoiser=False, conditional_denoiser=False, temporal_causal=0,
-                 top_block_channels=None, shallow_block_local=False, denoiser_window=None, local_attn_window=None):
+    Model(FlowConfig(...)), Model(STARFlow_3B_T2I_256()) or Model(**official_constructor_keywords).
+    """
+
+    def __init__(self, config=None, **kwargs):
         super().__init__()
-        if isinstance(layers_per_block, int):
-            layers_per_block = [layers_per_block] * num_blocks
-        if len(layers_per_block) != num_blocks:
-            raise ValueError(f"layers_per_block has {len(layers_per_block)} entries for num_blocks={num_blocks}")
-        if seq_order not in ("L2R", "R2L"):
-            raise ValueError(f"seq_order must be 'L2R' or 'R2L', got {seq_order!r}")
-        if temporal_causal and seq_order != "L2R":
-            raise ValueError("temporal_causal needs seq_order 'L2R'")
-        if local_attn_window and not shallow_block_local:
-            raise ValueError("local_attn_window needs shallow_block_local (the window applies to the deep block only)")
-        if shallow_block_local and not cond_top_only:
-            raise ValueError("shallow_block_local needs cond_top_only (frame-local steps see no text)")
-        self.in_channels, self.patch_size, self.txt_size = in_channels, patch_size, txt_size
-        self.pt_seq_len = pt_seq_len or img_size // patch_size
-        self.cond_top_only, self.shallow_block_local = cond_top_only, shallow_block_local
-        self.local_attn_window = local_attn_window
-        token_dim = in_channels * patch_size ** 2
-        base = dict(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, use_swiglu=use_swiglu,
-                    use_qk_norm=use_qk_norm, use_post_norm=use_post_norm, use_final_norm=use_final_norm,
-                    use_bias=use_bias, hf_style_rope=hf_style_rope, norm_type=norm_type,
-                    use_checkpoint=use_checkpoint, use_checkpoint_mlp=use_checkpoint_mlp)
-        flow = dict(img_size=img_size // patch_size, sos=sos, rope=rope, use_softplus=use_softplus,
-                    soft_clip=soft_clip)
-        orders = ["identity", "flip_in_frame" if temporal_causal else "flip"]
+        if config is not None and kwargs:
+            raise TypeError("pass either a FlowConfig or the constructor keywords, not both")
+        c = self.config = config if config is not None else FlowConfig.from_kwargs(**kwargs)
+        self.in_channels, self.patch_size, self.txt_size = c.in_channels, c.patch_size, c.txt_size
+        self.pt_seq_len = c.pt_seq_len or c.img_size // c.patch_size
+        self.cond_top_only, self.shallow_block_local = c.cond_top_only, c.shallow_block_local
+        self.local_attn_window = c.local_attn_window
+        token_dim = c.in_channels * c.patch_size ** 2
+        layer = dict(head_dim=c.head_dim, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                     use_swiglu=c.use_swiglu, use_qk_norm=c.use_qk_norm, use_post_norm=c.use_post_norm,
+                     use_final_norm=c.use_final_norm, use_bias=c.use_bias, hf_style_rope=c.hf_style_rope,
+                     norm_type=c.norm_type, use_checkpoint=c.use_checkpoint, use_checkpoint_mlp=c.use_checkpoint_mlp)
+        flow = dict(img_size=c.img_size // c.patch_size, sos=c.sos, rope=c.rope, use_softplus=c.use_softplus,
+                    soft_clip=c.soft_clip)
+        orders = ["identity", "flip_in_frame" if c.temporal_causal else "flip"]
         blocks = []
-        for i, layers in enumerate(layers_per_block):
-            order = orders[(i + (seq_order == "L2R")) % 2]
-            if i < num_blocks - 1:
+        for i, layers in enumerate(c.layers_per_block):
+            order = orders[(i + (c.seq_order == "L2R")) % 2]
+            if i < c.num_blocks - 1:
                 blocks.append(IdentityFlow() if layers == 0 else MetaBlock(
-                    token_dim, channels, permutation=order, num_layers=layers,
-                    txt_dim=0 if cond_top_only else txt_dim, **flow, **base))
+                    token_dim, c.channels, permutation=order, num_layers=layers,
+                    txt_dim=0 if c.cond_top_only else c.txt_dim, **flow, **layer))
             else:
-                top = top_block_channels or channels
-                top_kwargs = dict(base, num_heads=num_heads or (top // head_dim if top != channels else None))
-                blocks.append(MetaBlock(token_dim, top, permutation=order, num_layers=layers, txt_dim=txt_dim,
-                                        **flow, **top_kwargs))
+                top = c.top_block_channels or c.channels
+                top_layer = dict(layer, num_heads=c.num_heads or (top // c.head_dim if top != c.channels else None))
+                blocks.append(MetaBlock(token_dim, top, permutation=order, num_layers=layers, txt_dim=c.txt_dim,
+                                        **flow, **top_layer))
         self.blocks = nn.ModuleList(blocks)
-        self.rope = RotaryEmbedding(head_dim) if rope else None
+        self.rope = RotaryEmbedding(c.head_dim) if c.rope else None
         self.learnable_self_denoiser = NonCausalBlock(
-            token_dim, channels, 8, block_causal=temporal_causal, window=denoiser_window,
-            txt_dim=txt_dim if conditional_denoiser else 0, **base) if learnable_self_denoiser else None
+            token_dim, c.channels, num_layers=8, block_causal=c.temporal_causal, window=c.denoiser_window,
+            txt_dim=c.txt_dim if c.conditional_denoiser else 0, **layer) if c.learnable_self_denoiser else None
 
     # ------------------------------------------------------------------------------------------ layout helpers
     def patchify(self, x):
@@ -589,9 +736,13 @@ class Model(nn.Module):
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)
             z, _, logdets = self(x, y)
-            nll = 0.5 * z.float().pow(2).sum() - sum(ld.sum() for ld in logdets)
-            (grad,) = torch.autograd.grad(nll, x)
+            (grad,) = torch.autograd.grad(self.summed_nll(z, logdets), x)
         return (x - noise_std ** 2 * grad).detach()
+
+    @staticmethod
+    def summed_nll(z, logdets):
+        """-log p(x | y) of the whole batch without the Gaussian constant; its gradient in x is minus the score."""
+        return 0.5 * z.float().pow(2).sum() - sum(ld.float().sum() for ld in logdets)
 
     @staticmethod
     def get_loss(z, logdets, outputs=None, weights=None, latent_norm_regularization=0.0):

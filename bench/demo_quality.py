@@ -12,7 +12,6 @@ Prints a table and writes <out_dir>/demo_quality.json and a sample grid (rows: d
 """
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -29,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.files import write_json  # noqa: E402
+from utils.image import write_png  # noqa: E402
 from utils.pipeline import STARFlowPipeline  # noqa: E402
 
 COLOUR_NAMES = list(COLOURS)
@@ -137,7 +138,7 @@ def save_grid(images, prompts, per_combo, holdout, path, zoom=4, pad=4):
         canvas.paste(Image.fromarray(cell).resize((w, h), Image.NEAREST), (left, top))
         if (digit, colour) in holdout:
             draw.rectangle((left - 2, top - 2, left + w + 1, top + h + 1), outline=(128, 128, 128), width=2)
-    canvas.save(path)
+    write_png(path, np.asarray(canvas))
 
 
 @torch.no_grad()
@@ -233,9 +234,7 @@ def load_demo(checkpoint_path, data_format):
 
 def write_report(report, path):
     """The report as JSON, written atomically."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, report)
     print(f"\nwrote {path}")
 
 

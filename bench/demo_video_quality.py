@@ -26,7 +26,7 @@ from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, moving_digit_size
 from demo_quality import add_common_args, load_demo, train_classifier, write_report  # noqa: E402
 from utils.config import parse_vid_size  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.pipeline import write_video  # noqa: E402
+from utils.image import write_video  # noqa: E402
 
 DIRECTION_NAMES = list(DIRECTIONS)
 

@@ -13,6 +13,7 @@ from PIL import Image
 import dataset
 from utils.config import load_config
 from utils.errors import UserError
+from utils.image import aspect_ratio_to_image_size
 
 
 def _image(w, h, seed):
@@ -121,8 +122,8 @@ def test_aspect_buckets(tmp_path):
         assert len(set(meta["aspect"])) == 1  # one bucket per batch
         shapes[meta["aspect"][0]] = tuple(x.shape[-2:])
     assert shapes == {"16:9": (24, 40), "2:3": (40, 24)}
-    assert dataset.aspect_ratio_to_image_size(256, "16:9", 8) == (192, 344)
-    assert dataset.aspect_ratio_to_image_size(640, "16:9", 16) == (480, 848)
+    assert aspect_ratio_to_image_size(256, "16:9", 8) == (192, 344)
+    assert aspect_ratio_to_image_size(640, "16:9", 16) == (480, 848)
 
 
 def test_video_folder(tmp_path):

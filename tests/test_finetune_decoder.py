@@ -21,7 +21,7 @@ from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import LPIPS, TAP_CHANNELS, load_lpips
 from utils.distributed import DistInfo
 from utils.errors import UserError
-from utils.pipeline import to_uint8
+from utils.image import to_uint8
 from utils.vae import load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

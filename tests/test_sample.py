@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sample
-from utils.pipeline import STARFlowPipeline, load_input_image
+from utils import recipe
+from utils.image import load_image
+from utils.pipeline import STARFlowPipeline
 from utils.vae import load_vae
 
 
@@ -102,7 +104,7 @@ def test_ti2v_keeps_the_image_as_first_latent_frame(tiny_t2v, tmp_path):
         out = run(tiny_t2v, tmp_path / f"out{k}", "--caption", "a cat", "--input_image", path, "--num_samples", 2,
                   "--sample_batch_size", 2, "--cfg", 2, "--save_latents", 1)
         latents.append(load_file(out / "a_cat_latents_0000.safetensors")["noisy_latents"])
-        images.append(vae.encode(load_input_image(str(path), (32, 32)), sample=False))
+        images.append(vae.encode(load_image(str(path), (32, 32)), sample=False))
         assert read_video(out / "a_cat_0001.mp4")[0].shape == (5, 32, 32, 3)
     # same seed, so the first latent frames differ exactly by the difference of the two image latents
     torch.testing.assert_close(latents[0][:, 0] - latents[1][:, 0], (images[0] - images[1]).expand(2, -1, -1, -1),
@@ -115,7 +117,8 @@ def test_long_video_denoiser_windows_cover_every_frame(tiny_t2v):
     pipe = STARFlowPipeline.from_pretrained(tiny_t2v["config"], tiny_t2v["safetensors"])
     pipe.model.denoise = lambda x, y: x.cumsum(1)  # context dependent: depends on the window's earlier frames
     x = torch.randn(3, 5, 48, 2, 2)
-    out = pipe.denoise(x, None, 0.5, learned=True, window=2, batch_size=2)
+    out = recipe.denoise(pipe.model, x, None, 0.5, "learned", torch.float32, window=2,
+                         overlap=pipe.config.denoiser_window, batch_size=2)
     want = torch.cat([x[:, :2] - 0.3 * x[:, :2].cumsum(1)] +
                      [x[:, t:t + 1] - 0.3 * (x[:, t - 1] + x[:, t])[:, None] for t in range(2, 5)], 1)
     torch.testing.assert_close(out, want)

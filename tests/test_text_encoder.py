@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.text_encoder import format_prompt, load_text_encoder
+from utils.recipe import format_prompt
+from utils.text_encoder import load_text_encoder
 
 
 def test_templates_are_the_official_strings():

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
+from utils.files import atomic_path
 
 
 def looks_like_path(name):
@@ -112,16 +113,9 @@ def _few(label, items, limit=6):
 
 
 def save_weights(state, path, metadata=None):
-    """Write a tensor dict as safetensors atomically (temp file + os.replace), so a crash never leaves half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    """Write a tensor dict as safetensors atomically, so a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_model_weights(model, checkpoint, skip=None, assign=False):

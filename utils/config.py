@@ -5,13 +5,27 @@ from pathlib import Path
 import yaml
 
 from utils.errors import UserError
+from utils.files import write_text
 
 
 class Key:
-    """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats') and meaning."""
+    """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats'), meaning, and what it accepts:
+    `choices` (an enumeration) or `low`/`high` (an inclusive range; each value of a list key)."""
 
-    def __init__(self, default, kind, help):
+    def __init__(self, default, kind, help, choices=None, low=None, high=None):
         self.default, self.kind, self.help = default, kind, help
+        self.choices, self.low, self.high = choices, low, high
+
+
+class Compat(Key):
+    """A key of the original release for a feature it did not have (or did not release): it loads with the
+    original's values and refuses any other, so a config never silently asks for what is not built."""
+
+    def __init__(self, default, kind, feature, allowed=None):
+        allowed = tuple(allowed) if allowed is not None else (default,)
+        super().__init__(default, kind, f"accepted for compatibility, only {' or '.join(map(str, allowed))}: "
+                                        f"{feature}", choices=allowed)
+        self.feature = feature
 
 
 # Every flag of the original `train.get_tarflow_parser`, with its default and meaning, then the keys this train.py adds.
@@ -23,7 +37,7 @@ SCHEMA = {
                               "or a folder of .tar shards"),
     "logdir": Key("./logs", "str", "root folder for runs: checkpoints, sample grids, config"),
     "dataset": Key("dummy", "str", "dataset name: run name (wandb job) and file prefixes"),
-    "wds": Key(0, "int", "accepted for compatibility; webdataset shards are detected from --data"),
+    "wds": Compat(0, "int", "shards are detected from --data; 1 requires --data to be webdataset shards", (0, 1)),
     "mix_aspect": Key(0, "int", "aspect-ratio buckets in the loader and aspect-ratio text in prompts"),
     "img_size": Key(32, "int", "pixel reference side; bucket area = img_size^2"),
     "vid_size": Key(None, "str", "'frames:fps' for video training (e.g. '81:16'); None means images"),
@@ -35,23 +49,25 @@ SCHEMA = {
     "secondary_img_size": Key(32, "int", "img_size of the secondary data"),
     "secondary_vid_size": Key(None, "str", "vid_size of the secondary data"),
     "vae": Key(None, "str", "VAE id or folder ('none' trains in pixel space); ':x' suffix = Wan temporal scale"),
-    "vae_decoder_factor": Key(1, "int", "unused (accepted for compatibility)"),
+    "vae_decoder_factor": Compat(1, "int", "another decoder upsampling factor (unused in the original)"),
     "channel_size": Key(3, "int", "latent channels (Model in_channels); with vae none 3 (RGB) or 1 (grey)"),
     "finetuned_vae": Key(None, "str", "fine-tuned VAE decoder id under logdir/vae/ ('none' = off)"),
     "text": Key(None, "str", "text encoder id or folder (google/flan-t5-xl, a MiniLM folder, ...)"),
     "txt_size": Key(0, "int", "text tokens (pad/truncate length); Model txt_size"),
     # model
     "sos": Key(0, "int", "learned start-of-sequence token (needed for Jacobi sampling)"),
-    "seq_order": Key("R2L", "str", "permutation order of the flow blocks (R2L or L2R)"),
+    "seq_order": Key("R2L", "str", "token order of the deep block: L2R (raster) or R2L (reversed)",
+                     choices=("L2R", "R2L")),
     "patch_size": Key(4, "int", "patch size on the latent grid"),
     "channels": Key(512, "int", "transformer width"),
     "top_block_channels": Key(None, "int", "width of the deep (top) block; None = channels"),
-    "blocks": Key(4, "int", "number of flow blocks (ignored when layers_per_block has several values)"),
+    "blocks": Key(4, "int", "number of flow blocks for a single layers_per_block value; with several values it "
+                            "follows their count (and must match it when given)"),
     "layers_per_block": Key([8], "ints", "layers per block, e.g. '2 2 2 2 2 24' (the last is the deep block)"),
     "rope": Key(0, "int", "rotary position embeddings"),
     "pt_seq_len": Key(None, "int", "RoPE base grid length; None = latent side // patch_size"),
-    "adaln": Key(0, "int", "unused (accepted for compatibility)"),
-    "nvp": Key(1, "int", "unused (STARFlow is always affine)"),
+    "adaln": Compat(0, "int", "adaLN conditioning (dead code in the original)"),
+    "nvp": Compat(1, "int", "a volume-preserving flow (STARFlow is always affine)"),
     "use_softplus": Key(0, "int", "softplus scale parameterisation"),
     "cond_top_only": Key(0, "int", "text conditions only the top block"),
     "head_dim": Key(64, "int", "attention head size"),
@@ -62,27 +78,29 @@ SCHEMA = {
     "use_post_norm": Key(0, "int", "post-norm (sandwich) layers"),
     "use_final_norm": Key(0, "int", "final norm before each block's output projection"),
     "use_bias": Key(1, "int", "biases in linear layers"),
-    "norm_type": Key("layer_norm", "str", "layer_norm or rms_norm"),
-    "use_pretrained_lm": Key(None, "str", "gemma3_4b | gemma3_1b | gemma2_2b top block (weights not provided)"),
-    "use_mm_attn": Key(0, "int", "no effect in the original model"),
+    "norm_type": Key("layer_norm", "str", "pre-norm of every layer", choices=("layer_norm", "rms_norm")),
+    "use_pretrained_lm": Compat(None, "str", "a Gemma top block (gemma3_4b, gemma3_1b, gemma2_2b: its weights "
+                                             "were never released)"),
+    "use_mm_attn": Compat(0, "int", "multimodal attention (it had no effect in the original either)"),
     "soft_clip": Key(0, "float", "soft clipping s*tanh(o/s) of block outputs (0 = off)"),
     "learnable_self_denoiser": Key(0, "int", "build and train the 8-layer learnable self-denoiser"),
     "conditional_denoiser": Key(0, "int", "the denoiser also sees the text"),
-    "noise_embed_denoiser": Key(0, "int", "no effect in the original model"),
+    "noise_embed_denoiser": Compat(0, "int", "a noise embedding in the denoiser (no effect in the original)"),
     "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)"),
     "shallow_block_local": Key(0, "int", "shallow blocks act on each video frame separately"),
     "denoiser_window": Key(None, "int", "self-denoiser local window in latent frames"),
     "local_attn_window": Key(None, "int", "deep-block attention window in latent frames"),
     # objective
     "noise_std": Key(0.3, "float", "std of the Gaussian noise added to latents (train and sample)"),
-    "noise_type": Key("gaussian", "str", "gaussian or uniform (pixel dequantisation)"),
+    "noise_type": Key("gaussian", "str", "training noise: gaussian, or uniform (pixel dequantisation)",
+                      choices=("gaussian", "uniform")),
     "cond_noise_level": Key(0, "int", "'Noise Level N' prompt prefix and loss weight noise_std/0.3"),
     "batch_size": Key(128, "int", "GLOBAL batch size; per-rank batch = batch_size / world_size / acc"),
     "secondary_batch_size": Key(128, "int", "global batch size of the secondary data"),
     "secondary_ratio": Key(0.0, "float", "probability of replacing a batch with a secondary batch"),
     "acc": Key(1, "int", "gradient accumulation steps"),
-    "fp8": Key(0, "int", "unused (accepted for compatibility)"),
-    "use_8bit_adam": Key(0, "int", "unused (accepted for compatibility)"),
+    "fp8": Compat(0, "int", "FP8 training (unused in the original)"),
+    "use_8bit_adam": Compat(0, "int", "8-bit Adam (unused in the original)"),
     "epochs": Key(1000, "int", "training epochs"),
     "epoch_length": Key(50000, "int", "samples per epoch; at most one pass over a folder or MNIST (0 = one full "
                                       "pass); tar shards stream, so there it sets the epoch"),
@@ -95,14 +113,15 @@ SCHEMA = {
     "resume_path": Key(None, "str", "a run folder or checkpoint folder (exact resume) or model weights "
                                     "(.pth/.safetensors; weights only)"),
     "resume_epoch": Key(0, "int", "start epoch when resuming from bare weights"),
-    "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch"),
+    "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch, at most 10% of the scheduled steps"),
     "fsdp": Key(0, "int", "FSDP2 (fully_shard per transformer layer, then the root); 0 = DDP or one process"),
     "fsdp_text_encoder": Key(0, "int", "also shard the frozen text encoder (only with fsdp 1)"),
     "gradient_checkpoint": Key(0, "int", "activation checkpointing of attention (Model use_checkpoint)"),
     "gradient_checkpoint_mlp": Key(None, "int", "activation checkpointing of MLPs (Model use_checkpoint_mlp)"),
-    "compile": Key(0, "int", "unused (accepted for compatibility)"),
+    "compile": Compat(0, "int", "torch.compile of training (unused in the original)"),
     "latent_norm_regularization": Key(0.0, "float", "lambda of the penalty on intermediate flow outputs"),
-    "loss_scaling": Key(1, "int", "gradient scaling for fp16 (bf16/fp32 need none, so it is a no-op there)"),
+    "loss_scaling": Compat(1, "int", "fp16 gradient scaling (training runs in bf16 or fp32, which need none, so "
+                                     "0 and 1 train alike)", (0, 1)),
     "grad_clip": Key(0.0, "float", "gradient-norm clipping threshold (0 = off)"),
     "grad_skip": Key(0, "int", "skip (no optimizer step) updates whose grad norm is > grad_clip after "
                                "grad_skip_after steps; non-finite gradients are always skipped"),
@@ -114,7 +133,8 @@ SCHEMA = {
     "num_samples": Key(4096, "int", "unused by train.py"),
     "sample_batch_size": Key(256, "int", "unused by train.py"),
     # keys added by this train.py
-    "data_format": Key("auto", "str", "auto | folder | wds | video | mnist | colour_mnist | moving_mnist"),
+    "data_format": Key("auto", "str", "where training items come from; auto detects folder, video or wds from --data",
+                       choices=("auto", "folder", "wds", "video", "mnist", "colour_mnist", "moving_mnist")),
     "holdout": Key(None, "str", "colour_mnist: '(digit):(colour)' pairs never shown in training, e.g. '7:red 2:blue'"),
     "num_workers": Key(2, "int", "DataLoader worker processes"),
     "max_steps": Key(0, "int", "stop after this many optimizer steps in total (0 = run all epochs)"),
@@ -240,27 +260,53 @@ def load_config(path=None, overrides=None, extra_keys=None):
         explicit = _parse_tokens(list(overrides or []), schema)
     path = path or explicit.get("model_config_path")
     values = {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in schema.items()}
+    level = {}  # where each set key came from: 1 the YAML, 2 an explicit override
     if path:
         for k, v in _read_yaml(path).items():
             if k not in schema:
                 raise _unknown(k, schema)
-            values[k] = _convert(k, v, schema[k].kind)
+            values[k], level[k] = _convert(k, v, schema[k].kind), 1
         values["model_config_path"] = str(path)
     for k, v in explicit.items():
-        values[k] = _convert(k, v, schema[k].kind)
-    cfg = Config(values)
-    _check(cfg)
-    return cfg
+        values[k], level[k] = _convert(k, v, schema[k].kind), 2
+    for k in level:
+        _validate(k, values[k], schema[k])
+    _check(values, level)
+    return Config(values)
 
 
-def _check(cfg):
-    if cfg.vid_size is not None:
-        parse_vid_size(cfg.vid_size)
+def _validate(key, value, spec):
+    """A given value against its key's enumeration or range (None means 'not set' and always passes)."""
+    if value is None:
+        return
+    if isinstance(spec, Compat) and value not in spec.choices:
+        raise UserError(f"config key '{key}: {value}' asks for {spec.feature}, which is not supported; "
+                        f"remove the key or set it to {' or '.join(map(str, spec.choices))}")
+    if spec.choices is not None and value not in spec.choices:
+        raise UserError(f"config key '{key}' must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
+    for v in value if isinstance(value, list) else [value]:
+        if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high):
+            bounds = (f"between {spec.low} and {spec.high}" if spec.low is not None and spec.high is not None
+                      else f">= {spec.low}" if spec.low is not None else f"<= {spec.high}")
+            raise UserError(f"config key '{key}' must be {bounds}; got {v}")
+
+
+def _check(values, level):
+    """Rules between keys. `blocks` follows a multi-entry layers_per_block, unless it was set where
+    layers_per_block was (or later): then the two must agree."""
+    if values["vid_size"] is not None:
+        parse_vid_size(values["vid_size"])
     for key in ("batch_size", "acc", "img_size", "patch_size", "channels", "epochs"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {getattr(cfg, key)}")
-    if not cfg.layers_per_block:
+        if values[key] is not None and values[key] <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {values[key]}")
+    layers = values["layers_per_block"]
+    if not layers:
         raise UserError("config key 'layers_per_block' needs at least one value, e.g. '2 2 8'")
+    if len(layers) > 1:
+        if level.get("blocks", 0) >= level.get("layers_per_block", 1) and values["blocks"] != len(layers):
+            raise UserError(f"config keys disagree: blocks {values['blocks']} but layers_per_block lists "
+                            f"{len(layers)} blocks ({' '.join(map(str, layers))}); drop blocks or make them match")
+        values["blocks"] = len(layers)
 
 
 def parse_vid_size(vid_size):
@@ -278,18 +324,13 @@ def parse_vid_size(vid_size):
 def save_config(cfg, path):
     """Write a plain-mapping YAML that load_config reads back to an equal Config."""
     values = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(values, sort_keys=False))
 
 
 def model_kwargs(cfg, latent_size, txt_dim=0):
     """Keyword arguments for transformer_flow.Model; latent_size = img_size // VAE factor, txt_dim from the encoder."""
-    layers = list(cfg.layers_per_block)
-    num_blocks = len(layers) if len(layers) > 1 else cfg.blocks
-    if len(layers) == 1:
-        layers = layers * num_blocks
+    num_blocks = cfg.blocks
+    layers = list(cfg.layers_per_block) if len(cfg.layers_per_block) > 1 else list(cfg.layers_per_block) * num_blocks
     return dict(
         in_channels=cfg.channel_size, img_size=latent_size, patch_size=cfg.patch_size, channels=cfg.channels,
         num_blocks=num_blocks, layers_per_block=layers, head_dim=cfg.head_dim, num_heads=cfg.num_heads,

