@@ -483,15 +483,20 @@ def list_shards(data):
 def detect_format(cfg):
     """Resolve data_format 'auto' from --data: tar shards (or a .txt list of them) -> wds, a folder -> video
     (vid_size set) or folder."""
-    if cfg.data_format != "auto":
-        return cfg.data_format
-    data = str(cfg.data)
-    if data.endswith((".tar", ".txt")) or "{" in data or (os.path.isdir(data) and any(Path(data).glob("*.tar"))):
-        return "wds"
-    if not os.path.exists(data):
-        raise UserError(f"data path not found: {data} (pass --data with a folder of captioned images or videos, "
-                        "tar shards, or --data_format mnist / colour_mnist for the built-in digits)")
-    return "video" if cfg.vid_size else "folder"
+    fmt = cfg.data_format
+    if fmt == "auto":
+        data = str(cfg.data)
+        if data.endswith((".tar", ".txt")) or "{" in data or (os.path.isdir(data) and any(Path(data).glob("*.tar"))):
+            fmt = "wds"
+        elif not os.path.exists(data):
+            raise UserError(f"data path not found: {data} (pass --data with a folder of captioned images or videos, "
+                            "tar shards, or --data_format mnist / colour_mnist for the built-in digits)")
+        else:
+            fmt = "video" if cfg.vid_size else "folder"
+    if cfg.wds and fmt != "wds":
+        raise UserError(f"wds: 1 asks for webdataset shards, but --data {cfg.data} is read as {fmt}; point --data "
+                        "at .tar shards or set wds 0")
+    return fmt
 
 
 class TrainData:

@@ -11,11 +11,9 @@ import argparse
 import os
 import sys
 
-import imageio.v2 as imageio
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from extract_images import grid_cells, read_frames, read_layout  # noqa: E402
+from utils.image import write_png, write_video  # noqa: E402
 
 
 def main(argv=None):
@@ -40,9 +38,8 @@ def main(argv=None):
         os.makedirs(name, exist_ok=True)
         cell = frames[:, top:top + h, left:left + w]
         for n, frame in enumerate(cell):
-            imageio.imwrite(os.path.join(name, f"frame_{n:06d}.png"), frame)
-        imageio.mimwrite(name + ".mp4", list(cell), fps=fps or 16, codec="libx264", macro_block_size=1,
-                             quality=None, ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+            write_png(os.path.join(name, f"frame_{n:06d}.png"), frame)
+        write_video(name + ".mp4", cell, fps or 16)
     print(f"wrote {len(boxes)} video(s) to {out_dir}")
     return 0
 

@@ -16,6 +16,9 @@ import sys
 import imageio.v2 as imageio
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.image import write_png, write_video  # noqa: E402
+
 PAD = 2
 DARK = 24  # separators are black; lossy video codecs lift them a little
 
@@ -102,16 +105,15 @@ def main(argv=None):
     cells = [frames[:, t:t + h, left:left + w] for t, left, h, w in (boxes[i] for i in ids)]
     for i, cell in zip(ids, cells):
         if fps is None:
-            imageio.imwrite(f"{stem}_cell{i:02d}.png", cell[0])
+            write_png(f"{stem}_cell{i:02d}.png", cell[0])
         else:
-            imageio.mimwrite(f"{stem}_cell{i:02d}.mp4", list(cell), fps=fps, codec="libx264", macro_block_size=1,
-                             quality=None, ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+            write_video(f"{stem}_cell{i:02d}.mp4", cell, fps)
     if args.ids is not None and fps is None:
         h, w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
         strip = np.zeros((h + 2 * PAD, len(cells) * (w + PAD) + PAD, 3), dtype=np.uint8)
         for k, c in enumerate(cells):
             strip[PAD:PAD + c.shape[1], PAD + k * (w + PAD):PAD + k * (w + PAD) + c.shape[2]] = c[0]
-        imageio.imwrite(f"{stem}_extracted.png", strip)
+        write_png(f"{stem}_extracted.png", strip)
     print(f"wrote {len(cells)} cell(s) to {out_dir}")
     return 0
 

@@ -32,7 +32,6 @@ NCCL_DEBUG=WARN "${launch[@]}" sample.py \
     --cfg 3.6 \
     --aspect_ratio "1:1" \
     --seed 999 \
-    --save_folder 1 \
     --finetuned_vae none \
     --jacobi 1 --jacobi_th 0.001 --jacobi_block_size 16 \
     "${out[@]}" "${extra[@]}"

@@ -35,7 +35,6 @@ NCCL_DEBUG=WARN "${launch[@]}" sample.py \
     --aspect_ratio "16:9" \
     --seed 99 \
     --out_fps 16 \
-    --save_folder 1 \
     --finetuned_vae none \
     --disable_learnable_denoiser 0 \
     --jacobi 1 --jacobi_th 0.001 --jacobi_block_size 32 \

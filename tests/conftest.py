@@ -1,5 +1,8 @@
 """Shared tiny random assets, built once per session in temporary folders (nothing is downloaded).
 
+TINY is the suite's one tiny STARFlow, in config-key names; tiny_model / tiny_inputs (Model level), tiny_flags
+(train.py and sample.py flags) and the tiny_t2i / tiny_t2v fixtures (config YAML + checkpoints) all derive from it.
+
 Fixtures return folders that load with `from_pretrained` exactly like the hub ids they stand in for:
 tiny_t5_dir (T5 encoder + sentencepiece tokenizer trained on the fly), tiny_sd_vae_dir (AutoencoderKL, factor 8),
 tiny_wan22_vae_dir (Wan2.2-style AutoencoderKLWan in a pipeline layout: <dir>/vae), tiny_wan21_vae_dir.
@@ -10,6 +13,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach the hub, even where a network exists
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -91,6 +96,56 @@ def tiny_wan21_vae_dir(tmp_path_factory):
     return str(root)
 
 
+# The one tiny architecture: 3 flow steps of 1, 1 and 2 layers, 32 wide, RoPE, SOS, text in the deep step.
+TINY = dict(patch_size=1, channels=32, layers_per_block=[1, 1, 2], head_dim=16, rope=1, sos=1, txt_size=8,
+            cond_top_only=1, use_softplus=1, use_final_norm=1, soft_clip=4.0, seq_order="L2R")
+TINY_TXT_DIM = 8  # text width at the Model level (the pipeline fixtures take the tiny T5's)
+
+
+def tiny_model(seed=0, in_channels=2, img_size=4, txt_dim=TINY_TXT_DIM, **overrides):
+    """A Model of the TINY architecture (Model keywords may override) with random weights everywhere, so that no
+    term of the computation is trivially zero (a fresh flow is the identity map)."""
+    from transformer_flow import Model
+    keys = dict(TINY, **{k: v for k, v in overrides.items() if k in TINY})
+    kwargs = dict(in_channels=in_channels, img_size=img_size, patch_size=keys["patch_size"], channels=keys["channels"],
+                  num_blocks=len(keys["layers_per_block"]), layers_per_block=keys["layers_per_block"],
+                  head_dim=keys["head_dim"], rope=bool(keys["rope"]), sos=bool(keys["sos"]), txt_size=keys["txt_size"],
+                  txt_dim=txt_dim, cond_top_only=bool(keys["cond_top_only"]),
+                  use_softplus=bool(keys["use_softplus"]), use_final_norm=bool(keys["use_final_norm"]),
+                  soft_clip=keys["soft_clip"], seq_order=keys["seq_order"])
+    kwargs.update({k: v for k, v in overrides.items() if k not in TINY})
+    if kwargs.get("temporal_causal") and kwargs["seq_order"] != "L2R":
+        pytest.skip("temporal causality needs L2R")
+    torch.manual_seed(seed)
+    model = Model(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
+    return model.eval()
+
+
+def tiny_inputs(model, batch=2, frames=None, seed=1):
+    """(x, y) for a tiny model: a 4 x 5 token grid (4 x 4 for learned positions), text states if it reads text."""
+    g = torch.Generator().manual_seed(seed)
+    side = 4 * model.patch_size
+    wide = model.patch_size if model.rope is not None else 0  # learned positions need the square training grid
+    shape = (batch, model.in_channels, side, side + wide)
+    if frames:
+        shape = (batch, frames) + shape[1:]
+    x = torch.randn(shape, generator=g)
+    txt_dim = model.blocks[-1].proj_txt.in_features if model.blocks[-1].has_text else 0
+    y = torch.randn(batch, model.txt_size, txt_dim, generator=g) if txt_dim else None
+    return x, y
+
+
+def tiny_flags(**overrides):
+    """TINY (updated by overrides) as command-line tokens for train.py / sample.py."""
+    flags = []
+    for key, value in dict(TINY, **overrides).items():
+        flags += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    return flags
+
+
 def _perturb(model, std=0.05):
     """Random weights everywhere: a fresh flow is the identity map (zero output projections), too easy a test."""
     g = torch.Generator().manual_seed(0)
@@ -123,9 +178,7 @@ def _tiny_starflow(tmp_path_factory, name, values):
     return dict(config=str(config), pth=str(root / f"{name}.pth"), safetensors=str(root / f"{name}.safetensors"))
 
 
-TINY_MODEL = dict(patch_size=1, channels=32, layers_per_block="1 1 2", head_dim=16, rope=1, sos=1, txt_size=8,
-                  cond_top_only=1, use_softplus=1, use_final_norm=1, soft_clip=4, seq_order="L2R", mix_aspect=1,
-                  cfg=2.0)
+TINY_MODEL = dict(TINY, mix_aspect=1, cfg=2.0)
 
 
 @pytest.fixture(scope="session")

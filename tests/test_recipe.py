@@ -1,0 +1,96 @@
+"""The STARFlow recipe (utils/recipe.py): training and sampling decorate prompts and denoise alike."""
+import pytest
+import torch
+
+import train
+from conftest import tiny_inputs, tiny_model
+from utils import recipe
+from utils.config import load_config
+from utils.pipeline import STARFlowPipeline
+
+
+def test_templates_are_the_official_strings():
+    assert recipe.format_prompt("a dog") == "a dog"
+    assert recipe.format_prompt("a dog", fps=16, noise_std=0.5, aspect_ratio="16:9") == \
+        "Noise Level 500:\nA video with 16 fps:\na dog\n\n in a 16:9 aspect ratio.\n"
+    assert recipe.format_prompt("a dog", fps=0) == "An image:\na dog\n"
+    assert recipe.format_prompt("", noise_std=0.3) == "Noise Level 300:\n"
+    assert recipe.format_prompt("x", aspect_ratio="1:1") == "x\n in a 1:1 aspect ratio.\n"
+
+
+class Recorder:
+    """A text encoder that records what it is asked to encode."""
+    dim = 4
+
+    def __init__(self):
+        self.texts = []
+
+    def encode(self, texts):
+        self.texts += list(texts)
+        return torch.zeros(len(texts), 2, self.dim)
+
+
+@pytest.mark.parametrize("flags", [[], ["--fps_cond", "1"], ["--fps_cond", "1", "--cond_noise_level", "1",
+                                                             "--mix_aspect", "1", "--vid_size", "5:8"]])
+def test_training_and_sampling_see_the_same_prompts(flags):
+    """train.py's text for a caption (and for a dropped label) equals what the pipeline encodes for that caption
+    (and for guidance's null prompt)."""
+    cfg = load_config(None, ["--noise_std", "0.4", "--text", "recorder", "--drop_label", "0.5", *flags])
+    video = cfg.vid_size is not None
+    run = train.Run.__new__(train.Run)  # only encode_text's state: no data, no model
+    run.cfg, run.info, run.text_encoder = cfg, type("Info", (), dict(rank=0, world_size=1))(), Recorder()
+    run.cuda = False
+    meta = {"fps": [8.0 if video else 0.0] * 8, "aspect": ["16:9"] * 8}
+    run.encode_text(["a cat"] * 8, meta, train.step_generator(0, 0))
+    trained = set(run.text_encoder.texts)
+    assert len(trained) == 2  # the caption, and the null prompt of the dropped labels
+
+    pipe = STARFlowPipeline.__new__(STARFlowPipeline)
+    pipe.config, pipe.text_encoder, pipe.dtype = cfg, Recorder(), torch.float32
+    pipe.video, pipe.train_frames, pipe.train_fps = video, 5 if video else 1, 8 if video else 0
+    request = type("Request", (), dict(captions=["a cat"], cfg=3.0, fps=8 if video else 0, noise_std=0.4))()
+    pipe.encode_prompt(request, "16:9")
+    assert set(pipe.text_encoder.texts) == trained
+
+
+def test_denoiser_target_makes_the_learned_step_the_score_step():
+    """x - step * target equals the flow's own Tweedie step: the self-denoiser learns exactly what the score
+    step computes."""
+    model = tiny_model()
+    x, y = tiny_inputs(model)
+    x.requires_grad_(True)
+    z, _, logdets = model(x, y)
+    target = recipe.denoiser_target(z, logdets, x, noise_std=0.5)
+    torch.testing.assert_close(x.detach() - recipe.LEARNED_DENOISER_STEP * target,
+                               model.score_denoise(x, y, 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_weight_follows_the_noise_level():
+    assert recipe.loss_weight(load_config(None, ["--noise_std", "0.6"])) is None
+    assert recipe.loss_weight(load_config(None, ["--noise_std", "0.6", "--cond_noise_level", "1"])) == \
+        pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("requested, has_learned, finetuned, want", [
+    ("auto", True, False, "learned"), ("auto", False, False, "score"), ("auto", True, True, "none"),
+    ("score", True, False, "score"), ("none", False, False, "none"), ("learned", True, False, "learned"),
+])
+def test_choose_denoiser(requested, has_learned, finetuned, want):
+    assert recipe.choose_denoiser(requested, has_learned, finetuned) == want
+
+
+@pytest.mark.parametrize("requested, match", [("learned", "no learnable self-denoiser"), ("tweedie", "one of")])
+def test_choose_denoiser_refuses(requested, match):
+    with pytest.raises(ValueError, match=match):
+        recipe.choose_denoiser(requested, has_learned=False)
+
+
+def test_uniform_and_gaussian_unit_noise():
+    g = torch.Generator().manual_seed(0)
+    draw = lambda fn, shape: fn(shape, generator=g)  # noqa: E731
+    u = recipe.unit_noise("uniform", (10000,), draw)
+    n = recipe.unit_noise("gaussian", (10000,), draw)
+    assert u.min() >= -1 and u.max() <= 1 and abs(u.mean()) < 0.05
+    assert abs(n.std() - 1) < 0.05
+    x0 = torch.zeros(3)
+    torch.testing.assert_close(recipe.noise_augment(x0, 0.3, torch.ones(3)), torch.full((3,), 0.3))
