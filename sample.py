@@ -45,7 +45,22 @@ SAMPLE_KEYS = {
                                       "is used (needs --jacobi 1); 1 gives an image"),
     "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, "
                                        "at most window - 1)"),
-    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)"),
+    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video); with --mask, the "
+                                    "picture to inpaint"),
+    "mask": Key(None, "str", "inpainting: a PNG of the input image's size, white where to regenerate"),
+    "inpaint_rounds": Key(4, "int", "inpainting: encode-decode rounds that harmonise the hole with the rest",
+                          low=0),
+    "inpaint_candidates": Key(4, "int", "inpainting: variations per round; the flow keeps the most likely",
+                              low=1),
+    "edit_image": Key(None, "str", "editing: a picture to re-draw under --caption by flow inversion"),
+    "source_caption": Key(None, "str", "editing: what the picture shows (default: the null prompt)"),
+    "source_cfg": Key(None, "float", "editing: guidance of the encoding pass (default --cfg: exact inversion)",
+                      low=0.0),
+    "edit_refresh": Key(0.0, "float", "editing: fraction of fresh noise mixed into the picture's noise", low=0.0,
+                        high=1.0),
+    "edit_blocks": Key("all", "str", "editing: flow steps decoded under the new prompt (deep: only the deep one)",
+                       choices=("all", "deep")),
+    "input_video": Key(None, "str", "video continuation: an MP4 whose first frames become known latent frames"),
     "target_noise_std": Key(None, "float", "noise level of the samples: prompt 'Noise Level', input-image noise and "
                                             "denoising (default noise_std)"),
     "disable_learnable_denoiser": Key(0, "int", "denoise with the flow's score step even if a learned "
@@ -129,29 +144,58 @@ def parse_config(argv):
             raise UserError(f"--{key} is required")
     if cfg.sample_batch_size <= 0:
         raise UserError("--sample_batch_size must be positive")
+    if cfg.mask and not cfg.input_image:
+        raise UserError("--mask inpaints --input_image: give the picture with --input_image")
+    if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video))) > 1 or (cfg.edit_image and cfg.input_image):
+        raise UserError("--edit_image, --input_image --mask and --input_video are separate modes: give one")
+    for key in ("edit_image", "input_image", "mask", "input_video"):
+        if getattr(cfg, key) and not os.path.isfile(getattr(cfg, key)):
+            raise UserError(f"--{key} '{getattr(cfg, key)}' not found")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
     return cfg
 
 
+def sample_mode(cfg):
+    """'edit', 'inpaint' or 'sample' (text-to-image/video, image-to-video, video continuation)."""
+    return "edit" if cfg.edit_image else "inpaint" if cfg.mask else "sample"
+
+
 def sample_settings(cfg, denoiser):
-    """What every sample's JSON records about how it was drawn."""
-    return dict(denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi, jacobi_th=cfg.jacobi_th,
-                jacobi_block_size=cfg.jacobi_block_size, jacobi_max_iter=cfg.jacobi_max_iter,
-                attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
-                input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
-                model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path)
+    """What every sample's JSON records about how it was drawn (and from which pictures)."""
+    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi,
+                    jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
+                    jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
+                    context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
+                    noise_std=cfg.target_noise_std or cfg.noise_std, model_config_path=cfg.model_config_path,
+                    checkpoint_path=cfg.checkpoint_path)
+    if settings["mode"] == "edit":
+        settings.update(source_image=cfg.edit_image, source_caption=cfg.source_caption, source_cfg=cfg.source_cfg,
+                        edit_refresh=cfg.edit_refresh, edit_blocks=cfg.edit_blocks)
+    if settings["mode"] == "inpaint":
+        settings.update(source_image=cfg.input_image, mask=cfg.mask, inpaint_rounds=cfg.inpaint_rounds,
+                        inpaint_candidates=cfg.inpaint_candidates)
+    return settings
 
 
 def sample_round(pipe, cfg, batch, aspect):
     """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
-    return pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
-                generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
-                jacobi=bool(cfg.jacobi), jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
-                jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
-                fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
-                denoiser="score" if cfg.disable_learnable_denoiser else "auto", noise_std=cfg.target_noise_std,
-                denoising_batch_size=cfg.denoising_batch_size)
+    common = dict(cfg=cfg.cfg[0] if cfg.cfg else 0.0, generator=[torch.Generator().manual_seed(s) for _, s, _ in batch],
+                  aspect_ratio=aspect, noise_std=cfg.target_noise_std,
+                  denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=bool(cfg.jacobi),
+                  jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
+                  jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp)
+    captions = [cap for cap, _, _ in batch]
+    mode = sample_mode(cfg)
+    if mode == "edit":
+        return pipe.edit(cfg.edit_image, captions, source_prompt=cfg.source_caption, source_cfg=cfg.source_cfg,
+                         refresh=cfg.edit_refresh, blocks=cfg.edit_blocks, **common)
+    if mode == "inpaint":
+        return pipe.inpaint(cfg.input_image, cfg.mask, captions, rounds=cfg.inpaint_rounds,
+                            candidates=cfg.inpaint_candidates, **common)
+    return pipe(captions, num_samples=1, target_length=cfg.target_length, fps=cfg.out_fps,
+                input_image=cfg.input_image, input_video=cfg.input_video, context_length=cfg.context_length,
+                denoising_batch_size=cfg.denoising_batch_size, **common)
 
 
 def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
