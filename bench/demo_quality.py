@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils import recipe  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.image import write_png  # noqa: E402
@@ -152,7 +153,7 @@ def test_nll_bpd(pipe, n_images, seed, batch=100):
         items = [data.load(i, seed) for i in range(start, min(start + batch, n_images))]
         x = torch.stack([p for p, _, _ in items])
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g)
-        y = pipe.encode_text([pipe.prompt_text(c, None, None) for _, c, _ in items])
+        y = pipe.encode_text([recipe.decorate_prompt(cfg, c) for _, c, _ in items])
         z, _, logdets = pipe.model(x.to(pipe.device, pipe.dtype), y)
         losses = pipe.model.get_loss(z, logdets)
         total += (losses["loss_z"] + losses["loss_logdet"]).item() * len(items)
@@ -175,9 +176,9 @@ def noise_entropy_bpd(noise_std):
 def jacobi_timing(pipe, prompts, cfg, seed):
     """model.reverse on one batch: sequential against block-wise Jacobi; seconds, speed-up, max |x - x_seq|."""
     c = pipe.config
-    y = pipe.encode_text([pipe.prompt_text(p, None, None) for _, _, p in prompts])
+    y = pipe.encode_text([recipe.decorate_prompt(c, p) for _, _, p in prompts])
     if cfg > 0:
-        y = torch.cat([y, pipe.encode_text([pipe.prompt_text("", None, None)] * len(prompts))])
+        y = torch.cat([y, pipe.encode_text([recipe.null_prompt(c)] * len(prompts))])
     noise = torch.randn((len(prompts), c.channel_size, c.img_size, c.img_size),
                         generator=torch.Generator().manual_seed(seed)).to(pipe.device, pipe.dtype)
     runs = [("sequential", {}), ("jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3)),
