@@ -1,7 +1,7 @@
 """The GPU check: correctness, 3B and 7B sampling, 3B FSDP2 training and the demo's sample.py, in one prepared run.
 
     python bench/gpu_check.py --prepare gpu_assets          # here: what ../shared and the wheels cannot bring there
-    python bench/gpu_check.py --device cuda                 # on one GPU (an H200: about 6 minutes), report to $OUT
+    python bench/gpu_check.py --device cuda                 # on one GPU (an H200: 5-6 minutes, estimated); to $OUT
     python bench/gpu_check.py --device cpu --tiny --out /tmp/gpu_check   # every step on tiny stand-ins (CI)
     python bench/gpu_check.py --plan                        # the computed memory table of the README
 
@@ -62,7 +62,8 @@ from utils.text_encoder import TextEncoder  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H200 (SXM) dense bf16, the datasheet's; about 790e12 is reachable
 PARAMS = {"3b": 3_858_281_544, "7b": 6_890_096_528}  # the official configs (../shared/golden/README.md)
-CONFIG_3B, CONFIG_7B = ROOT / "configs" / "starflow_3B_t2i_256x256.yaml", ROOT / "configs" / "starflow-v_7B_t2v_caus_480p.yaml"
+CONFIG_3B = ROOT / "configs" / "starflow_3B_t2i_256x256.yaml"
+CONFIG_7B = ROOT / "configs" / "starflow-v_7B_t2v_caus_480p.yaml"
 TINY_3B = dict(channels=64, head_dim=32, layers_per_block=[1, 1, 1, 1, 1, 2], txt_size=8, img_size=64)
 TINY_7B = dict(TINY_3B, top_block_channels=96)
 FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
@@ -421,9 +422,9 @@ def timed_sample(pipe, prompts, **settings):
     pipe.decode = timed_decode
     reset_peak(device)
     try:
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         with Stopwatch(device) as clock:
-            out = pipe(prompts, num_samples=1, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-                       output_type="latent", **settings)
+            out = pipe(prompts, num_samples=1, generator=generators, output_type="latent", **settings)
     finally:
         del pipe.decode
         calls.close()
@@ -750,53 +751,60 @@ def check_demo(ctx, report):
 # ------------------------------------------------------------------------------------------------ memory plan
 def memory_plan():
     """Memory to sample and to train the 3B and 7B models, computed (not measured) from exact parameter counts on
-    the meta device and the KV cache the decoder allocates; activations of the score step and of training are not
-    in it (step 4 of the check measures the training peak)."""
+    the meta device and the deep step's KV cache, in the dtypes the code uses: the flow in bf16 and the text encoder
+    in bf16 for sampling on CUDA, the VAE in float32; for training 16 bytes per flow parameter (float32 weights,
+    gradients and AdamW's two moments) and the frozen encoders in float32. Activations are not in it: the score
+    step's backward pass and training's forward/backward (step 4 of the check measures the training peak)."""
     from diffusers import AutoencoderKL, AutoencoderKLWan
     from transformers import T5Config, T5EncoderModel
 
     with torch.device("meta"):
         t5 = count_params(T5EncoderModel(T5Config(**FLAN_T5_XL)))
-        vaes = {"3b": count_params(AutoencoderKL(**SD_VAE)), "7b": count_params(AutoencoderKLWan(**WAN22_VAE))}
-    gb = 2**30
-    rows = []
-    for key, path, spatial, temporal in (("3b", CONFIG_3B, 8, 1), ("7b", CONFIG_7B, 16, 4)):
+        vaes = {"3B": count_params(AutoencoderKL(**SD_VAE)), "7B": count_params(AutoencoderKLWan(**WAN22_VAE))}
+    sampling, training = [], []
+    for key, path, spatial, temporal in (("3B", CONFIG_3B, 8, 1), ("7B", CONFIG_7B, 16, 4)):
         cfg = load_config(str(path))
         with torch.device("meta"):
             model = Model(**model_kwargs(cfg, cfg.img_size // spatial, FLAN_T5_XL["d_model"]))
         flow = count_params(model)
-        top, heads = model.blocks[-1], model.blocks[-1].attn_blocks[0].attention
-        if key == "3b":
-            cases = [("8 images 256x256, cfg", 8, 1, 32 * 32)]
-        else:
-            frame = (480 // spatial) * (848 // spatial)
-            cases = [(f"{f} frames 848x480, cfg", 1, (f - 1) // temporal + 1, frame) for f in (17, 81)]
-        for what, batch, frames, frame_tokens in cases:
-            slots = cfg.txt_size + frames * frame_tokens  # the deep step's cache: text + every image token
-            kv = 2 * len(top.attn_blocks) * 2 * batch * heads.num_kv_heads * slots * heads.head_dim * 2
-            rows.append(dict(model=key, sample=what, flow_params=flow, text_params=t5, vae_params=vaes[key],
-                             weights_gib=2 * (flow + vaes[key]) / gb, text_gib=2 * t5 / gb, kv_cache_gib=kv / gb))
-        rows[-1]["train_state_gib"] = 16 * flow / gb  # float32 weights, gradients, AdamW's two moments
-    return rows
+        top = model.blocks[-1]
+        attn = top.attn_blocks[0].attention
+        if key == "3B":
+            cases = [("8 images, 256x256", 8, 32 * 32)]
+        else:  # 480p at img_size 640: 848x480 pixels, 53x30 latents per frame
+            cases = [(f"1 clip, {f} frames 848x480", 1, ((f - 1) // temporal + 1) * (480 // spatial) * (848 // spatial))
+                     for f in (17, 81)]
+        for what, batch, tokens in cases:  # guidance doubles the rows; keys and values of every deep-step layer
+            kv = 2 * len(top.attn_blocks) * 2 * batch * attn.num_kv_heads * (cfg.txt_size + tokens) * attn.head_dim * 2
+            sampling.append(dict(model=key, sample=what + ", guidance", flow=flow, vae=vaes[key], text=t5,
+                                 flow_gib=2 * flow / 2**30, vae_gib=4 * vaes[key] / 2**30, text_gib=2 * t5 / 2**30,
+                                 kv_gib=kv / 2**30))
+        training.append(dict(model=key, flow=flow, state_gib=16 * flow / 2**30, text_gib=4 * t5 / 2**30,
+                             vae_gib=4 * vaes[key] / 2**30))
+    return sampling, training
 
 
 def print_plan():
-    rows = memory_plan()
-    print("| model | sampling | bf16 weights (flow + VAE) | + text encoder | deep-step KV cache | sample, without / "
-          "with the text encoder on the GPU |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        base = r["weights_gib"] + r["kv_cache_gib"]
-        print(f"| {r['model']} ({r['flow_params']:,}) | {r['sample']} | {r['weights_gib']:.1f} GiB (VAE "
-              f"{r['vae_params']:,}) | "
-              f"{r['text_gib']:.1f} GiB ({r['text_params']:,}) | {r['kv_cache_gib']:.1f} GiB | {base:.1f} / "
-              f"{base + r['text_gib']:.1f} GiB |")
-    print("\n| model | training state (fp32 weights + grads + AdamW) | per GPU with FSDP2 over 1 / 8 / 32 GPUs |")
-    print("|---|---|---|")
-    for r in rows:
-        if "train_state_gib" in r:
-            s = r["train_state_gib"]
-            print(f"| {r['model']} | {s:.1f} GiB | {s:.1f} / {s / 8:.1f} / {s / 32:.1f} GiB |")
+    sampling, training = memory_plan()
+    print("Sampling (bf16 flow, bf16 text encoder, float32 VAE; activations of the score step not included):\n")
+    print("| model | sample | flow weights | VAE | deep-step KV cache | text encoder | total without / with the text "
+          "encoder on the GPU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sampling:
+        base = r["flow_gib"] + r["vae_gib"] + r["kv_gib"]
+        print(f"| {r['model']} ({r['flow']:,} parameters) | {r['sample']} | {r['flow_gib']:.1f} GiB | "
+              f"{r['vae_gib']:.1f} GiB ({r['vae']:,}) | {r['kv_gib']:.1f} GiB | {r['text_gib']:.1f} GiB "
+              f"({r['text']:,}) | {base:.1f} / {base + r['text_gib']:.1f} GiB |")
+    print("\nTraining (FSDP2 shards the state and, with fsdp_text_encoder 1, the text encoder; the VAE is replicated; "
+          "activations not included):\n")
+    print("| model | state: float32 weights, grads, AdamW | frozen text encoder (float32) | VAE (float32) | per GPU "
+          "over 1 / 8 / 32 GPUs, without / with the text encoder |")
+    print("|---|---|---|---|---|")
+    for r in training:
+        per = [f"{r['state_gib'] / n + r['vae_gib']:.1f} / {(r['state_gib'] + r['text_gib']) / n + r['vae_gib']:.1f}"
+               for n in (1, 8, 32)]
+        print(f"| {r['model']} | {r['state_gib']:.1f} GiB | {r['text_gib']:.1f} GiB | {r['vae_gib']:.1f} GiB | "
+              f"{' ; '.join(per)} GiB |")
 
 
 # ----------------------------------------------------------------------------------------------- prepare
