@@ -571,7 +571,8 @@ class SyntheticRun(Run):
 
     def micro_step(self, batch, index, sync):
         """The micro step as train.py runs it; also records its own memory peak (forward and backward)."""
-        reset_peak(self.info.device)
+        if self.cuda:  # only the counter: no collection or cache release inside a timed step
+            torch.cuda.reset_peak_memory_stats(self.info.device)
         losses = super().micro_step(batch, index, sync)
         self.micro_peak = torch.cuda.max_memory_allocated(self.info.device) if self.cuda else 0
         return losses
