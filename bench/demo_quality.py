@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
+from utils import recipe  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils import recipe  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -65,12 +66,13 @@ def mnist_at(size, split):
     return x.clamp(0, 1), torch.from_numpy(labels)
 
 
-def train_classifier(size, epochs, seed):
-    """Digit CNN on the MNIST train split (ink scaled like the six tints); returns it and its test-split accuracy
-    on tinted test digits for digit and colour."""
+def train_classifier(size, epochs, seed, limit=None):
+    """Digit CNN on the MNIST train split (its first `limit` images if given; ink scaled like the six tints);
+    returns it and its test-split accuracy on tinted test digits for digit and colour."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = mnist_at(size, "train")
+    x, y = x[:limit], y[:limit]
     net = digit_net(size)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for _ in range(epochs):
