@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
 from utils import recipe  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils import recipe  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.image import write_png  # noqa: E402
