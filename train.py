@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from dataset import TrainData
-from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
+from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
 from utils.checkpoint import load_model_weights
-from utils.config import load_config, model_kwargs, save_config
+from utils.config import load_config, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.files import atomic_path, write_text
+from utils.files import atomic_path, check_output_dir, make_dir, write_text
 from utils.image import make_grid, write_png, write_video
 from utils.pipeline import STARFlowPipeline
 from utils.text_encoder import load_text_encoder
@@ -70,6 +70,7 @@ class Run:
         seed = cfg.train_seed if cfg.train_seed is not None else time.time_ns() % 2**31
         self.seed = T.broadcast_int(seed, info.device)
         self.run_dir = os.path.join(cfg.logdir, job_name(cfg))
+        check_output_dir(self.run_dir, "run folder")
         self.setup_encoders()
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
         if cfg.vid_size and self.vae.temporal_factor > 1:
@@ -133,7 +134,7 @@ class Run:
         cfg, info = self.cfg, self.info
         torch.manual_seed(self.seed)  # identical initial weights on every rank (FSDP shards local copies)
         txt_dim = self.text_encoder.dim if self.text_encoder else 0
-        self.model = Model(**model_kwargs(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim)).to(info.device)
+        self.model = recipe.build_model(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim).to(info.device)
         self.resume_kind = self.resume_dir = None
         if cfg.resume_path:
             self.resume_kind, where = T.resolve_resume(cfg.resume_path)
@@ -351,7 +352,7 @@ def setup_wandb(run, enabled):
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    os.makedirs(run.run_dir, exist_ok=True)
+    make_dir(run.run_dir, "run folder")
     wb = wandb.init(project="starflow", name=job_name(run.cfg), config=run.cfg.to_dict(), dir=run.run_dir, mode=mode,
                     id=run.wandb_id, resume="allow")
     run.wandb_id = wb.id
@@ -365,10 +366,11 @@ class TrainLoop:
     def __init__(self, run):
         self.run, cfg = run, run.cfg
         if run.main:
-            os.makedirs(run.run_dir, exist_ok=True)
+            make_dir(run.run_dir, "run folder")
             save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
         self.wb = setup_wandb(run, cfg.wandb and not cfg.dry_run)
-        self.metrics = open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if run.main and not cfg.dry_run else None
+        self.metrics = T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) \
+            if run.main and not cfg.dry_run else None
         total = cfg.epochs * run.steps_per_epoch
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
         self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")

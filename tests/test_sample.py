@@ -143,7 +143,7 @@ def bad_config(model, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing_checkpoint", "checkpoint file .* not found"),
+    ("missing_checkpoint", "checkpoint_path.*nope.pth.* does not exist"),
     ("missing_config", "config file not found"),
     ("unknown_key", "unknown config key 'jacobi_treshold'; did you mean 'jacobi_th'"),
     ("unknown_yaml_key", "unknown config key 'chanels'; did you mean 'channels'"),
