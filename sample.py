@@ -27,6 +27,7 @@ from utils.files import check_output_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, make_grid, parse_aspect_ratio, write_png, write_video
 from utils.pipeline import ARGUMENTS, DTYPES, STARFlowPipeline
 
+
 def check_aspect(value):
     """--aspect_ratio: 'random' or a W:H that parse_aspect_ratio accepts."""
     if value != "random":
@@ -40,7 +41,8 @@ SAMPLE_KEYS = {
     "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
                                     "1 per line for a .txt", low=1),
     "sample_batch_size": Key(16, "int", "samples per forward pass on each rank", low=1),
-    "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks", low=0),
+    "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks", low=0,
+                high=2**63 - 1),
     "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}, or any W/H within 1/8..8) or 'random' "
                                       f"(one per batch)", check=check_aspect),
     "jacobi": flag(0, "block-wise Jacobi decoding (1) instead of token-by-token (0)"),

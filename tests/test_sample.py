@@ -142,6 +142,7 @@ def bad_config(model, tmp_path, **changes):
     return str(path)
 
 
+@pytest.mark.usefixtures("time_limit")
 @pytest.mark.parametrize("case,match", [
     ("missing_checkpoint", "checkpoint_path.*nope.pth.* does not exist"),
     ("missing_config", "config file not found"),

@@ -231,6 +231,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert not torch.equal(state["weight"], model.weight)  # the last complete checkpoint, untouched
 
 
+@pytest.mark.usefixtures("time_limit")
 @pytest.mark.parametrize("args, message", [
     (["--layer_per_block", "2"], "unknown config key 'layer_per_block'; did you mean 'layers_per_block'"),
     (["--data", "/no/such/folder"], "data path not found: /no/such/folder"),

@@ -4,6 +4,7 @@ The one validation layer: every key states its type and what it accepts (an enum
 is allowed, a path that must exist or a folder to write to), and `load_config` checks each given value against
 it, so a bad value is one UserError naming the key and the accepted range before anything is loaded.
 """
+import copy
 import difflib
 import math
 import numbers
@@ -20,9 +21,9 @@ from utils.files import check_output_dir, read_text, write_text
 class Key:
     """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats'), meaning, and what it accepts:
     `choices` (an enumeration), `low`/`high` (an inclusive range; each value of a list key), `above` (an exclusive
-    lower bound), `nullable` (None is allowed; by default when the default is None), `path` ('file', 'dir' or
-    'exists': must exist when given explicitly; 'out': a folder to write to, not a file nor under one) and `check`
-    (a function that raises UserError for a malformed value)."""
+    lower bound), `nullable` (None is allowed; by default when the default is None), `path` ('file' or 'exists':
+    must exist when given explicitly; 'out': a folder to write to, not a file nor under one) and `check` (a
+    function that raises UserError for a malformed value)."""
 
     def __init__(self, default, kind, help, choices=None, low=None, high=None, above=None, nullable=None, path=None,
                  check=None):
@@ -33,9 +34,9 @@ class Key:
 
     def replace(self, **changes):
         """A copy with some fields changed (an entry point's flag that shares a pipeline argument's range)."""
-        fields = dict(default=self.default, kind=self.kind, help=self.help, choices=self.choices, low=self.low,
-                      high=self.high, above=self.above, nullable=self.nullable, path=self.path, check=self.check)
-        return Key(**dict(fields, **changes))
+        key = copy.copy(self)
+        key.__dict__.update(changes)
+        return key
 
     def accepts(self):
         """What the key accepts, in words ('0 or 1', '>= 1', 'between 0 and 1', ...), or '' when anything goes."""
@@ -87,6 +88,7 @@ DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 def check_device(name):
+    """The form of a device name; whether this machine has it is utils.distributed.pick_device's to say."""
     if not DEVICE.fullmatch(name):
         raise UserError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
 
@@ -95,7 +97,8 @@ def check_device(name):
 SCHEMA = {
     # run and data
     "model_config_path": Key(None, "str", "YAML config path (original format or a plain mapping)", path="file"),
-    "train_seed": Key(None, "int", "global seed; each rank uses seed + rank; None picks one from the clock", low=0),
+    "train_seed": Key(None, "int", "global seed; each rank uses seed + rank; None picks one from the clock", low=0,
+                      high=2**63 - 1),
     "data": Key("data", "str", "training data: an image/video folder, a .tar shard, a brace pattern a-{000..009}.tar, "
                               "or a folder of .tar shards"),
     "logdir": Key("./logs", "str", "root folder for runs: checkpoints, sample grids, config", path="out"),
@@ -280,10 +283,12 @@ def _convert(key, value, kind):
             return [_number(p, kind[:-1]) for p in parts]
         if kind in ("int", "float"):
             return _number(value, kind)
+        if isinstance(value, (list, tuple, dict)):
+            raise TypeError
         return str(value)
     except (TypeError, ValueError, OverflowError):
         expects = {"int": "a whole number", "float": "a finite number", "ints": "whole numbers",
-                   "floats": "finite numbers"}.get(kind, kind)
+                   "floats": "finite numbers", "str": "one text value"}[kind]
         raise UserError(f"config key '{key}' expects {expects}, got {value!r}") from None
 
 
@@ -291,6 +296,8 @@ def _number(value, kind):
     """A YAML/CLI scalar as an int ('true'/'false' are 1/0) or a finite float; ValueError otherwise."""
     if kind == "int" and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
         return int(str(value).lower() == "true")
+    if kind == "int" and re.fullmatch(r"[+-]?\d+", str(value).strip()):
+        return int(str(value))  # exactly, however large (a float would round it)
     number = float(value)
     if not math.isfinite(number) or (kind == "int" and not number.is_integer()):
         raise ValueError
@@ -435,8 +442,6 @@ def _check_path(label, value, kind):
         raise UserError(f"{label}: '{value}' does not exist")
     elif kind == "file" and not os.path.isfile(path):
         raise UserError(f"{label}: '{value}' is a folder, not a file")
-    elif kind == "dir" and not os.path.isdir(path):
-        raise UserError(f"{label}: '{value}' is a file, not a folder")
 
 
 def _check(values, level):
@@ -454,6 +459,11 @@ def _check(values, level):
     if values["min_lr"] > values["lr"]:
         raise UserError(f"config key 'min_lr' ({values['min_lr']}) is above 'lr' ({values['lr']}); the cosine "
                         f"schedule decays from lr down to min_lr")
+    if values["holdout"] and values["data_format"] != "colour_mnist":
+        raise UserError(f"config key 'holdout' applies to data_format colour_mnist only (got {values['data_format']}); "
+                        f"remove it or set --data_format colour_mnist")
+    if values["fsdp_text_encoder"] and not values["fsdp"]:
+        raise UserError("config key 'fsdp_text_encoder' 1 shards the text encoder with FSDP: it needs fsdp 1")
     name = values["wandb_name"]
     if name and "+" in name and name.split("+", 1)[1] not in values:
         raise UserError(f"config key 'wandb_name' '{name}': '{name.split('+', 1)[1]}' after '+' is not a config "

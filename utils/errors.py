@@ -31,10 +31,10 @@ def disk_error(error, path=None):
         seen = seen.__cause__ or seen.__context__
     else:
         return None
-    where = f" writing {path}" if path else ""
-    fix = "free some space or write elsewhere" if "space" in reason or "quota" in reason else \
-        "write to a folder you can write to"
-    return UserError(f"{reason}{where}: {fix}")
+    full = "space" in reason or "quota" in reason
+    where = (f" writing {path}" if full else f": {path}") if path else ""
+    fix = "free some space or write elsewhere" if full else "use a file or folder you have access to"
+    return UserError(f"{reason}{where}; {fix}")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -70,7 +70,7 @@ def crop_resize(img, size, flip=False):
 
 def to_rgb(image):
     """A PIL image of any mode as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as PNG loads it) is scaled by
-    255/65535 and float greyscale (F) in [0, 1] by 255: PIL's own convert clips them at 255, so mid-grey became white."""
+    255/65535 and float greyscale (F) in [0, 1] by 255: PIL's own convert clips them at 255 (mid-grey turns white)."""
     if image.mode.startswith("I") or image.mode == "F":
         grey = np.asarray(image).astype(np.float64)
         if image.mode == "F":

@@ -227,6 +227,9 @@ class STARFlowPipeline:
         if input_image is not None:
             if not self.video:
                 raise UserError("--input_image (image-to-video) needs a video model")
+            if num_frames == 1:
+                raise UserError("--input_image is the first frame of a video, and target_length 1 asks for that frame "
+                                "alone; ask for more frames (1 + 4k for Wan)")
             check_image(input_image)
         video = self.video and num_frames > 1
         fps = (s["fps"] or self.train_fps) if video else 0

@@ -1,6 +1,7 @@
 """Training machinery: parallel wrapping (FSDP2 / DDP), AdamW + warmup-cosine schedule, gradient clip/skip,
 and atomic, exactly-resumable training-state checkpoints."""
 import contextlib
+import glob
 import json
 import math
 import os
@@ -218,9 +219,12 @@ def resolve_resume(path):
     """('state', folder) for a training-state checkpoint (a run folder, checkpoints/, latest or step_N folder),
     or ('weights', file) for bare model weights (.pth / .safetensors)."""
     path = os.path.expanduser(str(path))
-    for candidate in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
-        if os.path.isfile(os.path.join(candidate, "training_state.pt")):
-            return "state", os.path.realpath(candidate)
+    for root in (path, os.path.join(path, "checkpoints")):
+        steps = sorted(glob.glob(os.path.join(root, "step_[0-9]*[0-9]")), reverse=True)
+        # `latest` first; without it (a kill between renames) the newest step folder, complete by construction
+        for candidate in [root, os.path.join(root, "latest"), *steps]:
+            if os.path.isfile(os.path.join(candidate, "training_state.pt")):
+                return "state", os.path.realpath(candidate)
     if os.path.isfile(path):
         return "weights", path
     raise UserError(f"--resume_path {path} is neither a training checkpoint (a folder with training_state.pt, "
