@@ -74,6 +74,8 @@ def read_captions(caption):
     """A prompt, or the lines of a .txt file (blank lines skipped) -> (captions, name for files)."""
     if caption is None:
         raise UserError("--caption is required: a prompt or a .txt file with one prompt per line")
+    if os.sep in caption and os.path.exists(caption) and not caption.endswith(".txt"):
+        raise UserError(f"--caption '{caption}' names a file or folder, not a prompt; a prompt file ends in .txt")
     if caption.endswith(".txt"):
         lines = [line.strip() for line in read_text(caption, "caption file").splitlines() if line.strip()]
         if not lines:

@@ -101,14 +101,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup_encoders(self):
+        """The VAE first (its factors check the sizes in seconds), then the text encoder (minutes for T5-XL)."""
         cfg, dev = self.cfg, self.info.device
-        self.text_encoder = None
-        if cfg.text and cfg.text != "none":
-            self.text_encoder = load_text_encoder(cfg.text, cfg.txt_size, dev)
-            if cfg.fsdp and cfg.fsdp_text_encoder and self.info.world_size > 1:
-                T.shard_frozen(self.text_encoder.model, self.info)
-        elif cfg.txt_size:
-            raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
         self.vae = load_vae(cfg.vae, dev, pixel_channels=cfg.channel_size)
         if self.vae.latent_channels != cfg.channel_size:
             raise UserError(f"channel_size {cfg.channel_size} does not match the {self.vae.latent_channels} latent "
@@ -116,6 +110,13 @@ class Run:
         multiple = self.vae.spatial_factor * cfg.patch_size
         if cfg.img_size % multiple:
             raise UserError(f"img_size {cfg.img_size} must be a multiple of VAE factor x patch_size = {multiple}")
+        self.text_encoder = None
+        if cfg.text and cfg.text != "none":
+            self.text_encoder = load_text_encoder(cfg.text, cfg.txt_size, dev)
+            if cfg.fsdp and cfg.fsdp_text_encoder and self.info.world_size > 1:
+                T.shard_frozen(self.text_encoder.model, self.info)
+        elif cfg.txt_size:
+            raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
 
     def setup_secondary(self):
         cfg = self.cfg

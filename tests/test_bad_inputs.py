@@ -119,6 +119,7 @@ SAMPLE_ROWS = [
     ("caption_latin1", "t2i", "--caption {bad}/latin1.txt", r"caption file .*latin1.txt' is not UTF-8 text"),
     ("caption_binary", "t2i", "--caption {bad}/binary.txt", r"caption file .*binary.txt' is not UTF-8 text"),
     ("caption_folder", "t2i", "--caption {bad}/folder.txt", r"caption file .*folder.txt' is a folder"),
+    ("caption_a_path_not_txt", "t2i", "--caption {bad}/afile", r"--caption '.*afile' names a file or folder, not a"),
     ("config_binary", "t2i", "--model_config_path {bad}/binary.yaml", r"config file .*binary.yaml' is not UTF-8"),
     ("config_latin1", "t2i", "--model_config_path {bad}/latin1.yaml", r"config file .*latin1.yaml' is not UTF-8"),
     ("output_dir_under_a_file", "t2i", "--output_dir {bad}/afile/sub", r"'output_dir' .* '.*afile' is a file"),
