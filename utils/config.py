@@ -398,7 +398,8 @@ def check_value(key, value, spec, what="config key", paths=True):
     label = f"{what} '{key}'" if what else key
     if value is None:
         if not spec.nullable:
-            raise UserError(f"{label} needs a value ({spec.accepts() or spec.kind}); got none")
+            kind = {"str": "text", "int": "a whole number", "float": "a number"}.get(spec.kind, spec.kind)
+            raise UserError(f"{label} needs a value ({spec.accepts() or kind}); got none")
         return
     if isinstance(spec, Compat) and value not in spec.choices:
         asked = f"{what} '{key}: {value}'" if what else f"{key}={value!r}"
