@@ -377,6 +377,9 @@ class _Decoding:
 
 
 def jacobi_schedule(block_size, max_iter, threshold):
+    if int(block_size) < 1 or int(max_iter) < 1 or not threshold >= 0:  # a block of 0 tokens would never end
+        raise ValueError(f"Jacobi decoding needs jacobi_block_size >= 1, jacobi_max_iter >= 1 and jacobi_th >= 0; "
+                         f"got {block_size}, {max_iter}, {threshold}")
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
 
 
@@ -694,6 +697,8 @@ class Model(nn.Module):
         B, T, h, w, D = tokens.shape
         frame_len = h * w
         schedule = jacobi_schedule(jacobi_block_size, jacobi_max_iter, jacobi_th) if jacobi else SEQUENTIAL
+        if not attn_temp > 0:
+            raise ValueError(f"attn_temp must be > 0 (it divides the attention logits' scale), got {attn_temp}")
         if guidance > 0 and (y is None or len(y) != 2 * B):
             raise ValueError("guidance > 0 needs y = cat([y_cond, y_uncond]) with twice the rows of the noise")
         window = local_attn_window or self.local_attn_window

@@ -57,7 +57,7 @@ def test_noisy_latents_round_trip_exactly(tiny_t2i):
     image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
     out = pipe.edit(image, "a blue square", source_prompt="a blue square", cfg=2.0, generator=gen(1), jacobi=True,
                     jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=64)
-    request = pipe.check_inputs(["x"], 1, 0.0, gen(1), None, None, None, None, False, None, None, "pil")
+    request = pipe.check_inputs(["x"], gen(1), cfg=0.0)
     x0 = pipe.encode_images([image], request)
     noisy = x0 + pipe.config.noise_std * pipe._randn(x0.shape, gen(1))
     torch.testing.assert_close(out.noisy_latents, noisy, atol=1e-4, rtol=0)
@@ -66,7 +66,7 @@ def test_noisy_latents_round_trip_exactly(tiny_t2i):
 def test_video_latents_round_trip_exactly(tiny_t2v):
     """Video: the guided likelihood pass and decoding are each other's inverse, frame-causal blocks included."""
     pipe = STARFlowPipeline.from_pretrained(tiny_t2v["config"], tiny_t2v["pth"])
-    request = pipe.check_inputs(["a cat"], 2, 2.0, gen(2), "16:9", None, None, None, False, None, None, "pil")
+    request = pipe.check_inputs(["a cat"], gen(2), "16:9", num_samples=2, cfg=2.0)
     _, _, y = pipe.encode_prompt(request, "16:9")
     x = torch.randn(request.latent_shape, generator=torch.Generator().manual_seed(3))
     z, nll = pipe.likelihood(x, y, guidance=2.0)
@@ -114,7 +114,7 @@ def test_inpainting_latents_outside_the_mask_are_exact(tiny_t2i, tmp_path):
     mask[:, 20:] = 255  # columns 20.. cover latent columns 2 and 3 (x8 VAE, patch 1)
     Image.fromarray(mask).save(tmp_path / "m.png")
     out = pipe.inpaint(image, tmp_path / "m.png", "a dot", generator=gen(1), rounds=1, candidates=2)
-    request = pipe.check_inputs(["x"], 1, 0.0, gen(1), None, None, None, None, False, None, None, "pil")
+    request = pipe.check_inputs(["x"], gen(1), cfg=0.0)
     x0 = pipe.encode_images([image], request)
     assert torch.equal(out.latents[..., :2], x0[..., :2])
     assert not torch.allclose(out.latents[..., 2:], x0[..., 2:])
@@ -163,8 +163,7 @@ def make_clip(path, frames, size):
 def test_video_continuation_keeps_the_observed_frames(tmp_path):
     pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO / "config.yaml", VIDEO_DEMO, device="cpu")
     make_clip(tmp_path / "clip.mp4", 3, pipe.config.img_size)
-    request = pipe.check_inputs(["a one moving right"], 2, None, gen(2), None, None, None, None, False, None, None,
-                                "pil", input_video=tmp_path / "clip.mp4")
+    request = pipe.check_inputs(["a one moving right"], gen(2), num_samples=2, input_video=tmp_path / "clip.mp4")
     pipe.prepare_noise(request)  # the call draws the sample's noise first, then the clip's
     known = pipe.encode_video_prefix(request, tmp_path / "clip.mp4")
     out = pipe(["a one moving right"], num_samples=2, generator=gen(2), input_video=tmp_path / "clip.mp4")
@@ -199,7 +198,7 @@ def test_sample_cli_edit_inpaint_and_continue(demo, pictures, tmp_path):
 @pytest.mark.parametrize("flags, match", [
     (["--mask", "m.png"], "--mask inpaints --input_image"),
     (["--edit_image", "a.png", "--input_video", "v.mp4"], "separate modes"),
-    (["--edit_image", "missing.png"], "--edit_image 'missing.png' not found"),
+    (["--edit_image", "missing.png"], "'edit_image': 'missing.png' does not exist"),
     (["--edit_refresh", "2"], "edit_refresh' must be between 0.0 and 1.0"),
 ])
 def test_sample_cli_mode_errors(flags, match, capsys, monkeypatch, tmp_path):
