@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import sample
 from dataset import eval_items
+from transformer_flow import Model
 from utils import distributed, recipe
 from utils.config import Key, load_config
 from utils.errors import UserError, run_cli
@@ -31,7 +32,7 @@ from utils.files import write_json
 from utils.image import ASPECT_RATIOS
 from utils.metrics import (LEVEL, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score, dequantize,
                            feature_stats, frechet_distance, inception_features, inception_score, list_images,
-                           load_is_head, load_stats, mean_and_stderr, quantize, sample_nll, save_stats, sidecar)
+                           load_is_head, load_stats, mean_and_stderr, quantize, save_stats, sidecar)
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
 
@@ -246,7 +247,7 @@ def model_input(pipe, cfg, pixels, indices, noise):
 def nll_of(pipe, x, y):
     """-log p(x | y) per sample in nats."""
     z, _, logdets = pipe.model(x.to(pipe.device, pipe.dtype), y)
-    return sample_nll(z, logdets).cpu()
+    return Model.sample_nll(z, logdets).cpu()
 
 
 def rank_scores(pipe, x, candidates, rows):

@@ -770,8 +770,10 @@ class Model(nn.Module):
 
     @staticmethod
     def sample_nll(z, logdets):
-        """-log p(x_b | y_b) of each sample without the Gaussian constant, in nats: (B,)."""
-        return 0.5 * z.float().pow(2).flatten(1).sum(1) - sum(ld.float().flatten(1).sum(1) for ld in logdets)
+        """-log p(x_b | y_b) of each sample in nats (float64, (B,)): the standard normal density of z and the log-dets
+        of every step, p(x) = N(z; 0, I) |det dz/dx|."""
+        nll = 0.5 * z.double().pow(2).flatten(1).sum(1) + 0.5 * z[0].numel() * math.log(2 * math.pi)
+        return nll - sum(ld.double().flatten(1).sum(1) for ld in logdets)
 
     @staticmethod
     def summed_nll(z, logdets):

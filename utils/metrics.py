@@ -10,7 +10,7 @@ exp(E KL(p(y|x) || p(y))) over 10 consecutive splits, from the logits features @
 classifier without its bias (the original code, torch-fidelity and torchmetrics do the same). The CLIP score is
 max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
 
-Likelihood: sample_nll is -log p(x) in nats from the flow's z and the log-dets of every block; `dequantize` is the
+Likelihood: Model.sample_nll is -log p(x) in nats from the flow's z and the log-dets of every block; `dequantize` is the
 TARFlow protocol for 8-bit pixels (uniform noise over each pixel's bin in the model's [-1, 1] scale).
 """
 import hashlib
@@ -299,14 +299,6 @@ def clip_score(per_pair):
 
 
 # --------------------------------------------------------------------------------------------------- likelihood
-def sample_nll(z, logdets):
-    """-log p(x) of each sample in nats (float64): the standard normal density of z plus the log-dets of every
-    block, so that p(x) = N(z; 0, I) |det dz/dx|."""
-    dims = z[0].numel()
-    nll = 0.5 * z.double().pow(2).flatten(1).sum(1) + 0.5 * dims * math.log(2 * math.pi)
-    return nll - sum(ld.double().flatten(1).sum(1) for ld in logdets)
-
-
 def quantize(x):
     """Model-scale pixels x in [-1, 1] -> their 8-bit levels v = round((x + 1) * 127.5) in 0..255 (float)."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255)
