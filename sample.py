@@ -35,10 +35,14 @@ SAMPLE_KEYS = {
     "sample_batch_size": Key(16, "int", "samples per forward pass on each rank"),
     "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks"),
     "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}) or 'random' (one per batch)"),
-    "jacobi": Key(0, "int", "block-wise Jacobi decoding (1) instead of token-by-token (0)"),
-    "jacobi_th": Key(0.005, "float", "Jacobi convergence threshold (relative mean squared change)"),
-    "jacobi_block_size": Key(64, "int", "tokens per Jacobi block in the first frame (4x after it)"),
-    "jacobi_max_iter": Key(32, "int", "Jacobi iterations per block at most"),
+    "jacobi": Key("auto", "str", "decoding: 0 token by token, 1 the original's block-wise Jacobi, auto sliding "
+                                 "Jacobi windows chosen per flow step", choices=("0", "1", "auto")),
+    "jacobi_th": Key(None, "float", "Jacobi convergence threshold (relative mean squared change); default 0.005 "
+                                    "for --jacobi 1, auto's own for auto", low=0.0),
+    "jacobi_block_size": Key(None, "int", "--jacobi 1: tokens per chunk in the first frame (4x after it), default "
+                                          "64; auto: the deep step's window", low=1),
+    "jacobi_max_iter": Key(None, "int", "--jacobi 1: iterations per chunk at most (default 32); auto: "
+                                        "evaluations of a token at most", low=1),
     "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)"),
     "out_fps": Key(None, "float", "video fps (prompt text and MP4); default: the fps of vid_size"),
     "target_length": Key(None, "int", "video frames to generate; beyond the training length a sliding window "
@@ -57,6 +61,8 @@ SAMPLE_KEYS = {
     "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"),
 }
 CLI_ONLY = ("num_samples", "sample_batch_size")  # also train.py keys (unused there): YAML values never apply
+JACOBI_MODES = {"0": False, "1": True, "auto": "auto"}
+ORIGINAL_JACOBI = dict(jacobi_th=0.005, jacobi_block_size=64, jacobi_max_iter=32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRID_CELLS = 64  # samples per grid file
 
@@ -129,6 +135,9 @@ def parse_config(argv):
             raise UserError(f"--{key} is required")
     if cfg.sample_batch_size <= 0:
         raise UserError("--sample_batch_size must be positive")
+    if cfg.jacobi == "1":  # the original sample.py's chunk settings
+        for key, value in ORIGINAL_JACOBI.items():
+            setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
     return cfg
@@ -147,7 +156,7 @@ def sample_round(pipe, cfg, batch, aspect):
     """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
     return pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
                 generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
-                jacobi=bool(cfg.jacobi), jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
+                jacobi=JACOBI_MODES[cfg.jacobi], jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
                 jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
                 fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
                 denoiser="score" if cfg.disable_learnable_denoiser else "auto", noise_std=cfg.target_noise_std,

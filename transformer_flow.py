@@ -350,14 +350,23 @@ def guide(mu, sigma, w):
 
 @dataclass
 class DecodeSchedule:
-    """How an autoregressive step is inverted: chunks of tokens, each refined by fixed-point (Jacobi) iterations."""
+    """How an autoregressive step is inverted: chunks of tokens, each refined by fixed-point (Jacobi) iterations.
+
+    The original's schedule: fixed chunks, every token of a chunk recomputed until the whole chunk stops changing.
+    With `sliding`, the chunk is a window instead: after each iteration its longest converged prefix is committed
+    to the KV cache and the window moves on, so a converged token is never evaluated again.
+    """
     block_size: int = 1
     later_block_size: int = 1  # chunk size after the first frame of a video
     max_iter: int = 1
     threshold: float = 0.0
+    sliding: bool = False
+    guess: str = "input"  # first guess of undecoded tokens: "input" (the step's input z) or "zeros"
 
 
 SEQUENTIAL = DecodeSchedule()
+# --jacobi auto: per-token threshold, deep-step window, and how often a token may be evaluated before it is taken
+AUTO_SCHEDULE = dict(threshold=1e-3, deep_window=16, deep_evals=32, shallow_evals=2)
 
 
 @dataclass
@@ -377,7 +386,17 @@ class _Decoding:
 
 
 def jacobi_schedule(block_size, max_iter, threshold):
+    """The original's block-wise Jacobi: chunks of block_size tokens in the first frame, 4x that afterwards."""
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
+
+
+def all_ranks_min(value):
+    """The smallest of an integer over ranks: a sliding window advances as far as it has converged on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(int(value), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+    return value
 
 
 def all_ranks_agree(flag):
@@ -447,13 +466,16 @@ class MetaBlock(Trunk):
         B, L, _ = z.shape
         if window is not None and self.sos_embed is None:
             raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
-        d = self._begin_decode(z, text, rope, frames, guidance, temp, window)
+        d = self._begin_decode(z, text, rope, frames, guidance, temp, window, schedule.guess)
         start = 0 if prefix is None else self._continue_prefix(d, prefix)
         target = d.steps if window is None else min(d.steps, window)
         while start < d.steps:
             if start == target:
                 target = min(d.steps, target + window - context)
                 self._slide_window(d, start, context)
+            if schedule.sliding:
+                start = self._decode_sliding(d, start, target, schedule, guidance)
+                continue
             first_frame = start <= d.frame_len
             chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
             self._decode_chunk(d, start, chunk, schedule, guidance)
@@ -461,8 +483,9 @@ class MetaBlock(Trunk):
         x = d.buffer[:B, 1:] if self.sos_embed is not None else d.buffer[:B]
         return permute(x, self.permutation, frames)
 
-    def _begin_decode(self, z, text, rope, frames, guidance, temp, window):
-        """The decoding state: token buffer, noise in generation order, and a KV cache holding the text prefix."""
+    def _begin_decode(self, z, text, rope, frames, guidance, temp, window, guess="input"):
+        """The decoding state: token buffer (undecoded tokens hold the first guess), noise in generation order, and
+        a KV cache holding the text prefix."""
         L = z.shape[1]
         z = permute(z.float(), self.permutation, frames)
         if guidance > 0:
@@ -473,6 +496,8 @@ class MetaBlock(Trunk):
         else:
             buffer, noise = z.clone(), z[:, 1:]
         steps = noise.shape[1]
+        if guess == "zeros":
+            buffer[:, -steps:] = 0
         text = text if self.has_text else None
         text_len = 0 if text is None else text.shape[1]
         d = _Decoding(buffer=buffer, noise=noise, steps=steps, text=text, text_len=text_len, rope=rope, temp=temp,
@@ -521,6 +546,41 @@ class MetaBlock(Trunk):
             if done:
                 d.cache.commit(chunk)
                 return
+
+    def _decode_sliding(self, d, start, end, schedule, guidance):
+        """Decodes tokens [start, end) with a window of block_size tokens: each iteration recomputes the window,
+        commits its longest prefix of tokens that converged (or were computed max_iter times; the first token,
+        whose inputs are all final, is always exact) and slides on. Returns end."""
+        sos = int(self.sos_embed is not None)
+        fresh = start + 1  # buffer entries from here on still hold the first guess
+        entered = []  # iteration at which each buffer entry from start + 1 on first entered the window
+        first, it = start + 1, 0
+        while start < end:
+            size = schedule.block_size if start < d.frame_len else schedule.later_block_size
+            chunk = min(size, end - start)
+            top = start + chunk + 1
+            lo = max(fresh, d.frame_len + sos)
+            if d.frames > 1 and lo < top:
+                # tokens entering the window start from the same tokens one frame earlier, a better guess than z
+                d.buffer[:, lo:top] = d.buffer[:, lo - d.frame_len:top - d.frame_len].clone()
+            entered += [it] * (top - max(fresh, first))
+            fresh = max(fresh, top)
+            mu, sigma = self.step(d.buffer[:, start:start + chunk], None, d.rope, d.text_len + start - d.offset,
+                                  d.cache, d.temp, d.frames, d.frame_len)
+            if guidance > 0:
+                mu, sigma = guide(mu, sigma, guidance)
+            new = mu + sigma * d.noise[:, start:start + chunk]
+            change = (new - d.buffer[:, start + 1:start + 1 + chunk]).pow(2).mean((0, 2)) / new.pow(2).mean()
+            converged = change < schedule.threshold
+            # entries computed max_iter times are taken as they are (a prefix: the window's oldest entries)
+            forced = sum(1 for e in entered[start + 1 - first:start + 1 - first + chunk] if it - e + 1 >= schedule.max_iter)
+            converged[:max(1, forced)] = True
+            n = all_ranks_min(int(converged.cumprod(0).sum().item()))
+            d.buffer[:, start + 1:start + 1 + chunk] = new
+            d.cache.commit(n)
+            start += n
+            it += 1
+        return end
 
     def prefill(self, cache, text, rope, temp):
         """Writes the text prefix into the cache (causal among text tokens)."""
@@ -667,13 +727,13 @@ class Model(nn.Module):
         return seq, outputs, logdets
 
     @torch.no_grad()
-    def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=16,
-                 jacobi_th=1e-3, jacobi_max_iter=32, cond_frames=None, local_attn_window=None, context_length=None):
+    def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=None,
+                 jacobi_th=None, jacobi_max_iter=None, cond_frames=None, local_attn_window=None, context_length=None):
         video = noise.dim() == 5
         tokens = self.patchify(noise)
         B, T, h, w, D = tokens.shape
         frame_len = h * w
-        schedule = jacobi_schedule(jacobi_block_size, jacobi_max_iter, jacobi_th) if jacobi else SEQUENTIAL
+        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th)
         if guidance > 0 and (y is None or len(y) != 2 * B):
             raise ValueError("guidance > 0 needs y = cat([y_cond, y_uncond]) with twice the rows of the noise")
         window = local_attn_window or self.local_attn_window
@@ -692,7 +752,7 @@ class Model(nn.Module):
         seq = tokens.flatten(1, 3)
         top = self.blocks[-1]
         text = y if top.has_text else None
-        seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp, schedule,
+        seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp, schedules[-1],
                           prefix=None if known is None else known[-1],
                           window=window and window * frame_len, context=context_length * frame_len)
         if guidance > 0 and self.cond_top_only:
@@ -703,13 +763,33 @@ class Model(nn.Module):
             if self.shallow_block_local and video:
                 # frames are independent here: invert only the unknown ones
                 rest = seq[:, n_known:].reshape(-1, frame_len, D)
-                rest = block.inverse(rest, None, self.rope_table(h, w, 1, video), 1, 0.0, attn_temp, schedule)
+                rest = block.inverse(rest, None, self.rope_table(h, w, 1, video), 1, 0.0, attn_temp, schedules[i])
                 rest = rest.reshape(B, -1, D)
                 seq = rest if known is None else torch.cat([known[i], rest], 1)
             else:
                 seq = block.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp,
-                                    schedule, prefix=None if known is None else known[i])
+                                    schedules[i], prefix=None if known is None else known[i])
         return self.unpatchify(seq.view(B, T, h, w, D), video)
+
+    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None):
+        """One DecodeSchedule per flow step (shallow first, deep last): sequential (jacobi False), the original's
+        Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto': sliding windows that never
+        re-evaluate a committed token, over the whole sequence for the shallow steps (they converge in a few
+        iterations) and over block_size tokens for the deep step; max_iter caps the evaluations of a token."""
+        if jacobi == "auto":
+            a = AUTO_SCHEDULE
+            threshold = a["threshold"] if threshold is None else threshold
+            window = a["deep_window"] if block_size is None else block_size
+            shallow = DecodeSchedule(2 ** 62, 2 ** 62, a["shallow_evals"] if max_iter is None else max_iter,
+                                     threshold, sliding=True)
+            deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, threshold,
+                                  sliding=True)
+            return [shallow] * (len(self.blocks) - 1) + [deep]
+        if jacobi:
+            schedule = jacobi_schedule(16 if block_size is None else block_size, 32 if max_iter is None else max_iter,
+                                       1e-3 if threshold is None else threshold)
+            return [schedule] * len(self.blocks)
+        return [SEQUENTIAL] * len(self.blocks)
 
     def _denoise(self, x, y=None):
         video = x.dim() == 5

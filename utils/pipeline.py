@@ -175,7 +175,7 @@ class STARFlowPipeline:
         if video and T > train_T:
             if not jacobi:
                 raise UserError(f"{num_frames} frames is longer than the {self.train_frames} the model was trained "
-                                f"on; sliding-window generation needs --jacobi 1")
+                                f"on; sliding-window generation needs --jacobi 1 or auto")
             request.window = train_T
             request.context = min(16, train_T - 1) if context_length is None else context_length
             if not 0 < request.context < train_T:
@@ -243,12 +243,14 @@ class STARFlowPipeline:
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
-                 jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32, attn_temp=1.0, target_length=None,
+                 jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
                  denoising_batch_size=None, output_type="pil"):
         """Generate num_samples per prompt.
 
-        prompt: str or list of str. cfg: guidance scale (default: the config's cfg). generator: a torch.Generator
+        prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
+        token), True (the original's block-wise Jacobi) or 'auto' (sliding windows per flow step; see
+        Model.decode_schedules); the jacobi_* settings default to each mode's own. generator: a torch.Generator
         or one per sample (for per-sample seeds). aspect_ratio: 'W:H'. target_length: video frames (default:
         the training length; longer uses a sliding window of the training length, needs jacobi). input_image:
         path or PIL image for image-to-video. denoiser: 'auto' (learned if the model has one), 'learned',
