@@ -201,10 +201,9 @@ class Attention(nn.Module):
         self.norm = make_norm(norm_type, channels)
         self.qkv = nn.Linear(channels, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=use_bias)
         self.proj = nn.Linear(self.num_heads * head_dim, channels, bias=use_bias)
-        if use_qk_norm:
-            self.query_norm, self.key_norm = RMSNorm(head_dim), RMSNorm(head_dim)
-        if use_post_norm:
-            self.post_norm = RMSNorm(channels)
+        # optional parts are None when absent (no state-dict keys), and checked without hasattr's exception path
+        self.query_norm, self.key_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if use_qk_norm else (None, None)
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def rotate(self, t, rope):
         if not self.hf_style_rope:
@@ -218,7 +217,7 @@ class Attention(nn.Module):
         d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(self.norm(u)).split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
-        if hasattr(self, "query_norm"):
+        if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
@@ -233,7 +232,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=d ** -0.5 / temp, enable_gqa=Hkv != H)
         out = self.proj(out.transpose(1, 2).flatten(2))
-        return self.post_norm(out) if hasattr(self, "post_norm") else out
+        return out if self.post_norm is None else self.post_norm(out)
 
 
 class MLP(nn.Module):
@@ -244,22 +243,22 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(channels * expansion)
         self.norm = make_norm(norm_type, channels)
+        self.main = None
         if use_swiglu:
             self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
             self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
             self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
         else:
             self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        if use_post_norm:
-            self.post_norm = RMSNorm(channels)
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def forward(self, x):
         x = self.norm(x)
-        if hasattr(self, "main"):
+        if self.main is not None:
             x = self.main(x)
         else:
             x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-        return self.post_norm(x) if hasattr(self, "post_norm") else x
+        return x if self.post_norm is None else self.post_norm(x)
 
 
 class AttentionBlock(nn.Module):
