@@ -140,7 +140,8 @@ class Run:
             weights = os.path.join(where, "model.safetensors") if self.resume_kind == "state" else where
             load_model_weights(self.model, weights, skip=DEPRECATED_KEYS.match)
             self.resume_dir = where
-        if cfg.fsdp and info.world_size == 1 and self.main:
+        sharded = T.will_shard(info, cfg.fsdp)
+        if cfg.fsdp and not sharded and self.main:
             print("fsdp: 1 with a single process: training the unsharded model")
         self.train_model = T.parallelize(self.model, info, bool(cfg.fsdp), (AttentionBlock,), bf16=self.cuda)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -152,7 +153,7 @@ class Run:
                                                             weight_decay=cfg.weight_decay)
         if self.main:
             n = sum(p.numel() for p in self.flow_params + self.denoiser_params)
-            mode = "single process" if info.world_size == 1 else "FSDP2" if cfg.fsdp else "DDP"
+            mode = "FSDP2" if sharded else "single process" if info.world_size == 1 else "DDP"
             print(f"model: {n / 1e6:.2f}M trainable parameters ({len(self.denoiser_params)} denoiser tensors); "
                   f"{mode}, world size {info.world_size}, on {info.device}")
 

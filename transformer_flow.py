@@ -389,19 +389,26 @@ def jacobi_schedule(block_size, max_iter, threshold):
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
 
 
-def all_ranks_min(value):
+def collective_device(device):
+    """Where a collective's tensor must live: gloo reduces CPU tensors; NCCL (or a mixed backend) takes the
+    decoding tensor's own device, this rank's GPU, never the bare 'cuda' of whichever GPU is current."""
+    return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device)
+
+
+def all_ranks_min(value, device):
     """The smallest of an integer over ranks: a sliding window advances as far as it has converged on every rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor(int(value), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        t = torch.tensor(int(value), device=collective_device(device))
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
     return value
 
 
-def all_ranks_agree(flag):
-    """Ranks of a sharded model must run the network equally often, so a stop needs every rank's consent."""
+def all_ranks_agree(flag, device):
+    """Ranks of a sharded model must run the network equally often, so a stop needs every rank's consent.
+    device: where the decoding runs."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor(float(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        t = torch.tensor(float(flag), device=collective_device(device))
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
     return flag
@@ -540,7 +547,7 @@ class MetaBlock(Trunk):
             new = mu + sigma * d.noise[:, start:start + chunk]
             old = d.buffer[:, start + 1:start + 1 + chunk]
             done = it == schedule.max_iter - 1 or all_ranks_agree(
-                ((new - old).pow(2).mean() / new.pow(2).mean()).item() < schedule.threshold)
+                ((new - old).pow(2).mean() / new.pow(2).mean()).item() < schedule.threshold, new.device)
             d.buffer[:, start + 1:start + 1 + chunk] = new
             if done:
                 d.cache.commit(chunk)
@@ -574,7 +581,7 @@ class MetaBlock(Trunk):
             # entries computed max_iter times are taken as they are (a prefix: the window's oldest entries)
             forced = sum(1 for e in entered[start + 1 - first:start + 1 - first + chunk] if it - e + 1 >= schedule.max_iter)
             converged[:max(1, forced)] = True
-            n = all_ranks_min(int(converged.cumprod(0).sum().item()))
+            n = all_ranks_min(int(converged.cumprod(0).sum().item()), new.device)
             d.buffer[:, start + 1:start + 1 + chunk] = new
             d.cache.commit(n)
             start += n
@@ -683,13 +690,16 @@ class Model(nn.Module):
         x = rearrange(tokens, "b t h w (p1 p2 c) -> b t c (h p1) (w p2)", p1=p, p2=p)
         return x if video else x[:, 0]
 
-    def rope_table(self, h, w, frames, video, text=None):
-        """(cos, sin) for [text; frames x h x w] slots; None when the model uses learned positions."""
+    def rope_table(self, h, w, frames, video, text=None, *, device):
+        """(cos, sin) on `device` for [text; frames x h x w] slots; None when the model uses learned positions.
+
+        Computed in float64 on the CPU (MPS has no float64), then copied once per pass, never per token."""
         if self.rope is None:
             return None
         third_axis = self.txt_size > 0 or video
         text_len = 0 if text is None else text.shape[1]
-        return self.rope(grid_positions(h, w, self.pt_seq_len, frames if video else 0, text_len, third_axis))
+        table = self.rope(grid_positions(h, w, self.pt_seq_len, frames if video else 0, text_len, third_axis))
+        return tuple(t.to(device) for t in table)
 
     # ------------------------------------------------------------------------------------------------ passes
     def forward(self, x, y=None, mode="likelihood", **kwargs):
@@ -704,7 +714,7 @@ class Model(nn.Module):
         seq, outputs, logdets = self._shallow_forward(tokens, y, video)
         top = self.blocks[-1]
         text = y if top.has_text else None
-        seq, logdet = top(seq, text, self.rope_table(h, w, T, video, text), T)
+        seq, logdet = top(seq, text, self.rope_table(h, w, T, video, text, device=x.device), T)
         outputs.append(seq.view(B, T, h, w, D))
         logdets.append(logdet)
         if not video:
@@ -719,7 +729,7 @@ class Model(nn.Module):
         for block in self.blocks[:-1]:
             inp, frames = (seq.reshape(B * T, h * w, D), 1) if local else (seq, T)
             text = y if block.has_text else None
-            out, logdet = block(inp, text, self.rope_table(h, w, frames, video, text), frames)
+            out, logdet = block(inp, text, self.rope_table(h, w, frames, video, text, device=inp.device), frames)
             seq = out.reshape(B, T * h * w, D)
             outputs.append(seq.view(B, T, h, w, D))
             logdets.append(logdet.reshape(B, T, h * w, D) if local else logdet)
@@ -751,8 +761,8 @@ class Model(nn.Module):
         seq = tokens.flatten(1, 3)
         top = self.blocks[-1]
         text = y if top.has_text else None
-        seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp, schedules[-1],
-                          prefix=None if known is None else known[-1],
+        seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text, device=seq.device), T, guidance, attn_temp,
+                          schedules[-1], prefix=None if known is None else known[-1],
                           window=window and window * frame_len, context=context_length * frame_len)
         if guidance > 0 and self.cond_top_only:
             guidance, y = 0.0, y[:B]
@@ -762,12 +772,14 @@ class Model(nn.Module):
             if self.shallow_block_local and video:
                 # frames are independent here: invert only the unknown ones
                 rest = seq[:, n_known:].reshape(-1, frame_len, D)
-                rest = block.inverse(rest, None, self.rope_table(h, w, 1, video), 1, 0.0, attn_temp, schedules[i])
+                rope = self.rope_table(h, w, 1, video, device=rest.device)
+                rest = block.inverse(rest, None, rope, 1, 0.0, attn_temp, schedules[i])
                 rest = rest.reshape(B, -1, D)
                 seq = rest if known is None else torch.cat([known[i], rest], 1)
             else:
-                seq = block.inverse(seq, text, self.rope_table(h, w, T, video, text), T, guidance, attn_temp,
-                                    schedules[i], prefix=None if known is None else known[i])
+                rope = self.rope_table(h, w, T, video, text, device=seq.device)
+                seq = block.inverse(seq, text, rope, T, guidance, attn_temp, schedules[i],
+                                    prefix=None if known is None else known[i])
         return self.unpatchify(seq.view(B, T, h, w, D), video)
 
     def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None):
@@ -796,7 +808,7 @@ class Model(nn.Module):
         B, T, h, w, D = tokens.shape
         den = self.learnable_self_denoiser
         text = y if den.has_text else None
-        out = den(tokens.flatten(1, 3), text, self.rope_table(h, w, T, video, text), T, video)
+        out = den(tokens.flatten(1, 3), text, self.rope_table(h, w, T, video, text, device=x.device), T, video)
         return self.unpatchify(out.view(B, T, h, w, D), video)
 
     # ----------------------------------------------------------------------------------------------- public API

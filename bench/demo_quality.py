@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
+from utils import recipe  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json  # noqa: E402
@@ -64,12 +65,13 @@ def mnist_at(size, split):
     return x.clamp(0, 1), torch.from_numpy(labels)
 
 
-def train_classifier(size, epochs, seed):
-    """Digit CNN on the MNIST train split (ink scaled like the six tints); returns it and its test-split accuracy
-    on tinted test digits for digit and colour."""
+def train_classifier(size, epochs, seed, limit=None):
+    """Digit CNN on the MNIST train split (its first `limit` images if given; ink scaled like the six tints);
+    returns it and its test-split accuracy on tinted test digits for digit and colour."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = mnist_at(size, "train")
+    x, y = x[:limit], y[:limit]
     net = digit_net(size)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
     for _ in range(epochs):
@@ -152,7 +154,7 @@ def test_nll_bpd(pipe, n_images, seed, batch=100):
         items = [data.load(i, seed) for i in range(start, min(start + batch, n_images))]
         x = torch.stack([p for p, _, _ in items])
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g)
-        y = pipe.encode_text([pipe.prompt_text(c, None, None) for _, c, _ in items])
+        y = pipe.encode_text([recipe.decorate_prompt(cfg, c) for _, c, _ in items])
         z, _, logdets = pipe.model(x.to(pipe.device, pipe.dtype), y)
         losses = pipe.model.get_loss(z, logdets)
         total += (losses["loss_z"] + losses["loss_logdet"]).item() * len(items)
@@ -175,9 +177,9 @@ def noise_entropy_bpd(noise_std):
 def jacobi_timing(pipe, prompts, cfg, seed):
     """model.reverse on one batch: sequential against block-wise Jacobi; seconds, speed-up, max |x - x_seq|."""
     c = pipe.config
-    y = pipe.encode_text([pipe.prompt_text(p, None, None) for _, _, p in prompts])
+    y = pipe.encode_text([recipe.decorate_prompt(c, p) for _, _, p in prompts])
     if cfg > 0:
-        y = torch.cat([y, pipe.encode_text([pipe.prompt_text("", None, None)] * len(prompts))])
+        y = torch.cat([y, pipe.encode_text([recipe.null_prompt(c)] * len(prompts))])
     noise = torch.randn((len(prompts), c.channel_size, c.img_size, c.img_size),
                         generator=torch.Generator().manual_seed(seed)).to(pipe.device, pipe.dtype)
     runs = [("sequential", {}), ("jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3)),

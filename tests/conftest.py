@@ -102,9 +102,25 @@ TINY = dict(patch_size=1, channels=32, layers_per_block=[1, 1, 2], head_dim=16, 
 TINY_TXT_DIM = 8  # text width at the Model level (the pipeline fixtures take the tiny T5's)
 
 
-def tiny_model(seed=0, in_channels=2, img_size=4, txt_dim=TINY_TXT_DIM, **overrides):
+@pytest.fixture(scope="session")
+def device():
+    """The device of the tests that take one: cpu, or STARFLOW_TEST_DEVICE (e.g. cuda) where that device is present,
+    in float32 with TF32 off so that the CPU tolerances hold; tests are skipped if it is named but absent."""
+    name = os.environ.get("STARFLOW_TEST_DEVICE", "cpu")
+    kind = torch.device(name).type
+    present = {"cpu": True, "cuda": torch.cuda.is_available(),
+               "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not present.get(kind, False):
+        pytest.skip(f"STARFLOW_TEST_DEVICE={name}, but this machine has no such device")
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+def tiny_model(seed=0, in_channels=2, img_size=4, txt_dim=TINY_TXT_DIM, device="cpu", **overrides):
     """A Model of the TINY architecture (Model keywords may override) with random weights everywhere, so that no
-    term of the computation is trivially zero (a fresh flow is the identity map)."""
+    term of the computation is trivially zero (a fresh flow is the identity map); on `device`."""
     from transformer_flow import Model
     keys = dict(TINY, **{k: v for k, v in overrides.items() if k in TINY})
     kwargs = dict(in_channels=in_channels, img_size=img_size, patch_size=keys["patch_size"], channels=keys["channels"],
@@ -121,11 +137,12 @@ def tiny_model(seed=0, in_channels=2, img_size=4, txt_dim=TINY_TXT_DIM, **overri
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
-    return model.eval()
+    return model.eval().to(device)
 
 
-def tiny_inputs(model, batch=2, frames=None, seed=1):
-    """(x, y) for a tiny model: a 4 x 5 token grid (4 x 4 for learned positions), text states if it reads text."""
+def tiny_inputs(model, batch=2, frames=None, seed=1, device="cpu"):
+    """(x, y) for a tiny model on `device`: a 4 x 5 token grid (4 x 4 for learned positions), text states if it
+    reads text (drawn on the CPU, so that every device sees the same numbers)."""
     g = torch.Generator().manual_seed(seed)
     side = 4 * model.patch_size
     wide = model.patch_size if model.rope is not None else 0  # learned positions need the square training grid
@@ -135,7 +152,7 @@ def tiny_inputs(model, batch=2, frames=None, seed=1):
     x = torch.randn(shape, generator=g)
     txt_dim = model.blocks[-1].proj_txt.in_features if model.blocks[-1].has_text else 0
     y = torch.randn(batch, model.txt_size, txt_dim, generator=g) if txt_dim else None
-    return x, y
+    return x.to(device), None if y is None else y.to(device)
 
 
 def tiny_flags(**overrides):

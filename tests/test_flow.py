@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_inputs as inputs, tiny_model
+from conftest import TINY_TXT_DIM, tiny_inputs as inputs, tiny_model
 from transformer_flow import KVCache, MetaBlock, Model, permute
 
 FLAGS = {
@@ -31,9 +31,9 @@ ALL = [(n, f, None) for n, f in FLAGS.items()] + [(n, f, 3) for n, f in VIDEO_FL
 
 @pytest.mark.parametrize("name, flags, frames", ALL, ids=[a[0] for a in ALL])
 @pytest.mark.parametrize("jacobi", [False, True], ids=["sequential", "jacobi"])
-def test_inverse_of_forward_is_identity(name, flags, frames, jacobi):
-    model = tiny_model(**flags)
-    x, y = inputs(model, frames=frames)
+def test_inverse_of_forward_is_identity(name, flags, frames, jacobi, device):
+    model = tiny_model(**flags, device=device)
+    x, y = inputs(model, frames=frames, device=device)
     z, _, _ = model(x, y)
     assert z.shape == x.shape
     x_back = model.reverse(z, y, jacobi=jacobi, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=200)
@@ -41,10 +41,10 @@ def test_inverse_of_forward_is_identity(name, flags, frames, jacobi):
 
 
 @pytest.mark.parametrize("frames", [None, 2], ids=["image", "video"])
-def test_logdet_equals_autograd_jacobian(frames):
+def test_logdet_equals_autograd_jacobian(frames, device):
     flags = VIDEO_FLAGS["official_video"] if frames else {}
-    model = tiny_model(**flags, in_channels=1)
-    x, y = inputs(model, batch=1, frames=frames)  # 20 (image) or 40 (video) dimensions
+    model = tiny_model(**flags, in_channels=1, device=device)
+    x, y = inputs(model, batch=1, frames=frames, device=device)  # 20 (image) or 40 (video) dimensions
     z, outputs, logdets = model(x, y)
     jac = torch.autograd.functional.jacobian(lambda v: model(v.view_as(x), y)[0].flatten(), x.flatten())
     sign, logabsdet = torch.linalg.slogdet(jac.double())
@@ -60,9 +60,9 @@ def test_logdet_equals_autograd_jacobian(frames):
 
 @pytest.mark.parametrize("frames", [None, 3], ids=["image", "video"])
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
-def test_jacobi_equals_sequential(frames, guidance):
-    model = tiny_model(**(VIDEO_FLAGS["official_video"] if frames else {}))
-    noise, y = inputs(model, frames=frames)
+def test_jacobi_equals_sequential(frames, guidance, device):
+    model = tiny_model(**(VIDEO_FLAGS["official_video"] if frames else {}), device=device)
+    noise, y = inputs(model, frames=frames, device=device)
     if guidance:
         y = torch.cat([y, torch.randn_like(y)])
     seq = model.reverse(noise, y, guidance=guidance)
@@ -72,13 +72,13 @@ def test_jacobi_equals_sequential(frames, guidance):
 
 
 @pytest.mark.parametrize("with_text", [True, False])
-def test_kv_cache_equals_recomputation(with_text):
-    model = tiny_model()
+def test_kv_cache_equals_recomputation(with_text, device):
+    model = tiny_model(device=device)
     block = model.blocks[-1] if with_text else model.blocks[0]
-    x, y = inputs(model)
+    x, y = inputs(model, device=device)
     tokens = model.patchify(x).flatten(1, 3)
     text = y if with_text else None
-    rope = model.rope_table(4, 5, 1, False, text)
+    rope = model.rope_table(4, 5, 1, False, text, device=device)
     mu_full, sigma_full = block.step(tokens, text, rope)
     cache = KVCache(tokens.shape[1] + (y.shape[1] if with_text else 0))
     block.prefill(cache, text, rope, 1.0)
@@ -94,9 +94,9 @@ def test_kv_cache_equals_recomputation(with_text):
 
 
 @pytest.mark.parametrize("name, flags, frames", ALL, ids=[a[0] for a in ALL])
-def test_each_step_is_causal_in_its_token_order(name, flags, frames):
-    model = tiny_model(**flags)
-    x, y = inputs(model, batch=1, frames=frames)
+def test_each_step_is_causal_in_its_token_order(name, flags, frames, device):
+    model = tiny_model(**flags, device=device)
+    x, y = inputs(model, batch=1, frames=frames, device=device)
     tokens = model.patchify(x)
     T = tokens.shape[1]
     seq = tokens.flatten(1, 3)
@@ -108,7 +108,7 @@ def test_each_step_is_causal_in_its_token_order(name, flags, frames):
         n_frames = 1 if local else T
         inp = seq[:, :L // T] if local else seq  # a frame-local step sees one frame
         text = y if block.has_text else None
-        rope = model.rope_table(4, 4 + (model.rope is not None), n_frames, bool(frames), text)
+        rope = model.rope_table(4, 4 + (model.rope is not None), n_frames, bool(frames), text, device=device)
         order = permute(torch.arange(inp.shape[1])[None, :, None], block.permutation, n_frames)[0, :, 0]
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))  # rank[r]: when raster token r is generated
@@ -116,15 +116,15 @@ def test_each_step_is_causal_in_its_token_order(name, flags, frames):
         for r in range(0, inp.shape[1], 5):
             bumped = inp.clone()
             bumped[:, r] += 1.0
-            changed = (block(bumped, text, rope, n_frames)[0] - z).abs().amax(dim=(0, 2)) > 0
+            changed = ((block(bumped, text, rope, n_frames)[0] - z).abs().amax(dim=(0, 2)) > 0).cpu()
             assert changed[r]
             assert not changed[rank < rank[r]].any(), f"block {i}: token {r} changed an earlier output"
 
 
 @pytest.mark.parametrize("name", list(VIDEO_FLAGS))
-def test_video_is_causal_in_frame_order(name):
-    model = tiny_model(**VIDEO_FLAGS[name])
-    x, y = inputs(model, batch=1, frames=4)
+def test_video_is_causal_in_frame_order(name, device):
+    model = tiny_model(**VIDEO_FLAGS[name], device=device)
+    x, y = inputs(model, batch=1, frames=4, device=device)
     z = model(x, y)[0]
     sample = model.reverse(z, y)
     for t in range(4):
@@ -139,11 +139,11 @@ def test_video_is_causal_in_frame_order(name):
 
 
 @pytest.mark.parametrize("look_ahead", [1, 2])
-def test_denoiser_frame_mask(look_ahead):
+def test_denoiser_frame_mask(look_ahead, device):
     """temporal_causal 1 makes the self-denoiser frame-causal; 2 lets each frame look one frame ahead."""
     model = tiny_model(temporal_causal=look_ahead, shallow_block_local=True, learnable_self_denoiser=True,
-                       conditional_denoiser=True, denoiser_window=2)
-    x, y = inputs(model, batch=1, frames=4)
+                       conditional_denoiser=True, denoiser_window=2, device=device)
+    x, y = inputs(model, batch=1, frames=4, device=device)
     base = model.denoise(x, y)
     for t in range(1, 4):
         bumped = x.clone()
@@ -154,26 +154,26 @@ def test_denoiser_frame_mask(look_ahead):
         assert look_ahead == 2 or not changed[:t].any()
 
 
-def test_guidance_with_identical_texts_is_unguided():
-    model = tiny_model()
-    noise, y = inputs(model)
+def test_guidance_with_identical_texts_is_unguided(device):
+    model = tiny_model(device=device)
+    noise, y = inputs(model, device=device)
     torch.testing.assert_close(model.reverse(noise, torch.cat([y, y]), guidance=3.0), model.reverse(noise, y),
                                atol=1e-5, rtol=0)
 
 
-def test_image_to_video_keeps_the_observed_frames():
-    model = tiny_model(**VIDEO_FLAGS["official_video"])
-    noise, y = inputs(model, frames=4)
-    first, _ = inputs(model, frames=2, seed=5)
+def test_image_to_video_keeps_the_observed_frames(device):
+    model = tiny_model(**VIDEO_FLAGS["official_video"], device=device)
+    noise, y = inputs(model, frames=4, device=device)
+    first, _ = inputs(model, frames=2, seed=5, device=device)
     out = model.reverse(noise, torch.cat([y, torch.zeros_like(y)]), guidance=1.5, cond_frames=first, jacobi=True,
                         jacobi_block_size=4, jacobi_th=1e-10, jacobi_max_iter=50)
     assert torch.equal(out[:, :2], first)
     assert not torch.allclose(out[:, 2:], noise[:, 2:])
 
 
-def test_sliding_window_starts_like_a_plain_decode():
-    model = tiny_model(**VIDEO_FLAGS["official_video"])
-    noise, y = inputs(model, frames=5)
+def test_sliding_window_starts_like_a_plain_decode(device):
+    model = tiny_model(**VIDEO_FLAGS["official_video"], device=device)
+    noise, y = inputs(model, frames=5, device=device)
     settings = dict(jacobi=True, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=100)
     long = model.reverse(noise, y, local_attn_window=3, context_length=2, **settings)
     assert long.shape == noise.shape
@@ -196,9 +196,10 @@ def test_load_state_dict_names_missing_and_unknown_keys():
         model.load_state_dict(state)
 
 
-def test_bf16_transformer_with_float32_flow_arithmetic():
-    model = tiny_model(**VIDEO_FLAGS["official_video"], learnable_self_denoiser=True, conditional_denoiser=True)
-    x, y = inputs(model, frames=2)
+def test_bf16_transformer_with_float32_flow_arithmetic(device):
+    model = tiny_model(**VIDEO_FLAGS["official_video"], learnable_self_denoiser=True, conditional_denoiser=True,
+                       device=device)
+    x, y = inputs(model, frames=2, device=device)
     z32 = model(x, y)[0]
     sample32 = model.reverse(z32, y, jacobi=True, jacobi_block_size=4, jacobi_th=1e-8, jacobi_max_iter=50)
     model.to(torch.bfloat16)
@@ -210,14 +211,61 @@ def test_bf16_transformer_with_float32_flow_arithmetic():
     assert model.denoise(x, y).shape == x.shape
 
 
-def test_meta_device_build_takes_checkpoint_tensors():
+def test_meta_device_build_takes_checkpoint_tensors(device):
     """No buffers to materialise: a model built on the meta device works once the weights are assigned."""
-    model = tiny_model()
+    model = tiny_model(device=device)
     with torch.device("meta"):
         empty = Model(model.config)
     empty.load_state_dict(model.state_dict(), assign=True)
-    x, y = inputs(model)
+    x, y = inputs(model, device=device)
     torch.testing.assert_close(empty(x, y)[0], model(x, y)[0])
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_no_fixed_device_and_no_host_sync(video):
+    """On the meta device a tensor made on a fixed device does not combine, and reading a value (.item(), bool of a
+    tensor) raises: the training pass and its loss, sequential decoding with guidance, image-to-video, the sliding
+    window and both denoisers must do neither. (Jacobi reads one value per iteration to stop.) Meta kernels are
+    slow, so the token grids are small."""
+    flags = dict(VIDEO_FLAGS["official_video"], learnable_self_denoiser=True, conditional_denoiser=True) if video \
+        else {}
+    model = tiny_model(**flags).to("meta")
+    x = torch.empty((1, 3, model.in_channels, 2, 2) if video else (1, model.in_channels, 2, 3), device="meta")
+    y = torch.empty(1, model.txt_size, TINY_TXT_DIM, device="meta")
+    y_cfg = torch.cat([y, torch.zeros_like(y)])
+    z, outputs, logdets = model(x.requires_grad_(), y)
+    model.get_loss(z, logdets, outputs, latent_norm_regularization=1e-4)["loss"].backward()
+    assert x.grad.device.type == "meta"
+    assert model.score_denoise(x, y, 0.3).shape == x.shape
+    z = z.detach()
+    if not video:
+        assert model.reverse(z, y_cfg, guidance=2.0).device.type == "meta"
+        return
+    assert model.reverse(z[:, :2], y_cfg, guidance=2.0, cond_frames=x[:, :1].detach()).device.type == "meta"
+    assert model.reverse(z, y, local_attn_window=2, context_length=1).shape == x.shape
+    assert model.denoise(x, y).device.type == "meta"
+
+
+def test_jacobi_agreement_reduces_on_the_decoding_device(monkeypatch):
+    """Under NCCL the stop vote is a tensor on the rank's own GPU (the decoding tensor's device), under gloo on the
+    CPU; one rank's 'not yet' keeps every rank iterating."""
+    import transformer_flow as tf
+    seen = []
+
+    def all_reduce(t, op):
+        seen.append(t.device)
+        t.fill_(0.0)  # another rank has not converged
+
+    monkeypatch.setattr(tf.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tf.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(tf.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(tf.dist, "get_backend", lambda: "nccl")
+    assert tf.collective_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert tf.all_ranks_agree(True, torch.device("cpu")) is False  # the bare "cuda" device does not exist here
+    monkeypatch.setattr(tf.dist, "get_backend", lambda: "gloo")
+    assert tf.collective_device(torch.device("cuda", 3)) == torch.device("cpu")
+    assert tf.all_ranks_agree(True, torch.device("cuda", 1)) is False
+    assert seen == [torch.device("cpu")] * 2
 
 
 @pytest.mark.parametrize("frames", [None, 3], ids=["image", "video"])
@@ -269,7 +317,7 @@ def test_evaluation_cap_takes_the_last_iterate():
     model = tiny_model()
     block = model.blocks[0]
     z = model.patchify(inputs(model)[0]).flatten(1, 3)
-    rope = model.rope_table(4, 5, 1, False)
+    rope = model.rope_table(4, 5, 1, False, device=z.device)
     once = block.inverse(z, rope=rope, schedule=DecodeSchedule(100, 100, 1, 0.0, sliding=True))
     zp = permute(z, block.permutation, 1)  # generation order
     mu, sigma = block.step(torch.cat([block.sos_embed.expand(len(z), 1, -1), zp[:, :-1]], 1), None, rope)

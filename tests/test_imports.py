@@ -54,3 +54,17 @@ def test_low_modules_import_nothing_above_them():
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_no_code_moves_tensors_to_a_fixed_gpu():
+    """Devices come from the caller (pick_device, a tensor's .device): no .cuda() and no bare device="cuda", which
+    is whichever GPU is current rather than this rank's."""
+    for path in [*LIBRARY, *ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            assert not (isinstance(node.func, ast.Attribute) and node.func.attr == "cuda"), f"{where}: .cuda()"
+            for kw in node.keywords:
+                bare = any(isinstance(n, ast.Constant) and n.value == "cuda" for n in ast.walk(kw.value))
+                assert not (kw.arg == "device" and bare), f'{where}: device="cuda"'

@@ -53,11 +53,11 @@ def test_training_and_sampling_see_the_same_prompts(flags):
     assert set(pipe.text_encoder.texts) == trained
 
 
-def test_denoiser_target_makes_the_learned_step_the_score_step():
+def test_denoiser_target_makes_the_learned_step_the_score_step(device):
     """x - step * target equals the flow's own Tweedie step: the self-denoiser learns exactly what the score
     step computes."""
-    model = tiny_model()
-    x, y = tiny_inputs(model)
+    model = tiny_model(device=device)
+    x, y = tiny_inputs(model, device=device)
     x.requires_grad_(True)
     z, _, logdets = model(x, y)
     target = recipe.denoiser_target(z, logdets, x, noise_std=0.5)

@@ -65,8 +65,8 @@ def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path, jacobi, toler
     assert np.abs(again - img[1].astype(int)).max() <= tolerance
 
 
-def test_jacobi_matches_sequential(tiny_t2i):
-    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+def test_jacobi_matches_sequential(tiny_t2i, device):
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], device=device, dtype=torch.float32)
     kwargs = dict(num_samples=2, cfg=2.0, aspect_ratio="16:9")
     seq = pipe("a corgi", generator=torch.Generator().manual_seed(1), **kwargs)
     jac = pipe("a corgi", generator=torch.Generator().manual_seed(1), jacobi=True, jacobi_block_size=4,

@@ -25,9 +25,10 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def parallelize(model, info, fsdp, layer_types, bf16):
     """FSDP2: fully_shard each layer of `layer_types`, then the root; otherwise DDP, or the model itself.
 
-    Returns the module to call for training; parameters and state dicts are read from it directly.
+    A single process shards only inside a process group it joined (FSDP2 on one GPU, as bench/gpu_check.py runs
+    it). Returns the module to call for training; parameters and state dicts are read from it directly.
     """
-    if info.world_size == 1:
+    if not will_shard(info, fsdp) and info.world_size == 1:
         return model
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -47,6 +48,11 @@ def parallelize(model, info, fsdp, layer_types, bf16):
     unused = getattr(model, "learnable_self_denoiser", None) is not None
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                    find_unused_parameters=unused)
+
+
+def will_shard(info, fsdp):
+    """Whether parallelize applies FSDP2: asked for, and several ranks or a joined process group."""
+    return bool(fsdp) and (info.world_size > 1 or dist.is_initialized())
 
 
 def shard_frozen(module, info):
