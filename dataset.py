@@ -20,7 +20,8 @@ from PIL import Image
 
 from utils.config import parse_vid_size
 from utils.errors import UserError
-from utils.image import aspect_ratio_to_image_size, crop_resize, nearest_bucket
+from utils.files import read_text
+from utils.image import aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
@@ -90,7 +91,7 @@ class FolderDataset(torch.utils.data.Dataset):
         exts = VIDEO_EXTS if self.video else IMAGE_EXTS
         jsonl = {}
         if (self.root / "captions.jsonl").is_file():
-            for n, line in enumerate((self.root / "captions.jsonl").read_text().splitlines(), 1):
+            for n, line in enumerate(read_text(self.root / "captions.jsonl", "caption list").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -103,7 +104,11 @@ class FolderDataset(torch.utils.data.Dataset):
         for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in exts and p.is_file()):
             rel = path.relative_to(self.root).as_posix()
             sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text().strip() if sidecar.is_file() else jsonl.get(rel)
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else jsonl.get(rel)
+            except (UnicodeDecodeError, OSError):  # not UTF-8 text: skipped and reported like an unreadable image
+                self.skipped_at_scan.append(str(sidecar))
+                continue
             if caption is None:
                 self.uncaptioned += 1
                 continue
@@ -150,7 +155,7 @@ class FolderDataset(torch.utils.data.Dataset):
             pixels = torch.stack([crop_resize(f, size, flip) for f in frames])
         else:
             with Image.open(path) as im:
-                pixels = crop_resize(im.convert("RGB"), size, flip)
+                pixels = crop_resize(to_rgb(im), size, flip)
         return pixels, caption, {"fps": self.fps, "aspect": self.buckets[index], "key": f"{index}:{int(flip)}:{start}"}
 
     def describe(self, index):
@@ -434,7 +439,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
                 frames, start = read_clip(f.name, self.num_frames, self.fps, rng)
             w, h = frames[0].size
         else:
-            img = Image.open(io.BytesIO(sample[key])).convert("RGB")
+            img = to_rgb(Image.open(io.BytesIO(sample[key])))
             frames, (w, h), start = [img], img.size, 0
         bucket = nearest_bucket(w, h) if self.mix_aspect else "1:1"
         size = aspect_ratio_to_image_size(self.img_size, bucket, self.multiple)
@@ -471,7 +476,7 @@ def list_shards(data):
     if os.path.isdir(data):
         shards = sorted(str(p) for p in Path(data).glob("*.tar"))
     elif data.endswith(".txt") and os.path.isfile(data):
-        shards = [s.strip() for s in Path(data).read_text().splitlines() if s.strip()]
+        shards = [s.strip() for s in read_text(data, "shard list").splitlines() if s.strip()]
     else:
         shards = list(braceexpand.braceexpand(data))
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]

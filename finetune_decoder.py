@@ -26,10 +26,10 @@ from dataset import TrainData
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import load_lpips
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights
-from utils.config import Key, load_config, parse_vid_size, save_config
+from utils.config import Key, flag, load_config, parse_vid_size, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.files import write_json
+from utils.files import check_output_dir, make_dir, write_json
 from utils.image import make_grid, to_uint8, write_png
 from utils.vae import load_vae, load_vae_weights
 
@@ -38,13 +38,15 @@ METADATA_KEY = "starflow_finetuned_decoder"
 PROBE_STEP = 2**40  # noise key of the probe items, apart from every training step
 
 EXTRA_KEYS = {
-    "lpips": Key(1.0, "float", "LPIPS loss weight (0 = off; then no VGG16 weights are needed)"),
+    "lpips": Key(1.0, "float", "LPIPS loss weight (0 = off; then no VGG16 weights are needed)", low=0),
     "lpips_weights": Key(None, "str", "file or folder with the LPIPS VGG16 backbone and linear heads "
-                                      "(None = Hugging Face cache, torch hub cache, installed lpips package)"),
-    "gan_weight": Key(0.1, "float", "weight of the hinge GAN term on the decoder (0 = no discriminator)"),
-    "gan_start": Key(0, "int", "step from which the GAN term reaches the decoder (the discriminator trains from 0)"),
-    "use_3d_disc": Key(0, "int", "video: a space-time (3D) PatchGAN instead of a 2D PatchGAN on each frame"),
-    "eval_samples": Key(8, "int", "items of the first batch scored at every checkpoint (noisy-latent L2, PNG)"),
+                                      "(None = Hugging Face cache, torch hub cache, installed lpips package)",
+                         path="exists"),
+    "gan_weight": Key(0.1, "float", "weight of the hinge GAN term on the decoder (0 = no discriminator)", low=0),
+    "gan_start": Key(0, "int", "step from which the GAN term reaches the decoder (the discriminator trains from 0)",
+                     low=0),
+    "use_3d_disc": flag(0, "video: a space-time (3D) PatchGAN instead of a 2D PatchGAN on each frame"),
+    "eval_samples": Key(8, "int", "items of the first batch scored at every checkpoint (noisy-latent L2, PNG)", low=1),
 }
 
 
@@ -143,9 +145,6 @@ def check_cfg(cfg, world_size):
         raise UserError("finetune_decoder.py does not accumulate gradients: use acc 1 and set batch_size directly")
     if cfg.batch_size % world_size:
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks")
-    for key in ("lpips", "gan_weight"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
 
 
 def parse_config(argv):
@@ -167,6 +166,7 @@ class Finetune:
         name = run_name(cfg)
         self.run_dir = os.path.join(cfg.logdir, "vae", name)
         self.out_path = os.path.join(cfg.logdir, "vae", name + ".safetensors")
+        check_output_dir(self.run_dir, "run folder")
         kind, where = T.resolve_resume(cfg.resume_path) if cfg.resume_path else (None, None)
         state = T.load_training_state(where) if kind == "state" else None
         if state is not None and (state["vae"], state["noise_std"]) != (cfg.vae, cfg.noise_std):
@@ -176,6 +176,10 @@ class Finetune:
         self.seed = state["seed"] if state else T.broadcast_int(seed, device)
 
         self.vae = load_vae(cfg.vae, device)
+        if cfg.img_size % self.vae.spatial_factor:
+            f = self.vae.spatial_factor
+            raise UserError(f"img_size {cfg.img_size} must be a multiple of the VAE's {f}x spatial factor, e.g. "
+                            f"{max(f, cfg.img_size - cfg.img_size % f)} or {cfg.img_size - cfg.img_size % f + f}")
         if cfg.vid_size and (parse_vid_size(cfg.vid_size)[0] - 1) % self.vae.temporal_factor:
             raise UserError(f"vid_size {cfg.vid_size}: the VAE compresses time {self.vae.temporal_factor}x, so clips "
                             f"need 1 + {self.vae.temporal_factor}k frames")
@@ -216,7 +220,7 @@ class Finetune:
         else:
             if self.main:
                 self.scores["probe_mse_base"], base = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)
-                os.makedirs(self.run_dir, exist_ok=True)
+                make_dir(self.run_dir, "run folder")
                 save_comparison(self.probe, base, os.path.join(self.run_dir, "probe_base.png"))
             if kind == "weights":  # continue from an earlier decoder file, with a fresh schedule
                 load_vae_weights(_network(self.vae), where)
@@ -298,7 +302,7 @@ def finetune(cfg, info):
     check_cfg(cfg, info.world_size)
     run = Finetune(cfg, info)
     if run.main:
-        os.makedirs(run.run_dir, exist_ok=True)
+        make_dir(run.run_dir, "run folder")
         save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
         print(f"fine-tuning the decoder of {cfg.vae} to remove noise_std {cfg.noise_std}: steps {run.step} -> "
               f"{run.total}, {info.world_size} rank(s) on {info.device}; run folder {run.run_dir}")

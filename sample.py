@@ -21,49 +21,60 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import save_weights
-from utils.config import Compat, Key, load_config
+from utils.config import Compat, Key, flag, load_config
 from utils.errors import UserError, run_cli
-from utils.files import write_json
-from utils.image import ASPECT_RATIOS, make_grid, write_png, write_video
-from utils.pipeline import STARFlowPipeline
+from utils.files import check_output_dir, read_text, write_json
+from utils.image import ASPECT_RATIOS, make_grid, parse_aspect_ratio, write_png, write_video
+from utils.pipeline import ARGUMENTS, DTYPES, STARFlowPipeline
 
+
+def check_aspect(value):
+    """--aspect_ratio: 'random' or a W:H that parse_aspect_ratio accepts."""
+    if value != "random":
+        parse_aspect_ratio(value)
+
+
+# Flags that are pipeline arguments (ARGUMENTS[...]) share the pipeline's type and range.
 SAMPLE_KEYS = {
-    "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)"),
+    "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)", path="exists"),
     "caption": Key(None, "str", "a prompt, or a .txt file with one prompt per line (required)"),
     "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
-                                    "1 per line for a .txt"),
-    "sample_batch_size": Key(16, "int", "samples per forward pass on each rank"),
-    "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks"),
-    "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}) or 'random' (one per batch)"),
+                                    "1 per line for a .txt", low=1),
+    "sample_batch_size": Key(16, "int", "samples per forward pass on each rank", low=1),
+    "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks", low=0,
+                high=2**63 - 1),
+    "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}, or any W/H within 1/8..8) or 'random' "
+                                      f"(one per batch)", check=check_aspect),
     "jacobi": Key("auto", "str", "decoding: 0 token by token, 1 the original's block-wise Jacobi, auto sliding "
                                  "Jacobi windows chosen per flow step", choices=("0", "1", "auto")),
-    "jacobi_th": Key(None, "float", "Jacobi convergence threshold (relative mean squared change); default 0.005 "
-                                    "for --jacobi 1, auto's own for auto", low=0.0),
-    "jacobi_block_size": Key(None, "int", "--jacobi 1: tokens per chunk in the first frame (4x after it), default "
-                                          "64; auto: the deep step's window", low=1),
-    "jacobi_max_iter": Key(None, "int", "--jacobi 1: iterations per chunk at most (default 32); auto: "
-                                        "evaluations of a token at most", low=1),
-    "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)"),
-    "out_fps": Key(None, "float", "video fps (prompt text and MP4); default: the fps of vid_size"),
-    "target_length": Key(None, "int", "video frames to generate; beyond the training length a sliding window "
-                                      "is used (needs --jacobi 1); 1 gives an image"),
-    "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, "
-                                       "at most window - 1)"),
-    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)"),
-    "target_noise_std": Key(None, "float", "noise level of the samples: prompt 'Noise Level', input-image noise and "
-                                            "denoising (default noise_std)"),
-    "disable_learnable_denoiser": Key(0, "int", "denoise with the flow's score step even if a learned "
-                                                "denoiser exists"),
-    "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)"),
-    "output_dir": Key(None, "str", "output folder (default <logdir>/<checkpoint name>)"),
-    "save_latents": Key(0, "int", "also save the noisy and denoised latents of each batch (.safetensors)"),
+    "jacobi_th": ARGUMENTS["jacobi_th"].replace(
+        help="Jacobi convergence threshold (relative mean squared change); default 0.005 for --jacobi 1, auto's own "
+             "for auto"),
+    "jacobi_block_size": ARGUMENTS["jacobi_block_size"].replace(
+        help="--jacobi 1: tokens per chunk in the first frame (4x after it), default 64; auto: the deep step's "
+             "window"),
+    "jacobi_max_iter": ARGUMENTS["jacobi_max_iter"].replace(
+        help="--jacobi 1: iterations per chunk at most (default 32); auto: evaluations of a token at most"),
+    "attn_temp": ARGUMENTS["attn_temp"],
+    "out_fps": ARGUMENTS["fps"].replace(help="video fps (prompt text and MP4); default: the fps of vid_size"),
+    "target_length": ARGUMENTS["target_length"].replace(
+        help="video frames to generate; beyond the training length a sliding window is used (needs --jacobi 1); "
+             "1 gives an image"),
+    "context_length": ARGUMENTS["context_length"],
+    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)", path="file"),
+    "target_noise_std": ARGUMENTS["noise_std"].replace(
+        help="noise level of the samples: prompt 'Noise Level', input-image noise and denoising (default noise_std)"),
+    "disable_learnable_denoiser": flag(0, "denoise with the flow's score step even if a learned denoiser exists"),
+    "denoising_batch_size": ARGUMENTS["denoising_batch_size"],
+    "output_dir": Key(None, "str", "output folder (default <logdir>/<checkpoint name>)", path="out"),
+    "save_latents": flag(0, "also save the noisy and denoised latents of each batch (.safetensors)"),
     "save_folder": Compat(0, "int", "single files instead of a grid (both are always written)", (0, 1)),
-    "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16"),
+    "dtype": Key("auto", "str", "model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16",
+                 choices=("auto", *DTYPES)),
 }
 CLI_ONLY = ("num_samples", "sample_batch_size")  # also train.py keys (unused there): YAML values never apply
 JACOBI_MODES = {"0": False, "1": True, "auto": "auto"}
-ORIGINAL_JACOBI = dict(jacobi_th=0.005, jacobi_block_size=64, jacobi_max_iter=32)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ORIGINAL_JACOBI = dict(jacobi_th=0.005, jacobi_block_size=64, jacobi_max_iter=32)  # the original sample.py's
 GRID_CELLS = 64  # samples per grid file
 
 
@@ -71,11 +82,10 @@ def read_captions(caption):
     """A prompt, or the lines of a .txt file (blank lines skipped) -> (captions, name for files)."""
     if caption is None:
         raise UserError("--caption is required: a prompt or a .txt file with one prompt per line")
+    if os.sep in caption and os.path.exists(caption) and not caption.endswith(".txt"):
+        raise UserError(f"--caption '{caption}' names a file or folder, not a prompt; a prompt file ends in .txt")
     if caption.endswith(".txt"):
-        if not os.path.isfile(caption):
-            raise UserError(f"caption file '{caption}' not found")
-        with open(caption, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
+        lines = [line.strip() for line in read_text(caption, "caption file").splitlines() if line.strip()]
         if not lines:
             raise UserError(f"caption file '{caption}' has no prompts")
         return lines, os.path.splitext(os.path.basename(caption))[0]
@@ -116,7 +126,8 @@ def plan(captions, num_samples, seed, batch, world, rank):
 def print_help():
     print(__doc__ + "\nSampling flags:")
     for key, spec in SAMPLE_KEYS.items():
-        print(f"  --{key:28s}{spec.help} (default {spec.default})")
+        accepts = f"; {spec.accepts()}" if spec.accepts() else ""
+        print(f"  --{key:28s}{spec.help} (default {spec.default}{accepts})")
     print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
 
 
@@ -133,13 +144,9 @@ def parse_config(argv):
     for key in ("model_config_path", "checkpoint_path"):
         if not getattr(cfg, key):
             raise UserError(f"--{key} is required")
-    if cfg.sample_batch_size <= 0:
-        raise UserError("--sample_batch_size must be positive")
     if cfg.jacobi == "1":  # the original sample.py's chunk settings
         for key, value in ORIGINAL_JACOBI.items():
             setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {cfg.dtype}")
     return cfg
 
 
@@ -178,6 +185,43 @@ def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
             **settings, command=command_of(caption, seed, aspect)))
 
 
+def output_dir(cfg):
+    return cfg.output_dir or os.path.join(
+        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
+
+
+def check_request(pipe, cfg, captions, num_samples):
+    """The sampling flags against the model's geometry, once its VAE is loaded and before the model is (seconds,
+    not the minutes of a 7B load): aspect ratio (every bucket for 'random'), video length, input image."""
+    aspects = ASPECT_RATIOS if cfg.aspect_ratio == "random" else [cfg.aspect_ratio]
+    for aspect in aspects:
+        pipe.check_inputs(captions[:1], aspect_ratio=aspect, input_image=cfg.input_image, jacobi=JACOBI_MODES[cfg.jacobi],
+                          num_samples=num_samples, target_length=cfg.target_length,
+                          context_length=cfg.context_length)
+
+
+def grid_name(prefix, g, count):
+    """The stem of grid g of a run of `count` samples."""
+    return f"{prefix}_grid" if count <= GRID_CELLS else f"{prefix}_grid_{g:03d}"
+
+
+def output_names(prefix, items):
+    """The stems of the files a run writes: one per sample, the grids and the latents."""
+    grids = [grid_name(prefix, g, len(items)) for g in range(-(-len(items) // GRID_CELLS))]
+    return [f"{prefix}_{i:04d}" for _, _, i in items] + grids + [f"{prefix}_latents_{i:04d}" for _, _, i in items]
+
+
+def free_prefix(out_dir, prefix, items):
+    """`prefix`, or prefix-2, prefix-3, ...: the first whose files are not in out_dir yet, so a second run into the
+    same folder never overwrites the first (names within a run are unique: they carry the sample index)."""
+    present = {os.path.splitext(n)[0] for n in os.listdir(out_dir)} if os.path.isdir(out_dir) else set()
+    candidate, k = prefix, 1
+    while present.intersection(output_names(candidate, items)):
+        k += 1
+        candidate = f"{prefix}-{k}"
+    return candidate
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
@@ -185,21 +229,21 @@ def main(argv=None):
         return 0
     cfg = parse_config(argv)
     captions, name = read_captions(cfg.caption)
+    out_dir = output_dir(cfg)
+    check_output_dir(out_dir)
     dist_info = distributed.init_distributed(cfg.device)
     rank, world = dist_info.rank, dist_info.world_size
     num_samples = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * world)
-    if num_samples <= 0:
-        raise UserError("--num_samples must be positive")
     if cfg.aspect_ratio not in ("1:1", None) and not cfg.mix_aspect and distributed.is_main():
         print(f"note: this config has mix_aspect 0 (trained on squares only); sampling {cfg.aspect_ratio} anyway")
 
-    pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=dist_info.device,
-                                        dtype=DTYPES.get(cfg.dtype))
-    out_dir = cfg.output_dir or os.path.join(
-        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
-    os.makedirs(out_dir, exist_ok=True)
-    prefix = slug(name)
+    pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=dist_info.device, dtype=cfg.dtype,
+                                        validate=lambda p: check_request(p, cfg, captions, num_samples))
     items, rounds = plan(captions, num_samples, cfg.seed, cfg.sample_batch_size, world, rank)
+    prefix = distributed.broadcast_object(free_prefix(out_dir, slug(name), items) if distributed.is_main() else None)
+    if prefix != slug(name) and distributed.is_main():
+        print(f"note: {out_dir} already holds {slug(name)}_* files from an earlier run; this run writes {prefix}_* "
+              f"(nothing is overwritten)")
     for k, (mine, padding) in enumerate(tqdm(rounds, desc=f"sampling {len(items)}", disable=not distributed.is_main())):
         aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \
             else cfg.aspect_ratio
@@ -223,8 +267,7 @@ def write_grids(out_dir, prefix, items, video):
     for g, start in enumerate(range(0, len(items), GRID_CELLS)):
         group = items[start:start + GRID_CELLS]
         stems = [os.path.join(out_dir, f"{prefix}_{index:04d}") for _, _, index in group]
-        suffix = "" if len(items) <= GRID_CELLS else f"_{g:03d}"
-        path = os.path.join(out_dir, f"{prefix}_grid{suffix}")
+        path = os.path.join(out_dir, grid_name(prefix, g, len(items)))
         if video:
             clips = [np.stack(imageio.mimread(s + ".mp4", memtest=False)) for s in stems]
             grid, layout = make_grid(clips, tall=True)

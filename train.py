@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from dataset import TrainData
-from transformer_flow import DEPRECATED_KEYS, AttentionBlock, Model
+from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
 from utils.checkpoint import load_model_weights
-from utils.config import load_config, model_kwargs, save_config
+from utils.config import load_config, save_config
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.files import atomic_path, write_text
+from utils.files import atomic_path, check_output_dir, make_dir, write_text
 from utils.image import make_grid, write_png, write_video
 from utils.pipeline import STARFlowPipeline
 from utils.text_encoder import load_text_encoder
@@ -70,6 +70,7 @@ class Run:
         seed = cfg.train_seed if cfg.train_seed is not None else time.time_ns() % 2**31
         self.seed = T.broadcast_int(seed, info.device)
         self.run_dir = os.path.join(cfg.logdir, job_name(cfg))
+        check_output_dir(self.run_dir, "run folder")
         self.setup_encoders()
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
         if cfg.vid_size and self.vae.temporal_factor > 1:
@@ -100,14 +101,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup_encoders(self):
+        """The VAE first (its factors check the sizes in seconds), then the text encoder (minutes for T5-XL)."""
         cfg, dev = self.cfg, self.info.device
-        self.text_encoder = None
-        if cfg.text and cfg.text != "none":
-            self.text_encoder = load_text_encoder(cfg.text, cfg.txt_size, dev)
-            if cfg.fsdp and cfg.fsdp_text_encoder and self.info.world_size > 1:
-                T.shard_frozen(self.text_encoder.model, self.info)
-        elif cfg.txt_size:
-            raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
         self.vae = load_vae(cfg.vae, dev, pixel_channels=cfg.channel_size)
         if self.vae.latent_channels != cfg.channel_size:
             raise UserError(f"channel_size {cfg.channel_size} does not match the {self.vae.latent_channels} latent "
@@ -115,6 +110,13 @@ class Run:
         multiple = self.vae.spatial_factor * cfg.patch_size
         if cfg.img_size % multiple:
             raise UserError(f"img_size {cfg.img_size} must be a multiple of VAE factor x patch_size = {multiple}")
+        self.text_encoder = None
+        if cfg.text and cfg.text != "none":
+            self.text_encoder = load_text_encoder(cfg.text, cfg.txt_size, dev)
+            if cfg.fsdp and cfg.fsdp_text_encoder and self.info.world_size > 1:
+                T.shard_frozen(self.text_encoder.model, self.info)
+        elif cfg.txt_size:
+            raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
 
     def setup_secondary(self):
         cfg = self.cfg
@@ -133,7 +135,7 @@ class Run:
         cfg, info = self.cfg, self.info
         torch.manual_seed(self.seed)  # identical initial weights on every rank (FSDP shards local copies)
         txt_dim = self.text_encoder.dim if self.text_encoder else 0
-        self.model = Model(**model_kwargs(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim)).to(info.device)
+        self.model = recipe.build_model(cfg, cfg.img_size // self.vae.spatial_factor, txt_dim).to(info.device)
         self.resume_kind = self.resume_dir = None
         if cfg.resume_path:
             self.resume_kind, where = T.resolve_resume(cfg.resume_path)
@@ -352,7 +354,7 @@ def setup_wandb(run, enabled):
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    os.makedirs(run.run_dir, exist_ok=True)
+    make_dir(run.run_dir, "run folder")
     wb = wandb.init(project="starflow", name=job_name(run.cfg), config=run.cfg.to_dict(), dir=run.run_dir, mode=mode,
                     id=run.wandb_id, resume="allow")
     run.wandb_id = wb.id
@@ -366,10 +368,11 @@ class TrainLoop:
     def __init__(self, run):
         self.run, cfg = run, run.cfg
         if run.main:
-            os.makedirs(run.run_dir, exist_ok=True)
+            make_dir(run.run_dir, "run folder")
             save_config(cfg, os.path.join(run.run_dir, "config.yaml"))
         self.wb = setup_wandb(run, cfg.wandb and not cfg.dry_run)
-        self.metrics = open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if run.main and not cfg.dry_run else None
+        self.metrics = T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) \
+            if run.main and not cfg.dry_run else None
         total = cfg.epochs * run.steps_per_epoch
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
         self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")

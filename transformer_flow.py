@@ -384,8 +384,15 @@ class _Decoding:
     offset: int = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
 
 
+def check_jacobi(block_size, max_iter, threshold):
+    if int(block_size) < 1 or int(max_iter) < 1 or not threshold >= 0:  # a block of 0 tokens would never end
+        raise ValueError(f"Jacobi decoding needs jacobi_block_size >= 1, jacobi_max_iter >= 1 and jacobi_th >= 0; "
+                         f"got {block_size}, {max_iter}, {threshold}")
+
+
 def jacobi_schedule(block_size, max_iter, threshold):
     """The original's block-wise Jacobi: chunks of block_size tokens in the first frame, 4x that afterwards."""
+    check_jacobi(block_size, max_iter, threshold)
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
 
 
@@ -743,6 +750,8 @@ class Model(nn.Module):
         B, T, h, w, D = tokens.shape
         frame_len = h * w
         schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th)
+        if not attn_temp > 0:
+            raise ValueError(f"attn_temp must be > 0 (it divides the attention logits' scale), got {attn_temp}")
         if guidance > 0 and (y is None or len(y) != 2 * B):
             raise ValueError("guidance > 0 needs y = cat([y_cond, y_uncond]) with twice the rows of the noise")
         window = local_attn_window or self.local_attn_window
@@ -795,6 +804,7 @@ class Model(nn.Module):
                                      threshold, sliding=True)
             deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, threshold,
                                   sliding=True)
+            check_jacobi(deep.block_size, min(shallow.max_iter, deep.max_iter), threshold)
             return [shallow] * (len(self.blocks) - 1) + [deep]
         if jacobi:
             schedule = jacobi_schedule(16 if block_size is None else block_size, 32 if max_iter is None else max_iter,

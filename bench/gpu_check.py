@@ -500,8 +500,8 @@ def sample_3b(ctx, report):
                    f"{1e3 * r['seconds_per_call']:.2f} ms/call, peak {gib(r['peak_gib'])}", **r)
 
     # the original on the same weights, inputs and settings, after ours has left the device
-    request = pipe.check_inputs(prompts, 1, guidance, [torch.Generator().manual_seed(i) for i in range(8)], None, None,
-                                None, None, False, None, None, "latent")
+    request = pipe.check_inputs(prompts, [torch.Generator().manual_seed(i) for i in range(8)], cfg=guidance,
+                                output_type="latent")
     _, _, y = pipe.encode_prompt(request, None)
     noise = pipe.prepare_noise(request).to(device, dtype)
     official = official_model(load_official(ctx.official), kwargs, model.state_dict(), device, dtype)

@@ -16,10 +16,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformer_flow import DEPRECATED_KEYS, Model  # noqa: E402
+from transformer_flow import DEPRECATED_KEYS  # noqa: E402
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights  # noqa: E402
-from utils.config import load_config, model_kwargs, save_config  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.config import load_config, save_config  # noqa: E402
+from utils.recipe import build_model  # noqa: E402
+from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 
 def text_dim_of(state):
@@ -38,7 +39,7 @@ def convert(checkpoint, config_path, output=None):
     cfg = load_config(config_path)
     state = {k: v for k, v in load_state_dict_file(checkpoint).items() if not DEPRECATED_KEYS.match(k)}
     with torch.device("meta"):
-        model = Model(**model_kwargs(cfg, latent_side_of(state, cfg), text_dim_of(state)))
+        model = build_model(cfg, latent_side_of(state, cfg), text_dim_of(state))
     check_fit(model.state_dict(), state, f"checkpoint '{checkpoint}'",
               f"Is {config_path} the config this checkpoint was trained with?")
     output = output or os.path.splitext(checkpoint)[0] + ".safetensors"
@@ -50,15 +51,19 @@ def convert(checkpoint, config_path, output=None):
     return output, config_out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="official .pth (or any weights file)")
     parser.add_argument("--model_config_path", required=True, help="YAML config the checkpoint belongs to")
     parser.add_argument("--output", default=None, help="output .safetensors (default: beside the input)")
     args = parser.parse_args(argv)
-    weights, config = run_cli(convert, args.checkpoint, args.model_config_path, args.output)
+    weights, config = convert(args.checkpoint, args.model_config_path, args.output)
     print(f"wrote {weights} and {config}")
     return 0
+
+
+def main(argv=None):
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

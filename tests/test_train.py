@@ -39,7 +39,7 @@ def run(args, tmp_path, name="run"):
 def metrics(run_dir):
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return {r["step"]: r for r in rows}  # a resumed run may repeat steps after its last checkpoint: keep the last
+    return {r["step"]: r for r in rows}
 
 
 def weights(run_dir):
@@ -71,8 +71,12 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir):
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]  # 2 epochs x (24 samples / 8 per step)
     stopped_dir, first = run(args + ["--max_steps", "4"], tmp_path, "stopped")
     assert sorted(first) == [1, 2, 3, 4]
+    with open(stopped_dir / "metrics.jsonl", "a") as f:  # as if killed after logging step 5, mid-line of step 6
+        f.write(json.dumps({"step": 5, "loss": 99.0}) + "\n" + '{"step": 6, "lo')
     # resume from the run folder alone: its saved config is used, the flag lifts the step limit
     train.main(["--resume_path", str(stopped_dir), "--max_steps", "0"])
+    logged = [json.loads(line)["step"] for line in (stopped_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # cut back to the resumed step 4: every step once
     resumed = metrics(stopped_dir)
     for step in range(1, 7):
         for key in ("loss", "loss_denoiser", "grad_norm", "lr"):
@@ -227,11 +231,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert not torch.equal(state["weight"], model.weight)  # the last complete checkpoint, untouched
 
 
+@pytest.mark.usefixtures("time_limit")
 @pytest.mark.parametrize("args, message", [
     (["--layer_per_block", "2"], "unknown config key 'layer_per_block'; did you mean 'layers_per_block'"),
     (["--data", "/no/such/folder"], "data path not found: /no/such/folder"),
     (["--batch_size", "3", "--data_format", "mnist"], "batch_size 3 is not divisible by world_size x acc = 2 x 1"),
-    (["--resume_path", "/no/such/run"], "--resume_path /no/such/run is neither"),
+    (["--resume_path", "/no/such/run"], "'resume_path': '/no/such/run' does not exist"),
 ])
 def test_clear_errors(tmp_path, tiny_t5_dir, capsys, monkeypatch, args, message):
     if "--batch_size" in args:

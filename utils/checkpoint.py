@@ -1,5 +1,7 @@
 """Loading pretrained parts (hub ids or folders) and STARFlow weights (.pth, safetensors) with clear errors."""
 import os
+import pickle
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,10 +63,9 @@ def load_state_dict_file(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} file '{path}' not found; check the path (official weights go in ckpts/)")
     try:
-        if path.endswith(".safetensors"):
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        state = load_file(path) if path.endswith(".safetensors") else torch_load(path, what, mmap=True)
+    except UserError:
+        raise
     except Exception as e:  # any parse failure means the file itself is unusable
         raise UserError(f"cannot read {what} '{path}': {first_line(e)}. Is the file complete and a weights file "
                         f"(.pth state_dict or .safetensors)?") from None
@@ -76,6 +77,21 @@ def load_state_dict_file(path, what="checkpoint"):
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise UserError(f"{what} '{path}' does not hold a state dict of tensors")
     return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def torch_load(path, what="checkpoint", mmap=False):
+    """torch.load that never unpickles code (weights_only=True; mmap: memory-mapped where the format allows): a file
+    holding other Python objects is one UserError saying so, and how to convert a file one trusts."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        named = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{what} '{path}' holds more than tensors: it pickles Python objects{named}, and loading it "
+                        f"could run code, so it was not loaded. To use a file you trust, convert it once to "
+                        f"safetensors: in Python allow just the objects it names with "
+                        f"torch.serialization.add_safe_globals([...]), torch.load it, and write its tensors with "
+                        f"safetensors.torch.save_file(state_dict, 'model.safetensors'); then pass that file") from None
 
 
 def _is_zip(path):

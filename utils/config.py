@@ -1,20 +1,64 @@
-"""Training/model configuration: the original train-parser flags, YAML loading, CLI overrides, Model kwargs."""
+"""Training/model configuration: the original train-parser flags, YAML loading, CLI overrides, Model kwargs.
+
+The one validation layer: every key states its type and what it accepts (an enumeration, a range, whether None
+is allowed, a path that must exist or a folder to write to), and `load_config` checks each given value against
+it, so a bad value is one UserError naming the key and the accepted range before anything is loaded.
+"""
+import copy
 import difflib
+import math
+import numbers
+import os
+import re
 from pathlib import Path
 
 import yaml
 
 from utils.errors import UserError
-from utils.files import write_text
+from utils.files import check_output_dir, read_text, write_text
 
 
 class Key:
     """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats'), meaning, and what it accepts:
-    `choices` (an enumeration) or `low`/`high` (an inclusive range; each value of a list key)."""
+    `choices` (an enumeration), `low`/`high` (an inclusive range; each value of a list key), `above` (an exclusive
+    lower bound), `nullable` (None is allowed; by default when the default is None), `path` ('file' or 'exists':
+    must exist when given explicitly; 'out': a folder to write to, not a file nor under one) and `check` (a
+    function that raises UserError for a malformed value)."""
 
-    def __init__(self, default, kind, help, choices=None, low=None, high=None):
+    def __init__(self, default, kind, help, choices=None, low=None, high=None, above=None, nullable=None, path=None,
+                 check=None):
         self.default, self.kind, self.help = default, kind, help
-        self.choices, self.low, self.high = choices, low, high
+        self.choices, self.low, self.high, self.above = choices, low, high, above
+        self.nullable = default is None if nullable is None else nullable
+        self.path, self.check = path, check
+
+    def replace(self, **changes):
+        """A copy with some fields changed (an entry point's flag that shares a pipeline argument's range)."""
+        key = copy.copy(self)
+        key.__dict__.update(changes)
+        return key
+
+    def accepts(self):
+        """What the key accepts, in words ('0 or 1', '>= 1', 'between 0 and 1', ...), or '' when anything goes."""
+        if self.choices is not None:
+            text = " or ".join(map(str, self.choices)) if len(self.choices) == 1 or self.choices == (0, 1) else \
+                "one of " + ", ".join(map(str, self.choices))
+        elif self.low is not None and self.high is not None:
+            text = f"between {self.low} and {self.high}"
+        elif self.above is not None:
+            text = f"> {self.above}"
+        elif self.low is not None:
+            text = f">= {self.low}"
+        elif self.high is not None:
+            text = f"<= {self.high}"
+        else:
+            return ""
+        return text + (" or none" if self.nullable and self.default is not None else "")
+
+
+def flag(default, help, **kwargs):
+    """An on/off key: 0 or 1."""
+    return Key(default, "int", help, choices=(0, 1), **kwargs)
 
 
 class Compat(Key):
@@ -28,128 +72,156 @@ class Compat(Key):
         self.feature = feature
 
 
+def parse_vid_size(vid_size, key="vid_size"):
+    """'81:16' -> (81 frames, 16 fps); a third field (second fps) is accepted, the first fps is used."""
+    parts = str(vid_size).split(":")
+    try:
+        frames, fps = int(parts[0]), float(parts[1])
+    except (IndexError, ValueError):
+        raise UserError(f"{key} must be 'frames:fps', e.g. '81:16', got {vid_size!r}") from None
+    if frames < 1 or not fps > 0 or not math.isfinite(fps):
+        raise UserError(f"{key} needs frames >= 1 and fps > 0, got {vid_size!r}")
+    return frames, fps
+
+
+DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+def check_device(name):
+    """The form of a device name; whether this machine has it is utils.distributed.pick_device's to say."""
+    if not DEVICE.fullmatch(name):
+        raise UserError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+
+
 # Every flag of the original `train.get_tarflow_parser`, with its default and meaning, then the keys this train.py adds.
 SCHEMA = {
     # run and data
-    "model_config_path": Key(None, "str", "YAML config path (original format or a plain mapping)"),
-    "train_seed": Key(None, "int", "global seed; each rank uses seed + rank; None picks one from the clock"),
+    "model_config_path": Key(None, "str", "YAML config path (original format or a plain mapping)", path="file"),
+    "train_seed": Key(None, "int", "global seed; each rank uses seed + rank; None picks one from the clock", low=0,
+                      high=2**63 - 1),
     "data": Key("data", "str", "training data: an image/video folder, a .tar shard, a brace pattern a-{000..009}.tar, "
                               "or a folder of .tar shards"),
-    "logdir": Key("./logs", "str", "root folder for runs: checkpoints, sample grids, config"),
+    "logdir": Key("./logs", "str", "root folder for runs: checkpoints, sample grids, config", path="out"),
     "dataset": Key("dummy", "str", "dataset name: run name (wandb job) and file prefixes"),
     "wds": Compat(0, "int", "shards are detected from --data; 1 requires --data to be webdataset shards", (0, 1)),
-    "mix_aspect": Key(0, "int", "aspect-ratio buckets in the loader and aspect-ratio text in prompts"),
-    "img_size": Key(32, "int", "pixel reference side; bucket area = img_size^2"),
-    "vid_size": Key(None, "str", "'frames:fps' for video training (e.g. '81:16'); None means images"),
-    "fps_cond": Key(0, "int", "add 'A video with N fps' / 'An image' to prompts"),
-    "no_flip": Key(0, "int", "disable random horizontal flips"),
+    "mix_aspect": flag(0, "aspect-ratio buckets in the loader and aspect-ratio text in prompts"),
+    "img_size": Key(32, "int", "pixel reference side; bucket area = img_size^2", low=1),
+    "vid_size": Key(None, "str", "'frames:fps' for video training (e.g. '81:16'); None means images",
+                    check=parse_vid_size),
+    "fps_cond": flag(0, "add 'A video with N fps' / 'An image' to prompts"),
+    "no_flip": flag(0, "disable random horizontal flips"),
     "caption_column": Key("syn_detailed_description_w_caption", "str",
                          "caption key in captions.jsonl / webdataset .json (falls back to 'caption', 'text')"),
     "secondary_dataset": Key(None, "str", "second data source mixed in with probability secondary_ratio"),
-    "secondary_img_size": Key(32, "int", "img_size of the secondary data"),
-    "secondary_vid_size": Key(None, "str", "vid_size of the secondary data"),
+    "secondary_img_size": Key(32, "int", "img_size of the secondary data", low=1),
+    "secondary_vid_size": Key(None, "str", "vid_size of the secondary data",
+                                check=lambda v: parse_vid_size(v, "secondary_vid_size")),
     "vae": Key(None, "str", "VAE id or folder ('none' trains in pixel space); ':x' suffix = Wan temporal scale"),
     "vae_decoder_factor": Compat(1, "int", "another decoder upsampling factor (unused in the original)"),
-    "channel_size": Key(3, "int", "latent channels (Model in_channels); with vae none 3 (RGB) or 1 (grey)"),
+    "channel_size": Key(3, "int", "latent channels (Model in_channels); with vae none 3 (RGB) or 1 (grey)", low=1),
     "finetuned_vae": Key(None, "str", "fine-tuned VAE decoder id under logdir/vae/ ('none' = off)"),
     "text": Key(None, "str", "text encoder id or folder (google/flan-t5-xl, a MiniLM folder, ...)"),
-    "txt_size": Key(0, "int", "text tokens (pad/truncate length); Model txt_size"),
+    "txt_size": Key(0, "int", "text tokens (pad/truncate length); Model txt_size", low=0),
     # model
-    "sos": Key(0, "int", "learned start-of-sequence token (needed for Jacobi sampling)"),
+    "sos": flag(0, "learned start-of-sequence token (needed for Jacobi sampling)"),
     "seq_order": Key("R2L", "str", "token order of the deep block: L2R (raster) or R2L (reversed)",
                      choices=("L2R", "R2L")),
-    "patch_size": Key(4, "int", "patch size on the latent grid"),
-    "channels": Key(512, "int", "transformer width"),
-    "top_block_channels": Key(None, "int", "width of the deep (top) block; None = channels"),
+    "patch_size": Key(4, "int", "patch size on the latent grid", low=1),
+    "channels": Key(512, "int", "transformer width", low=1),
+    "top_block_channels": Key(None, "int", "width of the deep (top) block; None = channels", low=1),
     "blocks": Key(4, "int", "number of flow blocks for a single layers_per_block value; with several values it "
-                            "follows their count (and must match it when given)"),
-    "layers_per_block": Key([8], "ints", "layers per block, e.g. '2 2 2 2 2 24' (the last is the deep block)"),
-    "rope": Key(0, "int", "rotary position embeddings"),
-    "pt_seq_len": Key(None, "int", "RoPE base grid length; None = latent side // patch_size"),
+                            "follows their count (and must match it when given)", low=1),
+    "layers_per_block": Key([8], "ints", "layers per block, e.g. '2 2 2 2 2 24' (the last is the deep block)", low=0),
+    "rope": flag(0, "rotary position embeddings"),
+    "pt_seq_len": Key(None, "int", "RoPE base grid length; None = latent side // patch_size", low=1),
     "adaln": Compat(0, "int", "adaLN conditioning (dead code in the original)"),
     "nvp": Compat(1, "int", "a volume-preserving flow (STARFlow is always affine)"),
-    "use_softplus": Key(0, "int", "softplus scale parameterisation"),
-    "cond_top_only": Key(0, "int", "text conditions only the top block"),
-    "head_dim": Key(64, "int", "attention head size"),
-    "num_heads": Key(None, "int", "attention heads; None = channels // head_dim"),
-    "num_kv_heads": Key(None, "int", "key/value heads (GQA); None = num_heads"),
-    "use_swiglu": Key(0, "int", "SwiGLU MLP"),
-    "use_qk_norm": Key(0, "int", "query/key normalisation"),
-    "use_post_norm": Key(0, "int", "post-norm (sandwich) layers"),
-    "use_final_norm": Key(0, "int", "final norm before each block's output projection"),
-    "use_bias": Key(1, "int", "biases in linear layers"),
+    "use_softplus": flag(0, "softplus scale parameterisation"),
+    "cond_top_only": flag(0, "text conditions only the top block"),
+    "head_dim": Key(64, "int", "attention head size", low=1),
+    "num_heads": Key(None, "int", "attention heads; None = channels // head_dim", low=1),
+    "num_kv_heads": Key(None, "int", "key/value heads (GQA); None = num_heads", low=1),
+    "use_swiglu": flag(0, "SwiGLU MLP"),
+    "use_qk_norm": flag(0, "query/key normalisation"),
+    "use_post_norm": flag(0, "post-norm (sandwich) layers"),
+    "use_final_norm": flag(0, "final norm before each block's output projection"),
+    "use_bias": flag(1, "biases in linear layers"),
     "norm_type": Key("layer_norm", "str", "pre-norm of every layer", choices=("layer_norm", "rms_norm")),
     "use_pretrained_lm": Compat(None, "str", "a Gemma top block (gemma3_4b, gemma3_1b, gemma2_2b: its weights "
                                              "were never released)"),
     "use_mm_attn": Compat(0, "int", "multimodal attention (it had no effect in the original either)"),
-    "soft_clip": Key(0, "float", "soft clipping s*tanh(o/s) of block outputs (0 = off)"),
-    "learnable_self_denoiser": Key(0, "int", "build and train the 8-layer learnable self-denoiser"),
-    "conditional_denoiser": Key(0, "int", "the denoiser also sees the text"),
+    "soft_clip": Key(0, "float", "soft clipping s*tanh(o/s) of block outputs (0 = off)", low=0),
+    "learnable_self_denoiser": flag(0, "build and train the 8-layer learnable self-denoiser"),
+    "conditional_denoiser": flag(0, "the denoiser also sees the text"),
     "noise_embed_denoiser": Compat(0, "int", "a noise embedding in the denoiser (no effect in the original)"),
-    "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)"),
-    "shallow_block_local": Key(0, "int", "shallow blocks act on each video frame separately"),
-    "denoiser_window": Key(None, "int", "self-denoiser local window in latent frames"),
-    "local_attn_window": Key(None, "int", "deep-block attention window in latent frames"),
+    "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)", low=0),
+    "shallow_block_local": flag(0, "shallow blocks act on each video frame separately"),
+    "denoiser_window": Key(None, "int", "self-denoiser local window in latent frames", low=1),
+    "local_attn_window": Key(None, "int", "deep-block attention window in latent frames", low=1),
     # objective
-    "noise_std": Key(0.3, "float", "std of the Gaussian noise added to latents (train and sample)"),
+    "noise_std": Key(0.3, "float", "std of the Gaussian noise added to latents (train and sample)", low=0),
     "noise_type": Key("gaussian", "str", "training noise: gaussian, or uniform (pixel dequantisation)",
                       choices=("gaussian", "uniform")),
-    "cond_noise_level": Key(0, "int", "'Noise Level N' prompt prefix and loss weight noise_std/0.3"),
-    "batch_size": Key(128, "int", "GLOBAL batch size; per-rank batch = batch_size / world_size / acc"),
-    "secondary_batch_size": Key(128, "int", "global batch size of the secondary data"),
-    "secondary_ratio": Key(0.0, "float", "probability of replacing a batch with a secondary batch"),
-    "acc": Key(1, "int", "gradient accumulation steps"),
+    "cond_noise_level": flag(0, "'Noise Level N' prompt prefix and loss weight noise_std/0.3"),
+    "batch_size": Key(128, "int", "GLOBAL batch size; per-rank batch = batch_size / world_size / acc", low=1),
+    "secondary_batch_size": Key(128, "int", "global batch size of the secondary data", low=1),
+    "secondary_ratio": Key(0.0, "float", "probability of replacing a batch with a secondary batch", low=0, high=1),
+    "acc": Key(1, "int", "gradient accumulation steps", low=1),
     "fp8": Compat(0, "int", "FP8 training (unused in the original)"),
     "use_8bit_adam": Compat(0, "int", "8-bit Adam (unused in the original)"),
-    "epochs": Key(1000, "int", "training epochs"),
+    "epochs": Key(1000, "int", "training epochs", low=1),
     "epoch_length": Key(50000, "int", "samples per epoch; at most one pass over a folder or MNIST (0 = one full "
-                                      "pass); tar shards stream, so there it sets the epoch"),
-    "lr": Key(1e-4, "float", "peak learning rate"),
-    "min_lr": Key(1e-6, "float", "cosine-decay floor (also the warmup start)"),
-    "drop_label": Key(0.0, "float", "probability of replacing a caption with '' (classifier-free guidance)"),
-    "drop_image": Key(0.0, "float", "video: probability of dropping the first latent frame, prefix '(extend) '"),
-    "last_frame_cond": Key(0, "int", "video: condition on an encoded late frame, prefix '(last) '"),
-    "video_to_video": Key(0, "int", "video: clips are target||source in time, prefix '(v2v) '"),
+                                      "pass); tar shards stream, so there it sets the epoch", low=0),
+    "lr": Key(1e-4, "float", "peak learning rate", above=0),
+    "min_lr": Key(1e-6, "float", "cosine-decay floor (also the warmup start)", low=0),
+    "drop_label": Key(0.0, "float", "probability of replacing a caption with '' (classifier-free guidance)",
+                      low=0, high=1),
+    "drop_image": Key(0.0, "float", "video: probability of dropping the first latent frame, prefix '(extend) '",
+                      low=0, high=1),
+    "last_frame_cond": flag(0, "video: condition on an encoded late frame, prefix '(last) '"),
+    "video_to_video": flag(0, "video: clips are target||source in time, prefix '(v2v) '"),
     "resume_path": Key(None, "str", "a run folder or checkpoint folder (exact resume) or model weights "
-                                    "(.pth/.safetensors; weights only)"),
-    "resume_epoch": Key(0, "int", "start epoch when resuming from bare weights"),
-    "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch, at most 10% of the scheduled steps"),
-    "fsdp": Key(0, "int", "FSDP2 (fully_shard per transformer layer, then the root); 0 = DDP or one process"),
-    "fsdp_text_encoder": Key(0, "int", "also shard the frozen text encoder (only with fsdp 1)"),
-    "gradient_checkpoint": Key(0, "int", "activation checkpointing of attention (Model use_checkpoint)"),
-    "gradient_checkpoint_mlp": Key(None, "int", "activation checkpointing of MLPs (Model use_checkpoint_mlp)"),
+                                    "(.pth/.safetensors; weights only)", path="exists"),
+    "resume_epoch": Key(0, "int", "start epoch when resuming from bare weights", low=0),
+    "warmup_steps": Key(None, "int", "linear warmup steps; None = one epoch, at most 10% of the scheduled steps",
+                        low=0),
+    "fsdp": flag(0, "FSDP2 (fully_shard per transformer layer, then the root); 0 = DDP or one process"),
+    "fsdp_text_encoder": flag(0, "also shard the frozen text encoder (only with fsdp 1)"),
+    "gradient_checkpoint": flag(0, "activation checkpointing of attention (Model use_checkpoint)"),
+    "gradient_checkpoint_mlp": flag(None, "activation checkpointing of MLPs (Model use_checkpoint_mlp)"),
     "compile": Compat(0, "int", "torch.compile of training (unused in the original)"),
-    "latent_norm_regularization": Key(0.0, "float", "lambda of the penalty on intermediate flow outputs"),
+    "latent_norm_regularization": Key(0.0, "float", "lambda of the penalty on intermediate flow outputs", low=0),
     "loss_scaling": Compat(1, "int", "fp16 gradient scaling (training runs in bf16 or fp32, which need none, so "
                                      "0 and 1 train alike)", (0, 1)),
-    "grad_clip": Key(0.0, "float", "gradient-norm clipping threshold (0 = off)"),
-    "grad_skip": Key(0, "int", "skip (no optimizer step) updates whose grad norm is > grad_clip after "
-                               "grad_skip_after steps; non-finite gradients are always skipped"),
-    "dry_run": Key(0, "int", "one training step and one sample, no checkpoint"),
+    "grad_clip": Key(0.0, "float", "gradient-norm clipping threshold (0 = off)", low=0),
+    "grad_skip": flag(0, "skip (no optimizer step) updates whose grad norm is > grad_clip after "
+                         "grad_skip_after steps; non-finite gradients are always skipped"),
+    "dry_run": flag(0, "one training step and one sample, no checkpoint"),
     "wandb_name": Key(None, "str", "run-name suffix; 'a+b' gives {dataset}-a-{value of key b}"),
-    "save_every": Key(20, "int", "also keep a numbered copy of the weights every N epochs"),
-    "sample_freq": Key(1, "int", "save a sample grid every N epochs (0 = never)"),
-    "cfg": Key([0.0], "floats", "guidance scale for training-time samples (sample.py has its own)"),
-    "num_samples": Key(4096, "int", "unused by train.py"),
-    "sample_batch_size": Key(256, "int", "unused by train.py"),
+    "save_every": Key(20, "int", "also keep a numbered copy of the weights every N epochs", low=0),
+    "sample_freq": Key(1, "int", "save a sample grid every N epochs (0 = never)", low=0),
+    "cfg": Key([0.0], "floats", "guidance scale for training-time samples (sample.py has its own)", low=0),
+    "num_samples": Key(4096, "int", "unused by train.py", low=1),
+    "sample_batch_size": Key(256, "int", "unused by train.py", low=1),
     # keys added by this train.py
     "data_format": Key("auto", "str", "where training items come from; auto detects folder, video or wds from --data",
                        choices=("auto", "folder", "wds", "video", "mnist", "colour_mnist", "moving_mnist")),
     "holdout": Key(None, "str", "colour_mnist: '(digit):(colour)' pairs never shown in training, e.g. '7:red 2:blue'"),
-    "num_workers": Key(2, "int", "DataLoader worker processes"),
-    "max_steps": Key(0, "int", "stop after this many optimizer steps in total (0 = run all epochs)"),
-    "ckpt_every": Key(1000, "int", "write the resumable training state every N optimizer steps (and at epoch end)"),
-    "log_every": Key(10, "int", "log metrics every N optimizer steps"),
-    "sample_every": Key(0, "int", "also save a sample grid every N optimizer steps (0 = only per sample_freq)"),
-    "train_samples": Key(8, "int", "images/videos in each training-time sample grid"),
+    "num_workers": Key(2, "int", "DataLoader worker processes", low=0),
+    "max_steps": Key(0, "int", "stop after this many optimizer steps in total (0 = run all epochs)", low=0),
+    "ckpt_every": Key(1000, "int", "write the resumable training state every N optimizer steps (and at epoch "
+                                   "end); 0 = only at epoch end", low=0),
+    "log_every": Key(10, "int", "log metrics every N optimizer steps", low=1),
+    "sample_every": Key(0, "int", "also save a sample grid every N optimizer steps (0 = only per sample_freq)", low=0),
+    "train_samples": Key(8, "int", "images/videos in each training-time sample grid", low=1),
     "sample_captions": Key(None, "str", "captions for training-time samples, '|'-separated; None = from the data"),
-    "grad_skip_after": Key(100, "int", "grad_skip applies from this optimizer step on (early norms are large)"),
-    "denoiser_lr": Key(1e-4, "float", "peak learning rate of the learnable self-denoiser"),
-    "weight_decay": Key(1e-4, "float", "AdamW weight decay"),
-    "cache_latents": Key(0, "int", "encode each training item once with the VAE and reuse the latents"),
-    "cache_text": Key(0, "int", "keep the text embedding of each distinct prompt in memory (small caption sets)"),
-    "wandb": Key(1, "int", "log to wandb on rank 0 (offline when there is no API key); 0 = off"),
-    "device": Key("auto", "str", "auto | cpu | cuda | mps"),
+    "grad_skip_after": Key(100, "int", "grad_skip applies from this optimizer step on (early norms are large)", low=0),
+    "denoiser_lr": Key(1e-4, "float", "peak learning rate of the learnable self-denoiser", above=0),
+    "weight_decay": Key(1e-4, "float", "AdamW weight decay", low=0),
+    "cache_latents": flag(0, "encode each training item once with the VAE and reuse the latents"),
+    "cache_text": flag(0, "keep the text embedding of each distinct prompt in memory (small caption sets)"),
+    "wandb": flag(1, "log to wandb on rank 0 (offline when there is no API key); 0 = off"),
+    "device": Key("auto", "str", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps", check=check_device),
 }
 
 
@@ -166,8 +238,37 @@ class Config:
         return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
 
 
+# Common spellings of keys from other tools, for "did you mean" (they are never accepted in place of the key).
+ALIASES = {
+    "learning_rate": ["lr"], "lr_min": ["min_lr"], "final_lr": ["min_lr"], "denoiser_learning_rate": ["denoiser_lr"],
+    "bs": ["batch_size"], "batchsize": ["batch_size"], "train_batch_size": ["batch_size"],
+    "steps": ["max_steps"], "num_steps": ["max_steps"], "total_steps": ["max_steps"], "train_steps": ["max_steps"],
+    "iterations": ["max_steps"], "max_train_steps": ["max_steps"], "num_epochs": ["epochs"],
+    "warmup": ["warmup_steps"], "lr_warmup_steps": ["warmup_steps"],
+    "grad_accum": ["acc"], "gradient_accumulation_steps": ["acc"], "accumulation_steps": ["acc"],
+    "max_grad_norm": ["grad_clip"], "clip_grad": ["grad_clip"], "gradient_clip": ["grad_clip"],
+    "guidance": ["cfg"], "guidance_scale": ["cfg"], "cfg_scale": ["cfg"],
+    "prompt": ["caption"], "prompts": ["caption"], "text_prompt": ["caption"],
+    "checkpoint": ["checkpoint_path", "resume_path"], "ckpt": ["checkpoint_path", "resume_path"],
+    "ckpt_path": ["checkpoint_path", "resume_path"], "weights": ["checkpoint_path", "resume_path"],
+    "resume": ["resume_path"], "resume_from": ["resume_path"],
+    "config": ["model_config_path"], "config_path": ["model_config_path"], "cfg_path": ["model_config_path"],
+    "output": ["output_dir", "logdir"], "out_dir": ["output_dir", "logdir"], "outdir": ["output_dir", "logdir"],
+    "output_path": ["output_dir", "logdir"], "save_dir": ["output_dir", "logdir"], "log_dir": ["logdir"],
+    "image_size": ["img_size"], "resolution": ["img_size"], "size": ["img_size"],
+    "num_frames": ["target_length", "vid_size"], "frames": ["target_length", "vid_size"],
+    "fps": ["out_fps", "vid_size"], "seed": ["train_seed"], "random_seed": ["seed", "train_seed"],
+    "n_samples": ["num_samples"], "num_images": ["num_samples"], "batch": ["sample_batch_size", "batch_size"],
+    "precision": ["dtype"], "mixed_precision": ["dtype"], "data_dir": ["data"], "dataset_path": ["data"],
+    "train_data": ["data"], "text_encoder": ["text"], "vae_path": ["vae"], "image": ["input_image"],
+    "init_image": ["input_image"], "temperature": ["attn_temp"], "jacobi_threshold": ["jacobi_th"],
+    "workers": ["num_workers"], "wd": ["weight_decay"],
+}
+
+
 def _unknown(key, schema):
-    close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.5)
+    close = [k for k in ALIASES.get(key, []) if k in schema][:1] or \
+        difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see utils/config.py for the list of keys"
     return UserError(f"unknown config key '{key}'{hint}")
 
@@ -179,32 +280,43 @@ def _convert(key, value, kind):
     try:
         if kind in ("ints", "floats"):
             parts = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
-            cast = int if kind == "ints" else float
-            return [cast(float(p)) if cast is int and float(p).is_integer() else cast(p) for p in parts]
-        if kind == "int":
-            if isinstance(value, bool) or str(value).lower() in ("true", "false"):
-                return int(str(value).lower() == "true")
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind == "float":
-            return float(value)
+            return [_number(p, kind[:-1]) for p in parts]
+        if kind in ("int", "float"):
+            return _number(value, kind)
+        if isinstance(value, (list, tuple, dict)):
+            raise TypeError
         return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key '{key}' expects {kind}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        expects = {"int": "a whole number", "float": "a finite number", "ints": "whole numbers",
+                   "floats": "finite numbers", "str": "one text value"}[kind]
+        raise UserError(f"config key '{key}' expects {expects}, got {value!r}") from None
+
+
+def _number(value, kind):
+    """A YAML/CLI scalar as an int ('true'/'false' are 1/0) or a finite float; ValueError otherwise."""
+    if kind == "int" and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
+        return int(str(value).lower() == "true")
+    if kind == "int" and re.fullmatch(r"[+-]?\d+", str(value).strip()):
+        return int(str(value))  # exactly, however large (a float would round it)
+    number = float(value)
+    if not math.isfinite(number) or (kind == "int" and not number.is_integer()):
+        raise ValueError
+    return int(number) if kind == "int" else number
 
 
 def _read_yaml(path):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; pass the .yaml file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = read_text(path, "config file")
     try:
         # Every scalar as a string, as the original (which str()-ed each value into argparse); this also keeps
         # YAML 1.1 from reading an unquoted vid_size 9:8 as the base-60 integer 548.
-        data = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
+        data = yaml.load(text, Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if isinstance(data, dict) and isinstance(data.get("arguments"), list):
@@ -216,6 +328,9 @@ def _read_yaml(path):
         return merged
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping or an 'arguments:' list at the top level")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            raise UserError(f"{path}: config key '{k}' holds a mapping; every value is a number, text or a list")
     return data
 
 
@@ -249,6 +364,8 @@ def load_config(path=None, overrides=None, extra_keys=None):
     """Defaults < YAML at `path` (or --model_config_path) < explicit overrides (CLI tokens or a dict).
 
     extra_keys: {name: Key} for entry points with flags of their own (sample.py, finetune_decoder.py).
+    Every given value is checked against its Key; paths only where given explicitly (a saved config may name
+    paths of another machine, which fail where they are used).
     """
     schema = dict(SCHEMA, **(extra_keys or {}))
     if isinstance(overrides, dict):
@@ -270,55 +387,88 @@ def load_config(path=None, overrides=None, extra_keys=None):
     for k, v in explicit.items():
         values[k], level[k] = _convert(k, v, schema[k].kind), 2
     for k in level:
-        _validate(k, values[k], schema[k])
+        check_value(k, values[k], schema[k], paths=level[k] == 2)
     _check(values, level)
     return Config(values)
 
 
-def _validate(key, value, spec):
-    """A given value against its key's enumeration or range (None means 'not set' and always passes)."""
+def check_value(key, value, spec, what="config key", paths=True):
+    """One value against its Key: None where allowed, type, enumeration, range, path, format. `what` names the
+    kind of setting in the message ('config key'; '' for a Python argument: then the name stands alone)."""
+    label = f"{what} '{key}'" if what else key
     if value is None:
+        if not spec.nullable:
+            kind = {"str": "text", "int": "a whole number", "float": "a number"}.get(spec.kind, spec.kind)
+            raise UserError(f"{label} needs a value ({spec.accepts() or kind}); got none")
         return
     if isinstance(spec, Compat) and value not in spec.choices:
-        raise UserError(f"config key '{key}: {value}' asks for {spec.feature}, which is not supported; "
+        asked = f"{what} '{key}: {value}'" if what else f"{key}={value!r}"
+        raise UserError(f"{asked} asks for {spec.feature}, which is not supported; "
                         f"remove the key or set it to {' or '.join(map(str, spec.choices))}")
+    listed = spec.kind in ("ints", "floats")
+    if listed and not isinstance(value, (list, tuple)):
+        raise TypeError(f"{label} must be a list of numbers, got {type(value).__name__}")
+    values = value if listed else [value]
+    for v in values:
+        _check_type(label, v, spec.kind[:-1] if listed else spec.kind)
     if spec.choices is not None and value not in spec.choices:
-        raise UserError(f"config key '{key}' must be one of {', '.join(map(str, spec.choices))}; got {value!r}")
-    for v in value if isinstance(value, list) else [value]:
-        if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high):
-            bounds = (f"between {spec.low} and {spec.high}" if spec.low is not None and spec.high is not None
-                      else f">= {spec.low}" if spec.low is not None else f"<= {spec.high}")
-            raise UserError(f"config key '{key}' must be {bounds}; got {v}")
+        raise UserError(f"{label} must be {spec.accepts()}; got {value!r}")
+    for v in values:
+        if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high) or \
+                (spec.above is not None and v <= spec.above):
+            raise UserError(f"{label} must be {spec.accepts()}; got {v}")
+    if spec.path and paths:
+        _check_path(label, value, spec.path)
+    if spec.check is not None:
+        spec.check(value)
+
+
+def _check_type(label, value, kind):
+    """TypeError for a value of the wrong type (Python callers); a non-finite float is a UserError."""
+    ok = {"int": isinstance(value, numbers.Integral) and not isinstance(value, bool),
+          "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+          "str": isinstance(value, str)}[kind]
+    expects = {"int": "a whole number", "float": "a number", "str": "text"}[kind]
+    if not ok:
+        raise TypeError(f"{label} must be {expects}, got {type(value).__name__} {value!r}")
+    if kind == "float" and not math.isfinite(value):
+        raise UserError(f"{label} must be a finite number; got {value}")
+
+
+def _check_path(label, value, kind):
+    path = os.path.expanduser(value)
+    if kind == "out":
+        check_output_dir(path, label)
+    elif not os.path.exists(path):
+        raise UserError(f"{label}: '{value}' does not exist")
+    elif kind == "file" and not os.path.isfile(path):
+        raise UserError(f"{label}: '{value}' is a folder, not a file")
 
 
 def _check(values, level):
     """Rules between keys. `blocks` follows a multi-entry layers_per_block, unless it was set where
     layers_per_block was (or later): then the two must agree."""
-    if values["vid_size"] is not None:
-        parse_vid_size(values["vid_size"])
-    for key in ("batch_size", "acc", "img_size", "patch_size", "channels", "epochs"):
-        if values[key] is not None and values[key] <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {values[key]}")
     layers = values["layers_per_block"]
-    if not layers:
-        raise UserError("config key 'layers_per_block' needs at least one value, e.g. '2 2 8'")
+    if not layers or layers[-1] < 1:
+        raise UserError(f"config key 'layers_per_block' needs at least one value and a deep (last) block of at "
+                        f"least one layer, e.g. '2 2 8'; got {' '.join(map(str, layers)) or 'none'}")
     if len(layers) > 1:
         if level.get("blocks", 0) >= level.get("layers_per_block", 1) and values["blocks"] != len(layers):
             raise UserError(f"config keys disagree: blocks {values['blocks']} but layers_per_block lists "
                             f"{len(layers)} blocks ({' '.join(map(str, layers))}); drop blocks or make them match")
         values["blocks"] = len(layers)
-
-
-def parse_vid_size(vid_size):
-    """'81:16' -> (81 frames, 16 fps); a third field (second fps) is accepted, the first fps is used."""
-    parts = str(vid_size).split(":")
-    try:
-        frames, fps = int(parts[0]), float(parts[1])
-    except (IndexError, ValueError):
-        raise UserError(f"vid_size must be 'frames:fps', e.g. '81:16', got {vid_size!r}") from None
-    if frames < 1 or fps <= 0:
-        raise UserError(f"vid_size needs frames >= 1 and fps > 0, got {vid_size!r}")
-    return frames, fps
+    if values["min_lr"] > values["lr"]:
+        raise UserError(f"config key 'min_lr' ({values['min_lr']}) is above 'lr' ({values['lr']}); the cosine "
+                        f"schedule decays from lr down to min_lr")
+    if values["holdout"] and values["data_format"] != "colour_mnist":
+        raise UserError(f"config key 'holdout' applies to data_format colour_mnist only (got {values['data_format']}); "
+                        f"remove it or set --data_format colour_mnist")
+    if values["fsdp_text_encoder"] and not values["fsdp"]:
+        raise UserError("config key 'fsdp_text_encoder' 1 shards the text encoder with FSDP: it needs fsdp 1")
+    name = values["wandb_name"]
+    if name and "+" in name and name.split("+", 1)[1] not in values:
+        raise UserError(f"config key 'wandb_name' '{name}': '{name.split('+', 1)[1]}' after '+' is not a config "
+                        f"key ('a+b' names the run {{dataset}}-a-{{value of key b}})")
 
 
 def save_config(cfg, path):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -14,15 +16,37 @@ class DistInfo:
     device: torch.device
 
 
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name="auto", local_rank=0):
-    """'auto' -> cuda:local_rank, else mps, else cpu; an explicit name is used as given."""
+    """'auto' -> cuda:local_rank, else mps, else cpu; an explicit name is used as given, once this machine is
+    known to have it (UserError otherwise)."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name and name != "auto":
-        if name == "cuda":
-            return torch.device("cuda", local_rank)
-        return torch.device(name)
+        try:
+            device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        except (RuntimeError, TypeError):
+            raise UserError(f"device '{name}' is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+                raise UserError(f"device '{name}': this machine has no usable CUDA GPU (torch {torch.__version__} "
+                                f"built {build}); use --device auto or cpu")
+            if (device.index or 0) >= count:
+                raise UserError(f"device '{name}' (cuda:{device.index or 0}) does not exist: this machine has "
+                                f"{count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+        elif device.type == "mps" and not _mps_available():
+            raise UserError(f"device '{name}': Apple MPS is not available here; use --device auto or cpu")
+        elif device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"device '{name}' is not supported; use auto, cpu, cuda, cuda:N or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -60,6 +84,15 @@ def is_main():
 def barrier():
     if is_dist():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; itself without a process group."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_mean(tensor):

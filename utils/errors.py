@@ -1,18 +1,71 @@
 """The one exception type for bad user input, and the CLI wrapper that prints it without a traceback."""
+import argparse
+import errno
 import sys
 
 
-class UserError(Exception):
-    """Bad input (missing file, unknown key, misfit checkpoint, ...); the message names the problem and the fix."""
+class UserError(ValueError):
+    """Bad input (missing file, unknown key, misfit checkpoint, ...); the message names the problem and the fix.
+    A ValueError, so Python callers of the pipeline can catch it as one."""
+
+
+# File-system conditions that are the user's to fix, and what to tell them.
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # libraries that wrap the OSError (safetensors, ffmpeg)
+
+
+def disk_error(error, path=None):
+    """A UserError for a file-system condition (full disk, quota, read-only, permissions) hidden in `error`, its
+    cause or its message; None when it is something else."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            reason = DISK_ERRNOS[seen.errno]
+            path = path or seen.filename
+            break
+        if any(text in str(seen) for text in FULL_TEXTS):
+            reason = DISK_ERRNOS[errno.ENOSPC]
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    full = "space" in reason or "quota" in reason
+    where = (f" writing {path}" if full else f": {path}") if path else ""
+    fix = "free some space or write elsewhere" if full else "use a file or folder you have access to"
+    return UserError(f"{reason}{where}; {fix}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one `error:` line and exit status 2 through run_cli."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_cli(main, *args, cleanup=None):
-    """Runs a command-line entry point: a UserError prints one `error:` line and exits with status 2."""
+    """Runs a command-line entry point: a UserError, or a full disk or missing permission, prints one `error:` line
+    and exits with status 2."""
     try:
         return main(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
+    except Exception as e:  # a full disk can surface from deep inside torch, safetensors or ffmpeg
+        found = disk_error(e)
+        if found is None:
+            raise
+        _fail(found)
     finally:
         if cleanup is not None:
             cleanup()
+
+
+def _fail(error):
+    """Close the progress bars the failure left open (so the error starts a line of its own), print it, exit 2."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -3,8 +3,11 @@
 The one place that turns tensors into pictures and pictures into tensors, below the data, the pipeline and the
 entry points. Pixels are float in [-1, 1], channels first; pictures are uint8, channels last.
 """
+import errno
 import math
 import os
+import shutil
+import struct
 
 import imageio.v2 as imageio
 import numpy as np
@@ -65,17 +68,45 @@ def crop_resize(img, size, flip=False):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).clamp_(-1, 1)
 
 
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as PNG loads it) is scaled by
+    255/65535 and float greyscale (F) in [0, 1] by 255: PIL's own convert clips them at 255 (mid-grey turns white)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        grey = np.asarray(image).astype(np.float64)
+        if image.mode == "F":
+            grey = grey * 255 if grey.size and grey.max() <= 1.0 else grey
+        else:
+            grey = grey * (255 / 65535)
+        image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def check_image(image):
+    """UserError unless `image` is a PIL image or names a file that PIL can read as an image (header only)."""
+    if isinstance(image, Image.Image):
+        return
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"input_image must be a path or a PIL image, got {type(image).__name__}")
+    if not os.path.isfile(image):
+        raise UserError(f"input image '{image}' not found" if not os.path.isdir(image) else
+                        f"input image '{image}' is a folder; pass an image file")
+    try:
+        with Image.open(image):
+            pass
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read input image '{image}': {e}; pass a PNG/JPEG/WebP file") from None
+
+
 def load_image(image, size):
     """A path or PIL image -> (1, 3, h, w) in [-1, 1], centre-cropped to the aspect of size=(h, w) and resized."""
+    check_image(image)
     if not isinstance(image, Image.Image):
-        if not os.path.isfile(image):
-            raise UserError(f"input image '{image}' not found")
         try:
             with Image.open(image) as f:
-                image = f.convert("RGB")
+                image = to_rgb(f)
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"cannot read input image '{image}': {e}; pass a PNG/JPEG/WebP file") from None
-    return crop_resize(image.convert("RGB"), size)[None]
+    return crop_resize(to_rgb(image), size)[None]
 
 
 def to_uint8(pixels):
@@ -108,9 +139,42 @@ def write_png(path, array):
 
 
 def write_video(path, frames, fps):
-    """uint8 (T, H, W, 3) -> H.264 MP4 at `fps`, atomically; sides padded to even sizes for yuv420p."""
+    """uint8 (T, H, W, 3) -> H.264 MP4 at `fps`, atomically; sides padded to even sizes for yuv420p. ffmpeg's
+    failures (a full disk) do not reach imageio's caller, so the file is checked to be a whole MP4 before it
+    takes its name."""
     T, H, W, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
     with atomic_path(path) as tmp:
-        imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=None,
-                         ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+        try:
+            imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=None,
+                             ffmpeg_params=["-crf", "10"], ffmpeg_log_level="error")
+        except OSError:  # ffmpeg died (a broken pipe); whether the disk is full is decided below
+            pass
+        if not mp4_complete(tmp):
+            if shutil.disk_usage(os.path.dirname(tmp)).free < max(2**20, frames.nbytes // 100):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            raise UserError(f"ffmpeg could not write a complete video {path} (its message is above)")
+
+
+def mp4_complete(path):
+    """True when `path` is a whole MP4: its top-level boxes tile the file and include ftyp, mdat and moov (which
+    ffmpeg writes last)."""
+    if not os.path.isfile(path):
+        return False
+    size, pos, kinds = os.path.getsize(path), 0, set()
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", head[:8])
+            if length == 1 and len(head) == 16:
+                length = struct.unpack(">Q", head[8:16])[0]
+            elif length == 0:  # the box runs to the end of the file
+                length = size - pos
+            if length < 8:
+                return False
+            kinds.add(kind)
+            pos += length
+    return pos == size and {b"ftyp", b"mdat", b"moov"} <= kinds

@@ -14,17 +14,53 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from transformer_flow import DEPRECATED_KEYS, Model
+from transformer_flow import DEPRECATED_KEYS
 from utils import recipe
 from utils.checkpoint import load_model_weights, load_state_dict_file
-from utils.config import load_config, model_kwargs, parse_vid_size
+from utils.config import Key, check_value, load_config, parse_vid_size
 from utils.distributed import pick_device
 from utils.errors import UserError
-from utils.image import aspect_ratio_to_image_size, load_image, parse_aspect_ratio, to_uint8
+from utils.image import aspect_ratio_to_image_size, check_image, load_image, parse_aspect_ratio, to_uint8
 from utils.text_encoder import load_text_encoder
 from utils.vae import load_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The numeric and named settings of a call: type, default and range, checked by check_inputs (sample.py's flags of
+# the same meaning share these ranges).
+ARGUMENTS = {
+    "num_samples": Key(1, "int", "samples per prompt", low=1),
+    "cfg": Key(None, "float", "guidance scale (default: the config's cfg)", low=0),
+    "jacobi_block_size": Key(None, "int", "jacobi True: tokens per chunk in the first frame (4x after it), default "
+                                          "16; 'auto': the deep step's window", low=1),
+    "jacobi_th": Key(None, "float", "Jacobi convergence threshold (relative mean squared change); default 1e-3 "
+                                    "for True, auto's own for 'auto'", low=0),
+    "jacobi_max_iter": Key(None, "int", "jacobi True: iterations per chunk (default 32); 'auto': evaluations of a "
+                                        "token at most", low=1),
+    "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)", above=0),
+    "target_length": Key(None, "int", "video frames to generate (default: the training length)", low=1),
+    "fps": Key(None, "float", "video fps in the prompt text (default: the fps of vid_size)", above=0),
+    "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, at "
+                                       "most window - 1)", low=1),
+    "noise_std": Key(None, "float", "noise level of the samples (default: the config's noise_std)", low=0),
+    "denoiser": Key("auto", "str", "auto, learned, score or none", choices=recipe.DENOISERS),
+    "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)", low=1),
+    "output_type": Key("pil", "str", "pil, np or latent", choices=OUTPUT_TYPES),
+}
+
+
+def resolve_dtype(dtype, device):
+    """None/'auto' -> bfloat16 on CUDA, else float32; a name of DTYPES or one of its torch dtypes -> the dtype."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype '{dtype}' is not supported; use auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be a torch.float32/bfloat16/float16 or its name, got {dtype!r}")
+    return dtype
 
 
 @dataclass
@@ -71,6 +107,23 @@ def resolve_finetuned_vae(value, logdir):
                     f" pass --finetuned_vae none to denoise with the flow instead")
 
 
+def _described(value):
+    return "None" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_generator(generator, samples):
+    """None, one torch.Generator, or one per sample."""
+    many = isinstance(generator, (list, tuple))
+    if generator is None or isinstance(generator, torch.Generator) or \
+            (many and all(isinstance(g, torch.Generator) for g in generator)):
+        if many and len(generator) != samples:
+            raise UserError(f"generator: got {len(generator)} generators for {samples} samples; give one per sample "
+                            f"(prompts x num_samples) or a single one")
+        return
+    raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(5)) or a list of one "
+                    f"per sample, got {_described(generator)}")
+
+
 class STARFlowPipeline:
     """Text encoder + STARFlow model + VAE, with the sampling recipe of the official release."""
 
@@ -83,43 +136,50 @@ class STARFlowPipeline:
 
     @classmethod
     def from_pretrained(cls, config_path, checkpoint_path, device=None, dtype=None, overrides=None,
-                        finetuned_vae=None):
+                        finetuned_vae=None, validate=None):
         """Build from a YAML config and a .pth/.safetensors checkpoint. overrides: config keys (dict or CLI tokens).
 
-        device: 'auto'/None picks cuda, mps or cpu. dtype: model dtype (default bfloat16 on CUDA, else float32).
-        finetuned_vae: path (or id under logdir/vae/) of a decoder fine-tuned on noisy latents; replaces denoising.
+        device: 'auto'/None picks cuda, mps or cpu. dtype: model dtype, a torch dtype or its name ('float16'; default
+        bfloat16 on CUDA, else float32). finetuned_vae: path (or id under logdir/vae/) of a decoder fine-tuned on
+        noisy latents; replaces denoising. validate: a function called with the pipeline as soon as its VAE is
+        loaded, before the text encoder and the model, e.g. to check_inputs of the calls to come in seconds.
         """
-        return cls.from_config(load_config(config_path, overrides), checkpoint_path, device, dtype, finetuned_vae)
+        if not isinstance(config_path, (str, os.PathLike)):
+            raise TypeError(f"config_path must be a path to a YAML config, got {type(config_path).__name__}")
+        return cls.from_config(load_config(config_path, overrides), checkpoint_path, device, dtype, finetuned_vae,
+                               validate)
 
     @classmethod
-    def from_config(cls, config, checkpoint_path, device=None, dtype=None, finetuned_vae=None):
+    def from_config(cls, config, checkpoint_path, device=None, dtype=None, finetuned_vae=None, validate=None):
         """Like from_pretrained, with an already loaded utils.config.Config."""
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_path must be a path, got {type(checkpoint_path).__name__}")
         device = pick_device(device or config.device)
+        dtype = resolve_dtype(dtype, device)
         weights = load_state_dict_file(checkpoint_path)  # first: a bad path fails before minutes of loading
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         finetuned = resolve_finetuned_vae(finetuned_vae if finetuned_vae is not None else config.finetuned_vae,
                                           config.logdir)
-        text_encoder = None
-        if config.text and config.text != "none":
-            text_dtype = dtype if device.type == "cuda" else torch.float32
-            text_encoder = load_text_encoder(config.text, config.txt_size, device, text_dtype)
-        elif config.txt_size:
-            raise UserError("config has txt_size > 0 but no `text:` encoder; set text: (e.g. google/flan-t5-xl)")
         vae = load_vae(config.vae, device, finetuned=finetuned, pixel_channels=config.channel_size)
         if vae.latent_channels != config.channel_size:
             raise UserError(f"config channel_size {config.channel_size} does not match the {vae.latent_channels} "
                             f"latent channels of VAE '{config.vae}'")
-        latent_size = config.img_size // vae.spatial_factor
-        kwargs = model_kwargs(config, latent_size, txt_dim=text_encoder.dim if text_encoder else 0)
+        pipe = cls(None, None, vae, config, device, dtype, finetuned)
+        if validate is not None:
+            validate(pipe)
+        if config.text and config.text != "none":
+            text_dtype = dtype if device.type == "cuda" else torch.float32
+            pipe.text_encoder = load_text_encoder(config.text, config.txt_size, device, text_dtype)
+        elif config.txt_size:
+            raise UserError("config has txt_size > 0 but no `text:` encoder; set text: (e.g. google/flan-t5-xl)")
+        txt_dim = pipe.text_encoder.dim if pipe.text_encoder else 0
         with torch.device("meta"):  # no float32 copy: the checkpoint's tensors become the parameters
-            model = Model(**kwargs)
+            model = recipe.build_model(config, config.img_size // vae.spatial_factor, txt_dim)
         try:
             load_model_weights(model, weights, skip=DEPRECATED_KEYS.match, assign=True)
         except UserError as e:
             raise UserError(f"{checkpoint_path}: {e}") from None
-        model = model.to(device, dtype).eval().requires_grad_(False)
-        return cls(model, text_encoder, vae, config, device, dtype, finetuned)
+        pipe.model = model.to(device, dtype).eval().requires_grad_(False)
+        return pipe
 
     # ------------------------------------------------------------------------------------------- geometry
     def pixel_size(self, aspect_ratio=None):
@@ -144,32 +204,49 @@ class STARFlowPipeline:
         return (num_frames - 1) // tf + 1
 
     # ---------------------------------------------------------------------------------------------- steps
-    def check_inputs(self, prompt, num_samples, cfg, generator, aspect_ratio, target_length, fps, input_image,
-                     jacobi, context_length, noise_std, output_type):
-        """Validate the arguments of a call and derive its captions, geometry and settings."""
+    def check_inputs(self, prompt, generator=None, aspect_ratio=None, input_image=None, jacobi=False, **settings):
+        """Validate the arguments of a call (types and ranges of ARGUMENTS, the geometry they ask for) and derive its
+        captions, geometry and settings; needs only the VAE, so it can run before the model is loaded."""
         c = self.config
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        captions = [p for p in prompts for _ in range(num_samples)]
+        unknown = sorted(set(settings) - set(ARGUMENTS))
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {', '.join(unknown)}; the call takes {', '.join(ARGUMENTS)}")
+        s = {name: settings.get(name, spec.default) for name, spec in ARGUMENTS.items()}
+        if jacobi not in (False, True, "auto"):
+            raise ValueError(f"jacobi must be False (token by token), True (the original's Jacobi chunks) or 'auto', "
+                             f"got {jacobi!r}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {_described(prompt)}")
+        for name, value in s.items():
+            check_value(name, value, ARGUMENTS[name], what="")
+        captions = [p for p in prompts for _ in range(s["num_samples"])]
         if not captions:
-            raise UserError("no prompts given")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if isinstance(generator, (list, tuple)) and len(generator) != len(captions):
-            raise ValueError(f"got {len(generator)} generators for {len(captions)} samples")
+            raise UserError("prompt is an empty list; give at least one prompt")
+        _check_generator(generator, len(captions))
+        if aspect_ratio is not None and not isinstance(aspect_ratio, str):
+            raise TypeError(f"aspect_ratio must be a 'W:H' string such as '16:9', got {_described(aspect_ratio)}")
+        target_length = s["target_length"]
         num_frames = target_length if target_length is not None else self.train_frames
         if not self.video and num_frames != 1:
             raise UserError("target_length is for video models; this config has no vid_size")
-        if input_image is not None and not self.video:
-            raise UserError("--input_image (image-to-video) needs a video model")
+        if input_image is not None:
+            if not self.video:
+                raise UserError("--input_image (image-to-video) needs a video model")
+            if num_frames == 1:
+                raise UserError("--input_image is the first frame of a video, and target_length 1 asks for that frame "
+                                "alone; ask for more frames (1 + 4k for Wan)")
+            check_image(input_image)
         video = self.video and num_frames > 1
-        fps = (fps or self.train_fps) if video else 0
+        fps = (s["fps"] or self.train_fps) if video else 0
         h, w = self.pixel_size(aspect_ratio)
         f, T = self.vae.spatial_factor, self.latent_frames(num_frames) if video else 1
         shape = (len(captions), T, c.channel_size, h // f, w // f) if video else \
             (len(captions), c.channel_size, h // f, w // f)
+        cfg = s["cfg"]
         request = _Request(captions=captions, cfg=(c.cfg[0] if c.cfg else 0.0) if cfg is None else float(cfg),
                            generator=generator if generator is not None else torch.Generator().manual_seed(0),
-                           noise_std=c.noise_std if noise_std is None else noise_std, video=video,
+                           noise_std=c.noise_std if s["noise_std"] is None else s["noise_std"], video=video,
                            fps=int(fps) if float(fps).is_integer() else fps, size=(h, w), latent_shape=shape)
         train_T = self.latent_frames(self.train_frames) if self.video else 1
         if video and T > train_T:
@@ -177,7 +254,8 @@ class STARFlowPipeline:
                 raise UserError(f"{num_frames} frames is longer than the {self.train_frames} the model was trained "
                                 f"on; sliding-window generation needs --jacobi 1 or auto")
             request.window = train_T
-            request.context = min(16, train_T - 1) if context_length is None else context_length
+            context = s["context_length"]
+            request.context = min(16, train_T - 1) if context is None else context
             if not 0 < request.context < train_T:
                 raise UserError(f"context_length must be between 1 and {train_T - 1} latent frames, "
                                 f"got {request.context}")
@@ -257,8 +335,11 @@ class STARFlowPipeline:
         'score', or 'none' (automatic when a fine-tuned VAE decoder is loaded). output_type: 'pil', 'np' (uint8
         arrays) or 'latent' (no VAE decode).
         """
-        request = self.check_inputs(prompt, num_samples, cfg, generator, aspect_ratio, target_length, fps,
-                                    input_image, jacobi, context_length, noise_std, output_type)
+        request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, num_samples=num_samples,
+                                    cfg=cfg, jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
+                                    jacobi_max_iter=jacobi_max_iter, attn_temp=attn_temp, target_length=target_length,
+                                    fps=fps, context_length=context_length, noise_std=noise_std, denoiser=denoiser,
+                                    denoising_batch_size=denoising_batch_size, output_type=output_type)
         method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
                                         bool(self.finetuned_vae))
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)

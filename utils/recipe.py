@@ -14,10 +14,21 @@ import torch
 import torch.nn.functional as F
 
 from transformer_flow import Model
+from utils.config import model_kwargs
+from utils.errors import UserError
 
 LEARNED_DENOISER_STEP = 0.3  # the denoiser predicts (sigma^2 / 0.3) * score, so x - 0.3 * prediction = x + sigma^2 score
 NOISE_LEVEL_REFERENCE = 0.3  # with cond_noise_level the NLL is weighted by noise_std / 0.3
 DENOISERS = ("auto", "learned", "score", "none")
+
+
+def build_model(cfg, latent_size, txt_dim=0):
+    """The Model a config describes (on the current default device); a combination of keys that no model has
+    (FlowConfig's checks: widths that do not split into heads, ...) is one UserError."""
+    try:
+        return Model(**model_kwargs(cfg, latent_size, txt_dim))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"the config describes no valid model: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ prompts

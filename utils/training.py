@@ -1,11 +1,13 @@
 """Training machinery: parallel wrapping (FSDP2 / DDP), AdamW + warmup-cosine schedule, gradient clip/skip,
 and atomic, exactly-resumable training-state checkpoints."""
 import contextlib
+import glob
 import json
 import math
 import os
 import random
 import shutil
+import uuid
 
 import numpy as np
 import torch
@@ -13,10 +15,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from utils.checkpoint import save_weights
+from utils.checkpoint import save_weights, torch_load
 from utils.config import load_config, save_config
-from utils.errors import UserError
-from utils.files import write_text
+from utils.errors import UserError, disk_error
+from utils.files import make_dir, write_text
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -175,41 +177,60 @@ def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main):
         return None
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:07d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_weights(model_state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
-    torch.save({"step": step, "optimizers": optim_states, "rng": rng_state(), **extra},
-               os.path.join(tmp, "training_state.pt"))
-    save_config(cfg, os.path.join(tmp, "config.yaml"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    link = os.path.join(root, "latest")
-    os.symlink(os.path.basename(final), link + ".tmp")
-    os.replace(link + ".tmp", link)
+    tmp = f"{final}.{uuid.uuid4().hex[:12]}.tmp"  # unique: a second writer never shares it
+    make_dir(tmp, "checkpoint folder")
+    try:
+        save_weights(model_state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
+        with open(os.path.join(tmp, "training_state.pt"), "wb") as f:  # a file object keeps the OSError's errno
+            torch.save({"step": step, "optimizers": optim_states, "rng": rng_state(), **extra}, f)
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        link = os.path.join(root, f"latest.{uuid.uuid4().hex[:12]}.tmp")
+        os.symlink(os.path.basename(final), link)
+        os.replace(link, os.path.join(root, "latest"))
+    except BaseException as e:  # the previous checkpoint and `latest` stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = e if isinstance(e, UserError) else disk_error(e, tmp) if isinstance(e, Exception) else None
+        if found is None:
+            raise
+        raise UserError(f"checkpoint of step {step} not written ({found}); checkpoints/latest still points at the "
+                        f"previous one") from None
     for name in os.listdir(root):
-        if name.startswith("step_") and name != os.path.basename(final):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if name.startswith(("step_", "latest.")) and name != os.path.basename(final):
+            path = os.path.join(root, name)
+            os.remove(path) if os.path.islink(path) else shutil.rmtree(path, ignore_errors=True)
     return final
 
 
 def open_metrics(path, step):
-    """metrics.jsonl for appending, without the lines of steps after `step` (redone after an interruption)."""
+    """metrics.jsonl for appending, without the lines of steps after `step` (redone after an interruption) and
+    without a line that a kill cut short, so every step appears once."""
     kept = []
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    write_text(path, "".join(kept))
+        with open(path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if _logged_step(line) is not None and _logged_step(line) <= step]
+    write_text(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
     return open(path, "a", encoding="utf-8")
+
+
+def _logged_step(line):
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def resolve_resume(path):
     """('state', folder) for a training-state checkpoint (a run folder, checkpoints/, latest or step_N folder),
     or ('weights', file) for bare model weights (.pth / .safetensors)."""
     path = os.path.expanduser(str(path))
-    for candidate in (path, os.path.join(path, "latest"), os.path.join(path, "checkpoints", "latest")):
-        if os.path.isfile(os.path.join(candidate, "training_state.pt")):
-            return "state", os.path.realpath(candidate)
+    for root in (path, os.path.join(path, "checkpoints")):
+        steps = sorted(glob.glob(os.path.join(root, "step_[0-9]*[0-9]")), reverse=True)
+        # `latest` first; without it (a kill between renames) the newest step folder, complete by construction
+        for candidate in [root, os.path.join(root, "latest"), *steps]:
+            if os.path.isfile(os.path.join(candidate, "training_state.pt")):
+                return "state", os.path.realpath(candidate)
     if os.path.isfile(path):
         return "weights", path
     raise UserError(f"--resume_path {path} is neither a training checkpoint (a folder with training_state.pt, "
@@ -227,7 +248,9 @@ def resume_config(resume_path, overrides, extra_keys=None):
 def load_training_state(folder):
     """The training state of a checkpoint folder, read weights-only (never unpickling code)."""
     try:
-        return torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=True)
+        return torch_load(os.path.join(folder, "training_state.pt"), "training state")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read {folder}/training_state.pt ({type(e).__name__}); the checkpoint is damaged, "
                         "resume from an earlier one or from the weights only") from None
