@@ -21,9 +21,8 @@ from PIL import Image
 from utils.config import parse_vid_size
 from utils.errors import UserError
 from utils.files import read_text
-from utils.image import aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
+from utils.image import IMAGE_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 
 
@@ -505,6 +504,62 @@ def detect_format(cfg):
     return fmt
 
 
+MAP_FORMATS = ("folder", "video", "mnist", "colour_mnist", "moving_mnist")
+
+
+def map_dataset(cfg, fmt, multiple, caption_fn=None, holdout=(), split="train", no_flip=None):
+    """The indexed dataset of a folder or MNIST format (items by load(index, seed))."""
+    if fmt == "moving_mnist":
+        if not cfg.vid_size:
+            raise UserError("data_format moving_mnist makes video clips: set vid_size, e.g. '6:6'")
+        return MovingMNISTDataset(cfg.img_size, *parse_vid_size(cfg.vid_size), caption_fn=caption_fn, split=split)
+    if fmt in ("mnist", "colour_mnist"):
+        return MNISTDataset(cfg.img_size, colour=fmt == "colour_mnist", holdout=holdout, caption_fn=caption_fn,
+                            split=split)
+    return FolderDataset(cfg.data, cfg.img_size, multiple, vid_size=cfg.vid_size if fmt == "video" else None,
+                         mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip if no_flip is None else no_flip),
+                         caption_column=cfg.caption_column)
+
+
+# Evaluation captions of the MNIST formats: the first training template, so that a caption names its label exactly
+EVAL_CAPTIONS = {
+    "mnist": lambda digit, rng: MNIST_TEMPLATES[0].format(name=DIGIT_NAMES[digit], digit=digit),
+    "colour_mnist": lambda digit, colour, rng: COLOUR_TEMPLATES[0].format(name=DIGIT_NAMES[digit], digit=digit,
+                                                                          colour=colour),
+    "moving_mnist": lambda digit, direction, rng: MOTION_TEMPLATES[0].format(name=DIGIT_NAMES[digit], digit=digit,
+                                                                             direction=direction),
+}
+
+
+def eval_items(cfg, multiple, rank=0, world_size=1, split="test", seed=0, limit=0):
+    """Every item of cfg's data once, in a fixed order, for evaluation: this rank's share (items rank, rank +
+    world_size, ...) as (index, pixels, caption, meta); the first `limit` items (0: all). No flips and no held-out
+    pairs; MNIST formats read `split` and are captioned by EVAL_CAPTIONS; shards are read once in the listed order.
+    An unreadable item is an error (a skipped one would change the result)."""
+    fmt = detect_format(cfg)
+    if fmt == "wds":
+        from webdataset.tariterators import tarfile_samples
+        stream = WebDatasetStream(list_shards(cfg.data), 1, cfg.img_size, multiple, 0, 1, seed, vid_size=cfg.vid_size,
+                                  mix_aspect=bool(cfg.mix_aspect), caption_column=cfg.caption_column)
+        samples = tarfile_samples([{"url": s} for s in stream.shards])
+        for index, sample in enumerate(samples):
+            if limit and index >= limit:
+                return
+            if index % world_size == rank:
+                try:
+                    yield (index, *stream._decode(sample, random.Random(index)))
+                except Exception as e:
+                    raise UserError(f"cannot read {sample.get('__url__')}:{sample.get('__key__')}: "
+                                    f"{type(e).__name__}: {e}") from None
+        return
+    base = map_dataset(cfg, fmt, multiple, EVAL_CAPTIONS.get(fmt), split=split, no_flip=True)
+    for index in range(rank, min(len(base), limit) if limit else len(base), world_size):
+        try:
+            yield (index, *base.load(index, seed))
+        except Exception as e:
+            raise UserError(f"cannot read {base.describe(index)}: {type(e).__name__}: {e}") from None
+
+
 class TrainData:
     """Batches for one rank: iterate `epoch(e, start)`; steps_per_epoch global batches per epoch."""
 
@@ -512,19 +567,8 @@ class TrainData:
         fmt = detect_format(cfg)
         self.global_batch = cfg.batch_size // cfg.acc
         per_rank = self.global_batch // world_size
-        if fmt in ("folder", "video", "mnist", "colour_mnist", "moving_mnist"):
-            if fmt == "moving_mnist":
-                if not cfg.vid_size:
-                    raise UserError("data_format moving_mnist makes video clips: set vid_size, e.g. '6:6'")
-                base = MovingMNISTDataset(cfg.img_size, *parse_vid_size(cfg.vid_size), caption_fn=caption_fn)
-            elif fmt in ("mnist", "colour_mnist"):
-                base = MNISTDataset(cfg.img_size, colour=fmt == "colour_mnist", holdout=parse_holdout(cfg.holdout),
-                                    caption_fn=caption_fn)
-            else:
-                base = FolderDataset(cfg.data, cfg.img_size, multiple,
-                                     vid_size=cfg.vid_size if fmt == "video" else None,
-                                     mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip),
-                                     caption_column=cfg.caption_column)
+        if fmt in MAP_FORMATS:
+            base = map_dataset(cfg, fmt, multiple, caption_fn, holdout=parse_holdout(cfg.holdout))
             self.skipped_at_scan = base.skipped_at_scan
             self.sampler = GlobalBatchSampler(base.buckets, self.global_batch, rank, world_size, seed,
                                               max_batches=cfg.epoch_length // self.global_batch)

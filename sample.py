@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import save_weights
-from utils.config import Compat, Key, flag, load_config
+from utils.config import SCHEMA, Compat, Key, flag, load_config
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, make_grid, parse_aspect_ratio, write_png, write_video
@@ -98,12 +98,14 @@ def slug(text, limit=80):
 
 def regen_command(argv, caption, seed, aspect, out_dir):
     """The command line that regenerates one sample: this run's flags with this prompt, seed and aspect, 1 sample,
-    written to <out_dir>/regenerated (so it cannot overwrite this run's files)."""
+    written to <out_dir>/regenerated (so it cannot overwrite this run's files). Flags that are not sample.py's
+    (evaluate.py --generate passes its own) are left out."""
     replaced = {"caption", "seed", "num_samples", "sample_batch_size", "aspect_ratio", "output_dir"}
     kept, skip = [], False
     for tok in argv:
         if tok.startswith("--"):
-            skip = tok[2:].partition("=")[0].replace("-", "_") in replaced
+            name = tok[2:].partition("=")[0].replace("-", "_")
+            skip = name in replaced or name not in SCHEMA and name not in SAMPLE_KEYS
         if not skip:
             kept.append(tok)
     new = ["--caption", caption, "--seed", str(seed), "--aspect_ratio", aspect, "--num_samples", "1",
@@ -131,12 +133,14 @@ def print_help():
     print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
 
 
-def parse_config(argv):
-    """CLI tokens -> Config; a train.py checkpoint folder brings its own config.yaml."""
-    cfg = load_config(None, argv, extra_keys=SAMPLE_KEYS)
+def parse_config(argv, extra_keys=None):
+    """CLI tokens -> Config; a train.py checkpoint folder brings its own config.yaml. extra_keys: the keys of an
+    entry point that samples too (evaluate.py)."""
+    keys = dict(SAMPLE_KEYS, **(extra_keys or {}))
+    cfg = load_config(None, argv, extra_keys=keys)
     beside = cfg.checkpoint_path and os.path.join(cfg.checkpoint_path, "config.yaml")
     if not cfg.model_config_path and beside and os.path.isfile(beside):  # a train.py checkpoint folder
-        cfg = load_config(beside, argv, extra_keys=SAMPLE_KEYS)
+        cfg = load_config(beside, argv, extra_keys=keys)
     given = {tok[2:].partition("=")[0].replace("-", "_") for tok in argv if tok.startswith("--")}
     for key in CLI_ONLY:  # saved configs carry train.py's unrelated defaults for these (4096 samples, batch 256)
         if key not in given:

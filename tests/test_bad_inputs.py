@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
 import finetune_decoder
 import sample
 import train
@@ -359,7 +360,7 @@ def test_call_defaults_are_the_argument_table():
 
 # --------------------------------------------------------------------------------------- every key has a range
 def test_every_numeric_key_has_a_range_or_choices():
-    schemas = [SCHEMA, sample.SAMPLE_KEYS, finetune_decoder.EXTRA_KEYS, ARGUMENTS]
+    schemas = [SCHEMA, sample.SAMPLE_KEYS, finetune_decoder.EXTRA_KEYS, evaluate.EVAL_KEYS, ARGUMENTS]
     loose = [k for schema in schemas for k, spec in schema.items()
              if spec.kind in ("int", "float", "ints", "floats") and not isinstance(spec, Compat)
              and spec.choices is None and spec.low is None and spec.above is None]

@@ -2,6 +2,7 @@
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -106,3 +107,25 @@ def all_reduce_mean(tensor):
 def cleanup():
     if is_dist():
         dist.destroy_process_group()
+
+
+def all_gather_arrays(array):
+    """Every rank's numpy array, in rank order, on every rank ([array] without a process group)."""
+    if not is_dist():
+        return [array]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, array)
+    return parts
+
+
+def gather_interleaved(array):
+    """All ranks' rows in item order, when rank r holds items r, r + W, r + 2W, ... of a numpy array (every rank
+    gets the whole; the identity without a process group)."""
+    parts = all_gather_arrays(array)
+    if len(parts) == 1:
+        return array
+    out = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)  # rank 0 has most
+    for r, part in enumerate(parts):
+        if len(part):
+            out[r::len(parts)] = part
+    return out

