@@ -24,7 +24,7 @@ from utils.checkpoint import save_weights
 from utils.config import SCHEMA, Compat, Key, flag, load_config
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
-from utils.image import ASPECT_RATIOS, make_grid, parse_aspect_ratio, write_png, write_video
+from utils.image import ASPECT_RATIOS, check_image, make_grid, parse_aspect_ratio, write_png, write_video
 from utils.pipeline import ARGUMENTS, DTYPES, STARFlowPipeline
 
 
@@ -61,7 +61,23 @@ SAMPLE_KEYS = {
         help="video frames to generate; beyond the training length a sliding window is used (needs --jacobi 1); "
              "1 gives an image"),
     "context_length": ARGUMENTS["context_length"],
-    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video)", path="file"),
+    "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video); with --mask, the "
+                                    "picture to inpaint", path="file"),
+    "mask": Key(None, "str", "inpainting: a PNG of the input image's size, white where to regenerate", path="file"),
+    "inpaint_rounds": Key(4, "int", "inpainting: encode-decode rounds that harmonise the hole with the rest",
+                          low=0),
+    "inpaint_candidates": Key(4, "int", "inpainting: variations per round; the flow keeps the most likely",
+                              low=1),
+    "edit_image": Key(None, "str", "editing: a picture to re-draw under --caption by flow inversion", path="file"),
+    "source_caption": Key(None, "str", "editing: what the picture shows (default: the null prompt)"),
+    "source_cfg": Key(None, "float", "editing: guidance of the encoding pass (default --cfg: exact inversion)",
+                      low=0.0),
+    "edit_refresh": Key(0.0, "float", "editing: fraction of fresh noise mixed into the picture's noise", low=0.0,
+                        high=1.0),
+    "edit_blocks": Key("all", "str", "editing: flow steps decoded under the new prompt (deep: only the deep one)",
+                       choices=("all", "deep")),
+    "input_video": Key(None, "str", "video continuation: an MP4 whose first frames become known latent frames",
+                       path="file"),
     "target_noise_std": ARGUMENTS["noise_std"].replace(
         help="noise level of the samples: prompt 'Noise Level', input-image noise and denoising (default noise_std)"),
     "disable_learnable_denoiser": flag(0, "denoise with the flow's score step even if a learned denoiser exists"),
@@ -151,27 +167,53 @@ def parse_config(argv, extra_keys=None):
     if cfg.jacobi == "1":  # the original sample.py's chunk settings
         for key, value in ORIGINAL_JACOBI.items():
             setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
+    if cfg.mask and not cfg.input_image:
+        raise UserError("--mask inpaints --input_image: give the picture with --input_image")
+    if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video))) > 1 or (cfg.edit_image and cfg.input_image):
+        raise UserError("--edit_image, --input_image --mask and --input_video are separate modes: give one")
     return cfg
 
 
+def sample_mode(cfg):
+    """'edit', 'inpaint' or 'sample' (text-to-image/video, image-to-video, video continuation)."""
+    return "edit" if cfg.edit_image else "inpaint" if cfg.mask else "sample"
+
+
 def sample_settings(cfg, denoiser):
-    """What every sample's JSON records about how it was drawn."""
-    return dict(denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi, jacobi_th=cfg.jacobi_th,
-                jacobi_block_size=cfg.jacobi_block_size, jacobi_max_iter=cfg.jacobi_max_iter,
-                attn_temp=cfg.attn_temp, target_length=cfg.target_length, context_length=cfg.context_length,
-                input_image=cfg.input_image, noise_std=cfg.target_noise_std or cfg.noise_std,
-                model_config_path=cfg.model_config_path, checkpoint_path=cfg.checkpoint_path)
+    """What every sample's JSON records about how it was drawn (and from which pictures)."""
+    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi,
+                    jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
+                    jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
+                    context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
+                    noise_std=cfg.target_noise_std or cfg.noise_std, model_config_path=cfg.model_config_path,
+                    checkpoint_path=cfg.checkpoint_path)
+    if settings["mode"] == "edit":
+        settings.update(source_image=cfg.edit_image, source_caption=cfg.source_caption, source_cfg=cfg.source_cfg,
+                        edit_refresh=cfg.edit_refresh, edit_blocks=cfg.edit_blocks)
+    if settings["mode"] == "inpaint":
+        settings.update(source_image=cfg.input_image, mask=cfg.mask, inpaint_rounds=cfg.inpaint_rounds,
+                        inpaint_candidates=cfg.inpaint_candidates)
+    return settings
 
 
 def sample_round(pipe, cfg, batch, aspect):
     """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
-    return pipe([cap for cap, _, _ in batch], num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
-                generator=[torch.Generator().manual_seed(s) for _, s, _ in batch], aspect_ratio=aspect,
-                jacobi=JACOBI_MODES[cfg.jacobi], jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
-                jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
-                fps=cfg.out_fps, input_image=cfg.input_image, context_length=cfg.context_length,
-                denoiser="score" if cfg.disable_learnable_denoiser else "auto", noise_std=cfg.target_noise_std,
-                denoising_batch_size=cfg.denoising_batch_size)
+    common = dict(cfg=cfg.cfg[0] if cfg.cfg else 0.0, generator=[torch.Generator().manual_seed(s) for _, s, _ in batch],
+                  aspect_ratio=aspect, noise_std=cfg.target_noise_std,
+                  denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=JACOBI_MODES[cfg.jacobi],
+                  jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
+                  jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp)
+    captions = [cap for cap, _, _ in batch]
+    mode = sample_mode(cfg)
+    if mode == "edit":
+        return pipe.edit(cfg.edit_image, captions, source_prompt=cfg.source_caption, source_cfg=cfg.source_cfg,
+                         refresh=cfg.edit_refresh, blocks=cfg.edit_blocks, **common)
+    if mode == "inpaint":
+        return pipe.inpaint(cfg.input_image, cfg.mask, captions, rounds=cfg.inpaint_rounds,
+                            candidates=cfg.inpaint_candidates, **common)
+    return pipe(captions, num_samples=1, target_length=cfg.target_length, fps=cfg.out_fps,
+                input_image=cfg.input_image, input_video=cfg.input_video, context_length=cfg.context_length,
+                denoising_batch_size=cfg.denoising_batch_size, **common)
 
 
 def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
@@ -198,10 +240,15 @@ def check_request(pipe, cfg, captions, num_samples):
     """The sampling flags against the model's geometry, once its VAE is loaded and before the model is (seconds,
     not the minutes of a 7B load): aspect ratio (every bucket for 'random'), video length, input image."""
     aspects = ASPECT_RATIOS if cfg.aspect_ratio == "random" else [cfg.aspect_ratio]
+    mode = sample_mode(cfg)
     for aspect in aspects:
-        pipe.check_inputs(captions[:1], aspect_ratio=aspect, input_image=cfg.input_image, jacobi=JACOBI_MODES[cfg.jacobi],
-                          num_samples=num_samples, target_length=cfg.target_length,
-                          context_length=cfg.context_length)
+        pipe.check_inputs(captions[:1], aspect_ratio=aspect, input_image=cfg.input_image if mode == "sample" else None,
+                          jacobi=JACOBI_MODES[cfg.jacobi], input_video=cfg.input_video, num_samples=num_samples,
+                          target_length=cfg.target_length, context_length=cfg.context_length)
+    for picture, what in ((cfg.edit_image, "edit image"), (cfg.input_image if mode == "inpaint" else None,
+                                                          "input image"), (cfg.mask, "mask")):
+        if picture is not None:
+            check_image(picture, what)
 
 
 def grid_name(prefix, g, count):

@@ -458,11 +458,17 @@ class MetaBlock(Trunk):
         table = self.pos_embed.repeat(frames, 1)[None]
         return permute(table, self.permutation, frames)[0]
 
-    def forward(self, x, text=None, rope=None, frames=1):
-        """Density direction on raster tokens x (B, L, D): returns z (raster order) and per-token log-dets (B, L, D)."""
+    def forward(self, x, text=None, rope=None, frames=1, guidance=0.0):
+        """Density direction on raster tokens x (B, L, D): returns z (raster order) and per-token log-dets (B, L, D).
+
+        With guidance > 0 (text = cat([y_cond, y_uncond])) it is the exact inverse of guided decoding.
+        """
         x = permute(x, self.permutation, frames)
         seq = torch.cat([self.sos_embed.expand(len(x), 1, -1).to(x.dtype), x], 1) if self.sos_embed is not None else x
-        mu, sigma = self.step(seq[:, :-1], text, rope, frames=frames, frame_len=x.shape[1] // frames)
+        inp = torch.cat([seq[:, :-1]] * 2) if guidance > 0 else seq[:, :-1]
+        mu, sigma = self.step(inp, text, rope, frames=frames, frame_len=x.shape[1] // frames)
+        if guidance > 0:
+            mu, sigma = (t[:len(x)] for t in guide(mu, sigma, guidance))
         z, logdet = (seq[:, 1:].float() - mu) / sigma, -sigma.log()
         if self.sos_embed is None:  # without SOS the first token has nothing to condition on and passes unchanged
             z, logdet = torch.cat([x[:, :1].float(), z], 1), F.pad(logdet, (0, 0, 1, 0))
@@ -613,7 +619,7 @@ class IdentityFlow(nn.Module):
     """A flow step with no layers (layers_per_block 0): z = x."""
     has_text = False
 
-    def forward(self, x, text=None, rope=None, frames=1):
+    def forward(self, x, text=None, rope=None, frames=1, guidance=0.0):
         return x, torch.zeros_like(x, dtype=torch.float32)
 
     def inverse(self, z, *args, **kwargs):
@@ -713,22 +719,24 @@ class Model(nn.Module):
         """Dispatches every pass through forward, so that FSDP's hooks run for each of them."""
         return {"likelihood": self._likelihood, "reverse": self._reverse, "denoise": self._denoise}[mode](x, y, **kwargs)
 
-    def _likelihood(self, x, y):
-        """Data -> noise: returns z (shape of x), outputs (each step's input and the final z, as tokens), logdets."""
+    def _likelihood(self, x, y, guidance=0.0):
+        """Data -> noise: returns z (shape of x), outputs (each step's input and the final z, as tokens), logdets.
+        With guidance > 0 (y = cat([y_cond, y_uncond])) the steps that see text use the guided map."""
         video = x.dim() == 5
         tokens = self.patchify(x)
         B, T, h, w, D = tokens.shape
-        seq, outputs, logdets = self._shallow_forward(tokens, y, video)
+        seq, outputs, logdets = self._shallow_forward(tokens, y, video, 0.0 if self.cond_top_only else guidance)
         top = self.blocks[-1]
         text = y if top.has_text else None
-        seq, logdet = top(seq, text, self.rope_table(h, w, T, video, text, device=x.device), T)
+        seq, logdet = top(seq, text, self.rope_table(h, w, T, video, text, device=x.device), T,
+                          guidance if top.has_text else 0.0)
         outputs.append(seq.view(B, T, h, w, D))
         logdets.append(logdet)
         if not video:
             outputs = [o[:, 0] for o in outputs]
         return self.unpatchify(seq.view(B, T, h, w, D), video), outputs, logdets
 
-    def _shallow_forward(self, tokens, y, video):
+    def _shallow_forward(self, tokens, y, video, guidance=0.0):
         """The shallow steps in the density direction; frame-local steps see each frame as its own sequence."""
         B, T, h, w, D = tokens.shape
         local = self.shallow_block_local and video
@@ -736,7 +744,8 @@ class Model(nn.Module):
         for block in self.blocks[:-1]:
             inp, frames = (seq.reshape(B * T, h * w, D), 1) if local else (seq, T)
             text = y if block.has_text else None
-            out, logdet = block(inp, text, self.rope_table(h, w, frames, video, text, device=inp.device), frames)
+            out, logdet = block(inp, text, self.rope_table(h, w, frames, video, text, device=inp.device), frames,
+                                guidance if text is not None else 0.0)
             seq = out.reshape(B, T * h * w, D)
             outputs.append(seq.view(B, T, h, w, D))
             logdets.append(logdet.reshape(B, T, h * w, D) if local else logdet)
@@ -744,7 +753,8 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=None,
-                 jacobi_th=None, jacobi_max_iter=None, cond_frames=None, local_attn_window=None, context_length=None):
+                 jacobi_th=None, jacobi_max_iter=None, cond_frames=None, local_attn_window=None, context_length=None,
+                 y_shallow=None):
         video = noise.dim() == 5
         tokens = self.patchify(noise)
         B, T, h, w, D = tokens.shape
@@ -773,6 +783,7 @@ class Model(nn.Module):
         seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text, device=seq.device), T, guidance, attn_temp,
                           schedules[-1], prefix=None if known is None else known[-1],
                           window=window and window * frame_len, context=context_length * frame_len)
+        y = y if y_shallow is None else y_shallow
         if guidance > 0 and self.cond_top_only:
             guidance, y = 0.0, y[:B]
         for i in reversed(range(len(self.blocks) - 1)):
@@ -823,7 +834,8 @@ class Model(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- public API
     def reverse(self, noise, y=None, **kwargs):
-        """Noise -> (noisy) data. With guidance > 0, y holds the conditional rows followed by the unconditional."""
+        """Noise -> (noisy) data. With guidance > 0, y holds the conditional rows followed by the unconditional;
+        y_shallow (laid out alike) gives the shallow steps another text than the deep one (prompt editing)."""
         return self(noise, y, mode="reverse", **kwargs)
 
     def denoise(self, x, y=None):
@@ -839,6 +851,11 @@ class Model(nn.Module):
             z, _, logdets = self(x, y)
             (grad,) = torch.autograd.grad(self.summed_nll(z, logdets), x)
         return (x - noise_std ** 2 * grad).detach()
+
+    @staticmethod
+    def sample_nll(z, logdets):
+        """-log p(x_b | y_b) of each sample without the Gaussian constant, in nats: (B,)."""
+        return 0.5 * z.float().pow(2).flatten(1).sum(1) - sum(ld.float().flatten(1).sum(1) for ld in logdets)
 
     @staticmethod
     def summed_nll(z, logdets):

@@ -52,7 +52,7 @@ def nearest_bucket(width, height):
     return min(ASPECT_RATIOS, key=lambda a: abs(math.log(parse_aspect_ratio(a)) - r))
 
 
-def crop_resize(img, size, flip=False):
+def crop_resize(img, size, flip=False, resample=Image.Resampling.BICUBIC):
     """Centre-crop a PIL image to the aspect of size=(h, w), resize (bicubic), optionally flip; (3, h, w) in [-1, 1]."""
     h, w = size
     W, H = img.size
@@ -62,7 +62,7 @@ def crop_resize(img, size, flip=False):
     else:
         ch = round(W * h / w)
         img = img.crop((0, (H - ch) // 2, W, (H - ch) // 2 + ch))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    img = img.resize((w, h), resample)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -82,32 +82,68 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def check_image(image):
+def check_image(image, what="input image"):
     """UserError unless `image` is a PIL image or names a file that PIL can read as an image (header only)."""
     if isinstance(image, Image.Image):
         return
     if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"input_image must be a path or a PIL image, got {type(image).__name__}")
+        raise TypeError(f"{what.replace(' ', '_')} must be a path or a PIL image, got {type(image).__name__}")
     if not os.path.isfile(image):
-        raise UserError(f"input image '{image}' not found" if not os.path.isdir(image) else
-                        f"input image '{image}' is a folder; pass an image file")
+        raise UserError(f"{what} '{image}' not found" if not os.path.isdir(image) else
+                        f"{what} '{image}' is a folder; pass an image file")
+    open_image(image, what, header_only=True)
+
+
+def open_image(image, what="input image", header_only=False):
+    """A path or PIL image -> 8-bit RGB PIL image; a missing or unreadable file is one clear error."""
+    if not header_only:
+        check_image(image, what)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
     try:
-        with Image.open(image):
-            pass
+        with Image.open(image) as f:
+            return None if header_only else to_rgb(f)
     except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read input image '{image}': {e}; pass a PNG/JPEG/WebP file") from None
+        raise UserError(f"cannot read {what} '{image}': {e}; pass a PNG/JPEG/WebP file") from None
 
 
 def load_image(image, size):
     """A path or PIL image -> (1, 3, h, w) in [-1, 1], centre-cropped to the aspect of size=(h, w) and resized."""
-    check_image(image)
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as f:
-                image = to_rgb(f)
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read input image '{image}': {e}; pass a PNG/JPEG/WebP file") from None
-    return crop_resize(to_rgb(image), size)[None]
+    return crop_resize(open_image(image), size)[None]
+
+
+def load_mask(mask, image, size):
+    """A mask drawn on the image's canvas (white = regenerate) -> (h, w) bool at size=(h, w), cropped like the image;
+    a pixel is masked where any of the image pixels it covers is."""
+    mask, image = open_image(mask, "mask"), open_image(image)
+    if mask.size != image.size:
+        raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} px but the image is {image.size[0]}x"
+                        f"{image.size[1]}; draw the mask on a canvas of the image's size")
+    grey = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    covered = crop_resize(grey.convert("RGB"), size, resample=Image.Resampling.BOX)[0] > -1
+    if not covered.any():
+        raise UserError("the mask is empty (no white pixels): paint the region to regenerate white")
+    return covered
+
+
+def load_video(video, size, max_frames=None):
+    """An MP4 (or any ffmpeg-readable video) -> (T, 3, h, w) in [-1, 1], each frame cropped and resized like an
+    image; at most max_frames frames from the start."""
+    if not os.path.isfile(video):
+        raise UserError(f"input video '{video}' not found")
+    try:
+        reader = imageio.get_reader(video, "ffmpeg")
+        frames = []
+        for frame in reader:
+            frames.append(crop_resize(Image.fromarray(frame).convert("RGB"), size))
+            if max_frames is not None and len(frames) == max_frames:
+                break
+        reader.close()
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise UserError(f"cannot read input video '{video}': {e}; pass an MP4 file") from None
+    if not frames:
+        raise UserError(f"input video '{video}' has no frames")
+    return torch.stack(frames)
 
 
 def to_uint8(pixels):

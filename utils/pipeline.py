@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from transformer_flow import DEPRECATED_KEYS
@@ -20,11 +21,13 @@ from utils.checkpoint import load_model_weights, load_state_dict_file
 from utils.config import Key, check_value, load_config, parse_vid_size
 from utils.distributed import pick_device
 from utils.errors import UserError
-from utils.image import aspect_ratio_to_image_size, check_image, load_image, parse_aspect_ratio, to_uint8
+from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
+                         parse_aspect_ratio, to_uint8)
 from utils.text_encoder import load_text_encoder
 from utils.vae import load_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+EDIT_BLOCKS = ("all", "deep")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The numeric and named settings of a call: type, default and range, checked by check_inputs (sample.py's flags of
@@ -204,7 +207,8 @@ class STARFlowPipeline:
         return (num_frames - 1) // tf + 1
 
     # ---------------------------------------------------------------------------------------------- steps
-    def check_inputs(self, prompt, generator=None, aspect_ratio=None, input_image=None, jacobi=False, **settings):
+    def check_inputs(self, prompt, generator=None, aspect_ratio=None, input_image=None, jacobi=False, input_video=None,
+                     **settings):
         """Validate the arguments of a call (types and ranges of ARGUMENTS, the geometry they ask for) and derive its
         captions, geometry and settings; needs only the VAE, so it can run before the model is loaded."""
         c = self.config
@@ -237,6 +241,12 @@ class STARFlowPipeline:
                 raise UserError("--input_image is the first frame of a video, and target_length 1 asks for that frame "
                                 "alone; ask for more frames (1 + 4k for Wan)")
             check_image(input_image)
+        if input_video is not None:
+            if input_image is not None or not self.video or not self.config.temporal_causal:
+                raise UserError("--input_video continues a clip: it needs a temporally causal video model "
+                                "(temporal_causal > 0) and no --input_image")
+            if not os.path.isfile(input_video):
+                raise UserError(f"input video '{input_video}' not found")
         video = self.video and num_frames > 1
         fps = (s["fps"] or self.train_fps) if video else 0
         h, w = self.pixel_size(aspect_ratio)
@@ -284,7 +294,11 @@ class STARFlowPipeline:
         return self._randn(request.latent_shape, request.generator)
 
     def _randn(self, shape, generators):
+        """Gaussian noise drawn on the CPU (the same on every device), one generator per sample or one for all."""
         if isinstance(generators, (list, tuple)):
+            if len(generators) != shape[0]:  # several rows per sample (inpainting candidates): cycle
+                return torch.cat([self._randn((len(generators), *shape[1:]), generators)
+                                  for _ in range(shape[0] // len(generators))])
             return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
         return torch.randn(shape, generator=generators)
 
@@ -294,6 +308,30 @@ class STARFlowPipeline:
         latent = self.vae.encode(pixels, sample=False).cpu()  # (1, C, h', w'): the causal VAE's first frame
         eps = self._randn((len(request.captions), *latent.shape[1:]), request.generator)
         return recipe.noise_augment(latent, request.noise_std, eps)[:, None].to(self.device, self.dtype)
+
+    def encode_video_prefix(self, request, video):
+        """Video continuation: the clip's first frames as noisy known latent frames (B, T', C, h, w), as many as
+        the VAE can encode that leave at least one frame to generate (and fit the attention window)."""
+        T = request.latent_shape[1]
+        keep = min(T, request.window or T) - 1
+        tf = self.vae.temporal_factor
+        pixels = load_video(video, request.size, max_frames=1 + tf * (keep - 1))
+        frames = 1 + (len(pixels) - 1) // tf * tf  # the VAE encodes 1 + tf k frames
+        latent = self.vae.encode(pixels[:frames].transpose(0, 1)[None].to(self.device), sample=False).cpu()
+        eps = self._randn((len(request.captions), *latent.shape[1:]), request.generator)
+        return recipe.noise_augment(latent, request.noise_std, eps).to(self.device, self.dtype)
+
+    def encode_images(self, images, request):
+        """Pictures (paths or PIL) -> clean latents (B, C, h, w) at the request's size (VAE posterior mean)."""
+        pixels = torch.cat([load_image(image, request.size) for image in images]).to(self.device)
+        return self.vae.encode(pixels, sample=False).float()
+
+    def likelihood(self, x, y, guidance=0.0):
+        """The flow's density pass on latents x under text y: (z, per-sample NLL in nats); with guidance > 0
+        (y = cat([y_cond, y_uncond])) the guided map, the exact inverse of guided decoding."""
+        z, _, logdets = self.model(x.to(self.device, self.dtype), None if y is None else y.to(self.dtype),
+                                   guidance=guidance)
+        return z.float(), self.model.sample_nll(z, logdets)
 
     def decode(self, noise, y, request, cond_frames=None, **sampling):
         """The flow's inverse: noise -> noisy latents (float32), with guidance, Jacobi and the sliding window."""
@@ -323,7 +361,7 @@ class STARFlowPipeline:
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
                  jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
-                 denoising_batch_size=None, output_type="pil"):
+                 denoising_batch_size=None, output_type="pil", input_video=None):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
@@ -331,7 +369,8 @@ class STARFlowPipeline:
         Model.decode_schedules); the jacobi_* settings default to each mode's own. generator: a torch.Generator
         or one per sample (for per-sample seeds). aspect_ratio: 'W:H'. target_length: video frames (default:
         the training length; longer uses a sliding window of the training length, needs jacobi). input_image:
-        path or PIL image for image-to-video. denoiser: 'auto' (learned if the model has one), 'learned',
+        path or PIL image for image-to-video; input_video: an MP4 to continue (its first frames become known
+        latent frames). denoiser: 'auto' (learned if the model has one), 'learned',
         'score', or 'none' (automatic when a fine-tuned VAE decoder is loaded). output_type: 'pil', 'np' (uint8
         arrays) or 'latent' (no VAE decode).
         """
@@ -339,16 +378,126 @@ class STARFlowPipeline:
                                     cfg=cfg, jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
                                     jacobi_max_iter=jacobi_max_iter, attn_temp=attn_temp, target_length=target_length,
                                     fps=fps, context_length=context_length, noise_std=noise_std, denoiser=denoiser,
-                                    denoising_batch_size=denoising_batch_size, output_type=output_type)
+                                    denoising_batch_size=denoising_batch_size, output_type=output_type,
+                                    input_video=input_video)
         method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
                                         bool(self.finetuned_vae))
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
         noise = self.prepare_noise(request)
-        cond_frames = None if input_image is None else self.encode_first_frame(request, input_image)
+        cond_frames = None
+        if input_image is not None:
+            cond_frames = self.encode_first_frame(request, input_image)
+        elif input_video is not None:
+            cond_frames = self.encode_video_prefix(request, input_video)
         x = self.decode(noise, y, request, cond_frames, attn_temp=attn_temp, jacobi=jacobi,
                         jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th, jacobi_max_iter=jacobi_max_iter)
         clean = self.denoise(x, y_cond, request, method, denoising_batch_size)
         pictures = self.postprocess(clean, request, output_type)
+        return self._output(pictures, clean, x, texts, request, method)
+
+    def _output(self, pictures, clean, noisy, texts, request, method):
         return STARFlowOutput(images=None if request.video else pictures, frames=pictures if request.video else None,
-                              latents=clean.cpu(), noisy_latents=x.cpu(), prompts=texts, size=request.size,
+                              latents=clean.cpu(), noisy_latents=noisy.cpu(), prompts=texts, size=request.size,
                               fps=request.fps if request.video else None, denoiser=method)
+
+    # ---------------------------------------------------------------------------- editing by inversion
+    def _image_request(self, images, prompt, cfg, generator, aspect_ratio, noise_std, output_type, what):
+        """Checks shared by edit and inpaint: a text-conditional image model, one prompt per picture."""
+        if self.video:
+            raise UserError(f"{what} works on image models; continue a video with --input_video")
+        if self.text_encoder is None:
+            raise UserError(f"{what} by prompt needs a text-conditional model (this config has no `text:`)")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        images = images * len(prompts) if len(images) == 1 else images  # one picture, several prompts
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
+        return images, self.check_inputs(prompts, generator, aspect_ratio, cfg=cfg, noise_std=noise_std,
+                                         output_type=output_type)
+
+    @torch.no_grad()
+    def edit(self, image, prompt, source_prompt=None, cfg=None, source_cfg=None, generator=None, refresh=0.0,
+             blocks="all", aspect_ratio=None, noise_std=None, denoiser="auto", output_type="pil", **sampling):
+        """Re-draw pictures under another prompt by flow inversion, with no training.
+
+        The picture is encoded (VAE, plus noise_std noise; 0 encodes the clean latents and skips denoising) to z
+        by the exact likelihood pass under source_prompt (default: the null prompt), guided with source_cfg
+        (default cfg: then the guided map is inverted exactly); `refresh` in [0, 1] mixes fresh noise into z
+        (sqrt(1 - r^2) z + r eps); z is decoded under `prompt` with guidance `cfg`. `blocks`: 'all' decodes every
+        flow step under the new prompt, 'deep' only the deep one (the shallow steps keep the source prompt; the
+        same thing for cond_top_only models, whose shallow steps see no text). With the same prompt and cfg,
+        refresh 0 and noise_std 0 the picture comes back to float precision. sampling: the jacobi settings and
+        attn_temp of __call__.
+        """
+        images, request = self._image_request(image, prompt, cfg, generator, aspect_ratio, noise_std, output_type,
+                                              "editing")
+        if not 0.0 <= refresh <= 1.0:
+            raise ValueError(f"refresh must be in [0, 1], got {refresh}")
+        if blocks not in EDIT_BLOCKS:
+            raise ValueError(f"blocks must be one of {', '.join(EDIT_BLOCKS)}, got {blocks!r}")
+        source_cfg = request.cfg if source_cfg is None else float(source_cfg)
+        method = "none" if request.noise_std == 0 else recipe.choose_denoiser(
+            denoiser, self.model.learnable_self_denoiser is not None, bool(self.finetuned_vae))
+        x0 = self.encode_images(images, request)
+        x = recipe.noise_augment(x0, request.noise_std, self._randn(x0.shape, request.generator).to(x0.device))
+        sources = [source_prompt] * len(images) if source_prompt is None or isinstance(source_prompt, str) \
+            else list(source_prompt)
+        null = self.encode_text([recipe.null_prompt(self.config, 0, aspect_ratio, request.noise_std)] * len(images))
+        y_source = torch.cat([null[i:i + 1] if s is None else self.encode_text(
+            [recipe.decorate_prompt(self.config, s, 0, aspect_ratio, request.noise_std)]) for i, s in enumerate(sources)])
+        z, _ = self.likelihood(x, torch.cat([y_source, null]) if source_cfg > 0 else y_source, source_cfg)
+        if refresh > 0:
+            z = math.sqrt(1 - refresh ** 2) * z + refresh * self._randn(z.shape, request.generator).to(z.device)
+        texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
+        y_shallow = None
+        if blocks == "deep":
+            y_shallow = torch.cat([y_source, null]) if request.cfg > 0 else y_source
+        out = self.decode(z, y, request, y_shallow=y_shallow, **sampling)
+        clean = self.denoise(out, y_cond, request, method)
+        return self._output(self.postprocess(clean, request, output_type), clean, out, texts, request, method)
+
+    @torch.no_grad()
+    def inpaint(self, image, mask, prompt, cfg=None, generator=None, rounds=4, candidates=4, aspect_ratio=None,
+                noise_std=None, denoiser="auto", output_type="pil", **sampling):
+        """Regenerate the white region of `mask` under `prompt`; every latent outside it keeps its value exactly.
+
+        An autoregressive flow conditions exactly on the tokens before a hole, not on those after it. So the hole
+        is filled by encode-decode rounds: a fresh sample with the known tokens pasted in; then per round the
+        completed picture is encoded to z, the hole's noise is partly refreshed (fully at first, less every
+        round) in `candidates` variations, each is decoded with the known tokens pasted back, and the one the flow
+        finds most likely as a whole picture (its exact NLL, which scores the known tokens after the hole too) is
+        kept. The known latents get noise_std noise for the flow and are restored clean after denoising.
+        """
+        images, request = self._image_request(image, prompt, cfg, generator, aspect_ratio, noise_std, output_type,
+                                              "inpainting")
+        if any(im is not images[0] for im in images):
+            raise ValueError("inpaint takes one picture (give a list of prompts for several samples)")
+        if rounds < 0 or candidates < 1:
+            raise ValueError(f"rounds must be >= 0 and candidates >= 1, got {rounds} and {candidates}")
+        method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
+                                        bool(self.finetuned_vae))
+        hole = self.latent_mask(load_mask(mask, images[0], request.size)).to(self.device)
+        B = len(request.captions)
+        x0 = self.encode_images(images, request).expand(B, -1, -1, -1)
+        known = recipe.noise_augment(x0, request.noise_std, self._randn(x0.shape, request.generator).to(x0.device))
+        texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
+        x = torch.where(hole, self.decode(self.prepare_noise(request), y, request, **sampling), known)
+        for strength in torch.linspace(1.0, 0.3, rounds).tolist():
+            z, _ = self.likelihood(x, y_cond)
+            z = z.repeat(candidates, 1, 1, 1)
+            fresh = math.sqrt(1 - strength ** 2) * z + strength * self._randn(z.shape, request.generator).to(z.device)
+            y_k = y if y is None else torch.cat([y[:B].repeat(candidates, 1, 1), y[B:].repeat(candidates, 1, 1)])
+            tries = torch.where(hole, self.decode(torch.where(hole, fresh, z), y_k, request, **sampling),
+                                known.repeat(candidates, 1, 1, 1))
+            _, nll = self.likelihood(tries, y_cond.repeat(candidates, 1, 1))
+            best = nll.view(candidates, B).argmin(0)
+            x = tries.view(candidates, B, *tries.shape[1:])[best, torch.arange(B)]
+        clean = torch.where(hole, self.denoise(x, y_cond, request, method), x0)
+        return self._output(self.postprocess(clean, request, output_type), clean, x, texts, request, method)
+
+    def latent_mask(self, pixel_mask):
+        """(H, W) bool pixel mask -> (1, 1, h, w) latent mask, whole patches: a token is regenerated when any of
+        its pixels is."""
+        cell = self.vae.spatial_factor * self.config.patch_size
+        tokens = F.max_pool2d(pixel_mask[None, None].float(), cell) > 0
+        return tokens.repeat_interleave(self.config.patch_size, -2).repeat_interleave(self.config.patch_size, -1)

@@ -1,0 +1,211 @@
+"""Editing, inpainting and video continuation by flow inversion (STARFlowPipeline.edit / inpaint / input_video, and
+sample.py's --edit_image, --input_image --mask, --input_video), on tiny models and the shipped demos."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from utils.errors import UserError
+from utils.image import write_video
+from utils.pipeline import STARFlowPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "checkpoints" / "demo_mnist_t2i"
+VIDEO_DEMO = ROOT / "checkpoints" / "demo_moving_mnist_t2v"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return STARFlowPipeline.from_pretrained(DEMO / "config.yaml", DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pictures(demo):
+    """Four demo samples of 'a red seven' (16x16 RGB)."""
+    out = demo(["a red seven"] * 4, cfg=3, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    return out.images
+
+
+def lower_half_mask(path, size=16):
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 2:] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def gen(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("cfg", [0.0, 3.0])
+def test_edit_with_the_same_prompt_gives_the_picture_back(demo, pictures, cfg):
+    """Encoding with the guided map that decoding inverts: the same prompt and guidance, no added noise and no
+    refresh return the pixels exactly."""
+    out = demo.edit(pictures, "a red seven", source_prompt="a red seven", cfg=cfg, noise_std=0, generator=gen(4))
+    for a, b in zip(pictures, out.images):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() == 0
+    assert out.denoiser == "none"
+
+
+def test_noisy_latents_round_trip_exactly(tiny_t2i):
+    """A latent model: the noisy latents the flow encodes come back from decoding to float precision."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    out = pipe.edit(image, "a blue square", source_prompt="a blue square", cfg=2.0, generator=gen(1), jacobi=True,
+                    jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=64)
+    request = pipe.check_inputs(["x"], gen(1), cfg=0.0)
+    x0 = pipe.encode_images([image], request)
+    noisy = x0 + pipe.config.noise_std * pipe._randn(x0.shape, gen(1))
+    torch.testing.assert_close(out.noisy_latents, noisy, atol=1e-4, rtol=0)
+
+
+def test_video_latents_round_trip_exactly(tiny_t2v):
+    """Video: the guided likelihood pass and decoding are each other's inverse, frame-causal blocks included."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2v["config"], tiny_t2v["pth"])
+    request = pipe.check_inputs(["a cat"], gen(2), "16:9", num_samples=2, cfg=2.0)
+    _, _, y = pipe.encode_prompt(request, "16:9")
+    x = torch.randn(request.latent_shape, generator=torch.Generator().manual_seed(3))
+    z, nll = pipe.likelihood(x, y, guidance=2.0)
+    assert nll.shape == (2,)
+    torch.testing.assert_close(pipe.decode(z, y, request), x, atol=1e-4, rtol=0)
+
+
+def test_edit_under_another_prompt_changes_colour_not_shape(demo, pictures):
+    out = demo.edit(pictures, "a blue seven", source_prompt="a red seven", generator=gen(4))
+    before = np.stack([np.asarray(p) for p in pictures]).astype(float) / 255
+    after = np.stack([np.asarray(p) for p in out.images]).astype(float) / 255
+    assert (after[..., 2] > after[..., 0]).mean() > (before[..., 2] > before[..., 0]).mean()  # blue over red
+    ink_before, ink_after = before.max(-1) > 0.25, after.max(-1) > 0.25
+    assert (ink_before & ink_after).sum() / (ink_before | ink_after).sum() > 0.3  # much of the stroke stays
+
+
+def test_refresh_and_blocks_are_checked(demo, pictures):
+    with pytest.raises(ValueError, match=r"refresh must be in \[0, 1\]"):
+        demo.edit(pictures[0], "a red one", refresh=1.5)
+    with pytest.raises(ValueError, match="blocks must be one of all, deep"):
+        demo.edit(pictures[0], "a red one", blocks="shallow")
+    a = demo.edit(pictures[0], "a red one", blocks="deep", generator=gen(1))  # cond_top_only: the same as all
+    b = demo.edit(pictures[0], "a red one", blocks="all", generator=gen(1))
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    c = demo.edit(pictures[0], "a red one", refresh=0.5, generator=gen(1))
+    assert not np.array_equal(np.asarray(b.images[0]), np.asarray(c.images[0]))
+
+
+def test_inpainting_keeps_the_rest_exactly_and_changes_the_hole(demo, pictures, tmp_path):
+    mask = lower_half_mask(tmp_path / "mask.png")
+    out = demo.inpaint(pictures[0], mask, ["a red one", "a red seven"], cfg=3, generator=gen(2), rounds=2,
+                       candidates=2)
+    source = np.asarray(pictures[0]).astype(int)
+    for image in out.images:
+        image = np.asarray(image).astype(int)
+        assert np.array_equal(image[:8], source[:8])  # pixel space: outside the mask, the pixels themselves
+        assert np.abs(image[8:] - source[8:]).max() > 32
+    assert not np.array_equal(np.asarray(out.images[0])[8:], np.asarray(out.images[1])[8:])
+
+
+def test_inpainting_latents_outside_the_mask_are_exact(tiny_t2i, tmp_path):
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    image = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 20:] = 255  # columns 20.. cover latent columns 2 and 3 (x8 VAE, patch 1)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = pipe.inpaint(image, tmp_path / "m.png", "a dot", generator=gen(1), rounds=1, candidates=2)
+    request = pipe.check_inputs(["x"], gen(1), cfg=0.0)
+    x0 = pipe.encode_images([image], request)
+    assert torch.equal(out.latents[..., :2], x0[..., :2])
+    assert not torch.allclose(out.latents[..., 2:], x0[..., 2:])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("wrong_size", "the mask is 8x8 px but the image is 16x16"),
+    ("empty", "the mask is empty"),
+    ("not_an_image", "cannot read mask"),
+    ("unreadable_image", "cannot read input image"),
+])
+def test_inpainting_input_errors(demo, pictures, tmp_path, case, match):
+    image, mask = pictures[0], tmp_path / "mask.png"
+    if case == "wrong_size":
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)
+    elif case == "empty":
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(mask)
+    elif case == "not_an_image":
+        mask.write_text("not a picture")
+    else:
+        lower_half_mask(mask)
+        image = tmp_path / "broken.png"
+        image.write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserError, match=match):
+        demo.inpaint(image, mask, "a red seven")
+
+
+def test_editing_needs_a_text_conditional_image_model(demo, pictures):
+    encoder, demo.text_encoder = demo.text_encoder, None
+    try:
+        with pytest.raises(UserError, match="needs a text-conditional model"):
+            demo.edit(pictures[0], "a red one")
+    finally:
+        demo.text_encoder = encoder
+
+
+def make_clip(path, frames, size):
+    """A bright square moving right on black, (frames, size, size, 3) uint8, written as MP4."""
+    clip = np.zeros((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        clip[t, 6:12, 2 + 2 * t:8 + 2 * t] = 255
+    write_video(path, clip, 5)
+    return clip
+
+
+def test_video_continuation_keeps_the_observed_frames(tmp_path):
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO / "config.yaml", VIDEO_DEMO, device="cpu")
+    make_clip(tmp_path / "clip.mp4", 3, pipe.config.img_size)
+    request = pipe.check_inputs(["a one moving right"], gen(2), num_samples=2, input_video=tmp_path / "clip.mp4")
+    pipe.prepare_noise(request)  # the call draws the sample's noise first, then the clip's
+    known = pipe.encode_video_prefix(request, tmp_path / "clip.mp4")
+    out = pipe(["a one moving right"], num_samples=2, generator=gen(2), input_video=tmp_path / "clip.mp4")
+    assert known.shape[1] == 3 and len(out.frames[0]) == 5
+    assert torch.equal(out.noisy_latents[:, :3], known.float())
+    assert not torch.equal(out.noisy_latents[:, 3:], out.noisy_latents[:, 2:3].expand(-1, 2, -1, -1, -1))
+
+
+def test_sample_cli_edit_inpaint_and_continue(demo, pictures, tmp_path):
+    pictures[0].save(tmp_path / "seven.png")
+    lower_half_mask(tmp_path / "mask.png")
+    edit = ["--checkpoint_path", str(DEMO), "--caption", "a blue seven", "--edit_image", str(tmp_path / "seven.png"),
+            "--source_caption", "a red seven", "--num_samples", "2", "--output_dir", str(tmp_path / "edit")]
+    assert sample.main(edit) == 0
+    info = json.loads((tmp_path / "edit" / "a_blue_seven_0001.json").read_text())
+    assert (info["mode"], info["source_image"], info["source_caption"]) == ("edit", str(tmp_path / "seven.png"),
+                                                                           "a red seven")
+    inpaint = ["--checkpoint_path", str(DEMO), "--caption", "a red one", "--input_image", str(tmp_path / "seven.png"),
+               "--mask", str(tmp_path / "mask.png"), "--num_samples", "1", "--inpaint_rounds", "1",
+               "--output_dir", str(tmp_path / "inpaint")]
+    assert sample.main(inpaint) == 0
+    info = json.loads((tmp_path / "inpaint" / "a_red_one_0000.json").read_text())
+    assert (info["mode"], info["mask"], info["inpaint_rounds"]) == ("inpaint", str(tmp_path / "mask.png"), 1)
+    make_clip(tmp_path / "clip.mp4", 3, 20)
+    video = ["--checkpoint_path", str(VIDEO_DEMO), "--caption", "a one moving right", "--input_video",
+             str(tmp_path / "clip.mp4"), "--num_samples", "1", "--output_dir", str(tmp_path / "video")]
+    assert sample.main(video) == 0
+    assert json.loads((tmp_path / "video" / "a_one_moving_right_0000.json").read_text())["input_video"] == \
+        str(tmp_path / "clip.mp4")
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--mask", "m.png"], "--mask inpaints --input_image"),
+    (["--edit_image", "a.png", "--input_video", "v.mp4"], "separate modes"),
+    (["--edit_image", "missing.png"], "'edit_image': 'missing.png' does not exist"),
+    (["--edit_refresh", "2"], "edit_refresh' must be between 0.0 and 1.0"),
+])
+def test_sample_cli_mode_errors(flags, match, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.png", "m.png", "v.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setattr("sys.argv", ["sample.py", "--checkpoint_path", str(DEMO), "--caption", "a red seven", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        sample.cli()
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
