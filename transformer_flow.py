@@ -365,7 +365,10 @@ class DecodeSchedule:
 
 SEQUENTIAL = DecodeSchedule()
 # --jacobi auto: per-token threshold, deep-step window, and how often a token may be evaluated before it is taken
-AUTO_SCHEDULE = dict(threshold=1e-3, deep_window=16, deep_evals=32, shallow_evals=2)
+# --jacobi auto (chosen with bench/sampling.py): the shallow steps iterate the whole sequence, at most twice per token;
+# the deep step slides a window on accelerators (where a chunk costs about what one token does) and goes token by
+# token on a CPU (where a chunk of W tokens costs about W tokens, and the deep step commits only a few per pass).
+AUTO_SCHEDULE = dict(threshold=1e-3, shallow_evals=2, deep_window=64, deep_evals=32)
 
 
 @dataclass
@@ -382,6 +385,11 @@ class _Decoding:
     frame_len: int
     cache: KVCache
     offset: int = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
+
+
+def auto_kind(device):
+    """'cpu' or 'accelerator': which of AUTO_SCHEDULE's deep-step choices a device gets."""
+    return "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
 
 
 def check_jacobi(block_size, max_iter, threshold):
@@ -759,7 +767,7 @@ class Model(nn.Module):
         tokens = self.patchify(noise)
         B, T, h, w, D = tokens.shape
         frame_len = h * w
-        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th)
+        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th, noise.device)
         if not attn_temp > 0:
             raise ValueError(f"attn_temp must be > 0 (it divides the attention logits' scale), got {attn_temp}")
         if guidance > 0 and (y is None or len(y) != 2 * B):
@@ -802,20 +810,23 @@ class Model(nn.Module):
                                     prefix=None if known is None else known[i])
         return self.unpatchify(seq.view(B, T, h, w, D), video)
 
-    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None):
+    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None, device=None):
         """One DecodeSchedule per flow step (shallow first, deep last): sequential (jacobi False), the original's
-        Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto': sliding windows that never
-        re-evaluate a committed token, over the whole sequence for the shallow steps (they converge in a few
-        iterations) and over block_size tokens for the deep step; max_iter caps the evaluations of a token."""
+        Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto' (AUTO_SCHEDULE): sliding
+        windows that never re-evaluate a committed token, over the whole sequence for the shallow steps, and over
+        block_size tokens for the deep step on an accelerator (token by token on a CPU: `device`); max_iter caps
+        the evaluations of a token."""
         if jacobi == "auto":
             a = AUTO_SCHEDULE
             threshold = a["threshold"] if threshold is None else threshold
-            window = a["deep_window"] if block_size is None else block_size
             shallow = DecodeSchedule(2 ** 62, 2 ** 62, a["shallow_evals"] if max_iter is None else max_iter,
                                      threshold, sliding=True)
+            window = a["deep_window"] if block_size is None else block_size
             deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, threshold,
                                   sliding=True)
             check_jacobi(deep.block_size, min(shallow.max_iter, deep.max_iter), threshold)
+            if auto_kind(device) == "cpu":
+                deep = SEQUENTIAL
             return [shallow] * (len(self.blocks) - 1) + [deep]
         if jacobi:
             schedule = jacobi_schedule(16 if block_size is None else block_size, 32 if max_iter is None else max_iter,

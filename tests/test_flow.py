@@ -268,9 +268,16 @@ def test_jacobi_agreement_reduces_on_the_decoding_device(monkeypatch):
     assert seen == [torch.device("cpu")] * 2
 
 
+@pytest.fixture
+def accelerator_auto(monkeypatch):
+    """--jacobi auto as an accelerator gets it (the deep step's sliding window), on this CPU."""
+    import transformer_flow as tf
+    monkeypatch.setattr(tf, "auto_kind", lambda device: "accelerator")
+
+
 @pytest.mark.parametrize("frames", [None, 3], ids=["image", "video"])
 @pytest.mark.parametrize("window", [3, 1000], ids=["window3", "whole_sequence"])
-def test_sliding_window_jacobi_equals_sequential(frames, window):
+def test_sliding_window_jacobi_equals_sequential(frames, window, accelerator_auto):
     """The sliding schedule commits converged prefixes into the KV cache; at a tiny threshold it is exact."""
     model = tiny_model(**(VIDEO_FLAGS["official_video"] if frames else {}))
     noise, y = inputs(model, frames=frames)
@@ -299,7 +306,16 @@ def count_steps(model, run):
     return [tuple(counts[id(b)]) for b in model.blocks]
 
 
-def test_sliding_window_never_reevaluates_a_converged_token():
+def test_auto_picks_per_flow_step_and_device():
+    from transformer_flow import SEQUENTIAL
+    model = tiny_model()
+    cpu, gpu = (model.decode_schedules("auto", device=torch.device(d)) for d in ("cpu", "cuda"))
+    assert all(s.sliding and s.block_size > 1000 and s.max_iter == 2 for s in cpu[:-1] + gpu[:-1])
+    assert cpu[-1] is SEQUENTIAL and gpu[-1].sliding and gpu[-1].block_size == 64
+    assert model.decode_schedules(True)[0].block_size == 16 and model.decode_schedules(False) == [SEQUENTIAL] * 3
+
+
+def test_sliding_window_never_reevaluates_a_converged_token(accelerator_auto):
     """An identity flow (zero output heads) converges at once: each window is evaluated exactly once."""
     model = tiny_model()
     with torch.no_grad():
