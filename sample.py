@@ -45,10 +45,16 @@ SAMPLE_KEYS = {
                 high=2**63 - 1),
     "aspect_ratio": Key("1:1", "str", f"W:H ({', '.join(ASPECT_RATIOS)}, or any W/H within 1/8..8) or 'random' "
                                       f"(one per batch)", check=check_aspect),
-    "jacobi": flag(0, "block-wise Jacobi decoding (1) instead of token-by-token (0)"),
-    "jacobi_th": ARGUMENTS["jacobi_th"].replace(default=0.005),
-    "jacobi_block_size": ARGUMENTS["jacobi_block_size"].replace(default=64),
-    "jacobi_max_iter": ARGUMENTS["jacobi_max_iter"],
+    "jacobi": Key("auto", "str", "decoding: 0 token by token, 1 the original's block-wise Jacobi, auto sliding "
+                                 "Jacobi windows chosen per flow step", choices=("0", "1", "auto")),
+    "jacobi_th": ARGUMENTS["jacobi_th"].replace(
+        help="Jacobi convergence threshold (relative mean squared change); default 0.005 for --jacobi 1, auto's own "
+             "for auto"),
+    "jacobi_block_size": ARGUMENTS["jacobi_block_size"].replace(
+        help="--jacobi 1: tokens per chunk in the first frame (4x after it), default 64; auto: the deep step's "
+             "window"),
+    "jacobi_max_iter": ARGUMENTS["jacobi_max_iter"].replace(
+        help="--jacobi 1: iterations per chunk at most (default 32); auto: evaluations of a token at most"),
     "attn_temp": ARGUMENTS["attn_temp"],
     "out_fps": ARGUMENTS["fps"].replace(help="video fps (prompt text and MP4); default: the fps of vid_size"),
     "target_length": ARGUMENTS["target_length"].replace(
@@ -83,6 +89,8 @@ SAMPLE_KEYS = {
                  choices=("auto", *DTYPES)),
 }
 CLI_ONLY = ("num_samples", "sample_batch_size")  # also train.py keys (unused there): YAML values never apply
+JACOBI_MODES = {"0": False, "1": True, "auto": "auto"}
+ORIGINAL_JACOBI = dict(jacobi_th=0.005, jacobi_block_size=64, jacobi_max_iter=32)  # the original sample.py's
 GRID_CELLS = 64  # samples per grid file
 
 
@@ -156,6 +164,9 @@ def parse_config(argv, extra_keys=None):
     for key in ("model_config_path", "checkpoint_path"):
         if not getattr(cfg, key):
             raise UserError(f"--{key} is required")
+    if cfg.jacobi == "1":  # the original sample.py's chunk settings
+        for key, value in ORIGINAL_JACOBI.items():
+            setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if cfg.mask and not cfg.input_image:
         raise UserError("--mask inpaints --input_image: give the picture with --input_image")
     if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video))) > 1 or (cfg.edit_image and cfg.input_image):
@@ -189,7 +200,7 @@ def sample_round(pipe, cfg, batch, aspect):
     """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
     common = dict(cfg=cfg.cfg[0] if cfg.cfg else 0.0, generator=[torch.Generator().manual_seed(s) for _, s, _ in batch],
                   aspect_ratio=aspect, noise_std=cfg.target_noise_std,
-                  denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=bool(cfg.jacobi),
+                  denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=JACOBI_MODES[cfg.jacobi],
                   jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
                   jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp)
     captions = [cap for cap, _, _ in batch]
@@ -232,7 +243,7 @@ def check_request(pipe, cfg, captions, num_samples):
     mode = sample_mode(cfg)
     for aspect in aspects:
         pipe.check_inputs(captions[:1], aspect_ratio=aspect, input_image=cfg.input_image if mode == "sample" else None,
-                          jacobi=bool(cfg.jacobi), input_video=cfg.input_video, num_samples=num_samples,
+                          jacobi=JACOBI_MODES[cfg.jacobi], input_video=cfg.input_video, num_samples=num_samples,
                           target_length=cfg.target_length, context_length=cfg.context_length)
     for picture, what in ((cfg.edit_image, "edit image"), (cfg.input_image if mode == "inpaint" else None,
                                                           "input image"), (cfg.mask, "mask")):

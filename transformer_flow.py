@@ -201,10 +201,9 @@ class Attention(nn.Module):
         self.norm = make_norm(norm_type, channels)
         self.qkv = nn.Linear(channels, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=use_bias)
         self.proj = nn.Linear(self.num_heads * head_dim, channels, bias=use_bias)
-        if use_qk_norm:
-            self.query_norm, self.key_norm = RMSNorm(head_dim), RMSNorm(head_dim)
-        if use_post_norm:
-            self.post_norm = RMSNorm(channels)
+        # optional parts are None when absent (no state-dict keys), and checked without hasattr's exception path
+        self.query_norm, self.key_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if use_qk_norm else (None, None)
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def rotate(self, t, rope):
         if not self.hf_style_rope:
@@ -218,7 +217,7 @@ class Attention(nn.Module):
         d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(self.norm(u)).split([H * d, Hkv * d, Hkv * d], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
-        if hasattr(self, "query_norm"):
+        if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
@@ -233,7 +232,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=d ** -0.5 / temp, enable_gqa=Hkv != H)
         out = self.proj(out.transpose(1, 2).flatten(2))
-        return self.post_norm(out) if hasattr(self, "post_norm") else out
+        return out if self.post_norm is None else self.post_norm(out)
 
 
 class MLP(nn.Module):
@@ -244,22 +243,22 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(channels * expansion)
         self.norm = make_norm(norm_type, channels)
+        self.main = None
         if use_swiglu:
             self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
             self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
             self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
         else:
             self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        if use_post_norm:
-            self.post_norm = RMSNorm(channels)
+        self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def forward(self, x):
         x = self.norm(x)
-        if hasattr(self, "main"):
+        if self.main is not None:
             x = self.main(x)
         else:
             x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-        return self.post_norm(x) if hasattr(self, "post_norm") else x
+        return x if self.post_norm is None else self.post_norm(x)
 
 
 class AttentionBlock(nn.Module):
@@ -350,14 +349,26 @@ def guide(mu, sigma, w):
 
 @dataclass
 class DecodeSchedule:
-    """How an autoregressive step is inverted: chunks of tokens, each refined by fixed-point (Jacobi) iterations."""
+    """How an autoregressive step is inverted: chunks of tokens, each refined by fixed-point (Jacobi) iterations.
+
+    The original's schedule: fixed chunks, every token of a chunk recomputed until the whole chunk stops changing.
+    With `sliding`, the chunk is a window instead: after each iteration its longest converged prefix is committed
+    to the KV cache and the window moves on, so a converged token is never evaluated again.
+    """
     block_size: int = 1
     later_block_size: int = 1  # chunk size after the first frame of a video
     max_iter: int = 1
     threshold: float = 0.0
+    sliding: bool = False
+    guess: str = "input"  # first guess of undecoded tokens: "input" (the step's input z) or "zeros"
 
 
 SEQUENTIAL = DecodeSchedule()
+# --jacobi auto: per-token threshold, deep-step window, and how often a token may be evaluated before it is taken
+# --jacobi auto (chosen with bench/sampling.py): the shallow steps iterate the whole sequence, at most twice per token;
+# the deep step slides a window on accelerators (where a chunk costs about what one token does) and goes token by
+# token on a CPU (where a chunk of W tokens costs about W tokens, and the deep step commits only a few per pass).
+AUTO_SCHEDULE = dict(threshold=1e-3, shallow_evals=2, deep_window=64, deep_evals=32)
 
 
 @dataclass
@@ -376,10 +387,20 @@ class _Decoding:
     offset: int = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
 
 
-def jacobi_schedule(block_size, max_iter, threshold):
+def auto_kind(device):
+    """'cpu' or 'accelerator': which of AUTO_SCHEDULE's deep-step choices a device gets."""
+    return "cpu" if device is None or torch.device(device).type == "cpu" else "accelerator"
+
+
+def check_jacobi(block_size, max_iter, threshold):
     if int(block_size) < 1 or int(max_iter) < 1 or not threshold >= 0:  # a block of 0 tokens would never end
         raise ValueError(f"Jacobi decoding needs jacobi_block_size >= 1, jacobi_max_iter >= 1 and jacobi_th >= 0; "
                          f"got {block_size}, {max_iter}, {threshold}")
+
+
+def jacobi_schedule(block_size, max_iter, threshold):
+    """The original's block-wise Jacobi: chunks of block_size tokens in the first frame, 4x that afterwards."""
+    check_jacobi(block_size, max_iter, threshold)
     return DecodeSchedule(block_size, 4 * block_size, max_iter, threshold)
 
 
@@ -387,6 +408,15 @@ def collective_device(device):
     """Where a collective's tensor must live: gloo reduces CPU tensors; NCCL (or a mixed backend) takes the
     decoding tensor's own device, this rank's GPU, never the bare 'cuda' of whichever GPU is current."""
     return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device)
+
+
+def all_ranks_min(value, device):
+    """The smallest of an integer over ranks: a sliding window advances as far as it has converged on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(int(value), device=collective_device(device))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+    return value
 
 
 def all_ranks_agree(flag, device):
@@ -463,13 +493,16 @@ class MetaBlock(Trunk):
         B, L, _ = z.shape
         if window is not None and self.sos_embed is None:
             raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
-        d = self._begin_decode(z, text, rope, frames, guidance, temp, window)
+        d = self._begin_decode(z, text, rope, frames, guidance, temp, window, schedule.guess)
         start = 0 if prefix is None else self._continue_prefix(d, prefix)
         target = d.steps if window is None else min(d.steps, window)
         while start < d.steps:
             if start == target:
                 target = min(d.steps, target + window - context)
                 self._slide_window(d, start, context)
+            if schedule.sliding:
+                start = self._decode_sliding(d, start, target, schedule, guidance)
+                continue
             first_frame = start <= d.frame_len
             chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
             self._decode_chunk(d, start, chunk, schedule, guidance)
@@ -477,8 +510,9 @@ class MetaBlock(Trunk):
         x = d.buffer[:B, 1:] if self.sos_embed is not None else d.buffer[:B]
         return permute(x, self.permutation, frames)
 
-    def _begin_decode(self, z, text, rope, frames, guidance, temp, window):
-        """The decoding state: token buffer, noise in generation order, and a KV cache holding the text prefix."""
+    def _begin_decode(self, z, text, rope, frames, guidance, temp, window, guess="input"):
+        """The decoding state: token buffer (undecoded tokens hold the first guess), noise in generation order, and
+        a KV cache holding the text prefix."""
         L = z.shape[1]
         z = permute(z.float(), self.permutation, frames)
         if guidance > 0:
@@ -489,6 +523,8 @@ class MetaBlock(Trunk):
         else:
             buffer, noise = z.clone(), z[:, 1:]
         steps = noise.shape[1]
+        if guess == "zeros":
+            buffer[:, -steps:] = 0
         text = text if self.has_text else None
         text_len = 0 if text is None else text.shape[1]
         d = _Decoding(buffer=buffer, noise=noise, steps=steps, text=text, text_len=text_len, rope=rope, temp=temp,
@@ -537,6 +573,41 @@ class MetaBlock(Trunk):
             if done:
                 d.cache.commit(chunk)
                 return
+
+    def _decode_sliding(self, d, start, end, schedule, guidance):
+        """Decodes tokens [start, end) with a window of block_size tokens: each iteration recomputes the window,
+        commits its longest prefix of tokens that converged (or were computed max_iter times; the first token,
+        whose inputs are all final, is always exact) and slides on. Returns end."""
+        sos = int(self.sos_embed is not None)
+        fresh = start + 1  # buffer entries from here on still hold the first guess
+        entered = []  # iteration at which each buffer entry from start + 1 on first entered the window
+        first, it = start + 1, 0
+        while start < end:
+            size = schedule.block_size if start < d.frame_len else schedule.later_block_size
+            chunk = min(size, end - start)
+            top = start + chunk + 1
+            lo = max(fresh, d.frame_len + sos)
+            if d.frames > 1 and lo < top:
+                # tokens entering the window start from the same tokens one frame earlier, a better guess than z
+                d.buffer[:, lo:top] = d.buffer[:, lo - d.frame_len:top - d.frame_len].clone()
+            entered += [it] * (top - max(fresh, first))
+            fresh = max(fresh, top)
+            mu, sigma = self.step(d.buffer[:, start:start + chunk], None, d.rope, d.text_len + start - d.offset,
+                                  d.cache, d.temp, d.frames, d.frame_len)
+            if guidance > 0:
+                mu, sigma = guide(mu, sigma, guidance)
+            new = mu + sigma * d.noise[:, start:start + chunk]
+            change = (new - d.buffer[:, start + 1:start + 1 + chunk]).pow(2).mean((0, 2)) / new.pow(2).mean()
+            converged = change < schedule.threshold
+            # entries computed max_iter times are taken as they are (a prefix: the window's oldest entries)
+            forced = sum(1 for e in entered[start + 1 - first:start + 1 - first + chunk] if it - e + 1 >= schedule.max_iter)
+            converged[:max(1, forced)] = True
+            n = all_ranks_min(int(converged.cumprod(0).sum().item()), new.device)
+            d.buffer[:, start + 1:start + 1 + chunk] = new
+            d.cache.commit(n)
+            start += n
+            it += 1
+        return end
 
     def prefill(self, cache, text, rope, temp):
         """Writes the text prefix into the cache (causal among text tokens)."""
@@ -689,14 +760,14 @@ class Model(nn.Module):
         return seq, outputs, logdets
 
     @torch.no_grad()
-    def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=16,
-                 jacobi_th=1e-3, jacobi_max_iter=32, cond_frames=None, local_attn_window=None, context_length=None,
+    def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=None,
+                 jacobi_th=None, jacobi_max_iter=None, cond_frames=None, local_attn_window=None, context_length=None,
                  y_shallow=None):
         video = noise.dim() == 5
         tokens = self.patchify(noise)
         B, T, h, w, D = tokens.shape
         frame_len = h * w
-        schedule = jacobi_schedule(jacobi_block_size, jacobi_max_iter, jacobi_th) if jacobi else SEQUENTIAL
+        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th, noise.device)
         if not attn_temp > 0:
             raise ValueError(f"attn_temp must be > 0 (it divides the attention logits' scale), got {attn_temp}")
         if guidance > 0 and (y is None or len(y) != 2 * B):
@@ -718,7 +789,7 @@ class Model(nn.Module):
         top = self.blocks[-1]
         text = y if top.has_text else None
         seq = top.inverse(seq, text, self.rope_table(h, w, T, video, text, device=seq.device), T, guidance, attn_temp,
-                          schedule, prefix=None if known is None else known[-1],
+                          schedules[-1], prefix=None if known is None else known[-1],
                           window=window and window * frame_len, context=context_length * frame_len)
         y = y if y_shallow is None else y_shallow
         if guidance > 0 and self.cond_top_only:
@@ -730,14 +801,38 @@ class Model(nn.Module):
                 # frames are independent here: invert only the unknown ones
                 rest = seq[:, n_known:].reshape(-1, frame_len, D)
                 rope = self.rope_table(h, w, 1, video, device=rest.device)
-                rest = block.inverse(rest, None, rope, 1, 0.0, attn_temp, schedule)
+                rest = block.inverse(rest, None, rope, 1, 0.0, attn_temp, schedules[i])
                 rest = rest.reshape(B, -1, D)
                 seq = rest if known is None else torch.cat([known[i], rest], 1)
             else:
                 rope = self.rope_table(h, w, T, video, text, device=seq.device)
-                seq = block.inverse(seq, text, rope, T, guidance, attn_temp, schedule,
+                seq = block.inverse(seq, text, rope, T, guidance, attn_temp, schedules[i],
                                     prefix=None if known is None else known[i])
         return self.unpatchify(seq.view(B, T, h, w, D), video)
+
+    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None, device=None):
+        """One DecodeSchedule per flow step (shallow first, deep last): sequential (jacobi False), the original's
+        Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto' (AUTO_SCHEDULE): sliding
+        windows that never re-evaluate a committed token, over the whole sequence for the shallow steps, and over
+        block_size tokens for the deep step on an accelerator (token by token on a CPU: `device`); max_iter caps
+        the evaluations of a token."""
+        if jacobi == "auto":
+            a = AUTO_SCHEDULE
+            threshold = a["threshold"] if threshold is None else threshold
+            shallow = DecodeSchedule(2 ** 62, 2 ** 62, a["shallow_evals"] if max_iter is None else max_iter,
+                                     threshold, sliding=True)
+            window = a["deep_window"] if block_size is None else block_size
+            deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, threshold,
+                                  sliding=True)
+            check_jacobi(deep.block_size, min(shallow.max_iter, deep.max_iter), threshold)
+            if auto_kind(device) == "cpu":
+                deep = SEQUENTIAL
+            return [shallow] * (len(self.blocks) - 1) + [deep]
+        if jacobi:
+            schedule = jacobi_schedule(16 if block_size is None else block_size, 32 if max_iter is None else max_iter,
+                                       1e-3 if threshold is None else threshold)
+            return [schedule] * len(self.blocks)
+        return [SEQUENTIAL] * len(self.blocks)
 
     def _denoise(self, x, y=None):
         video = x.dim() == 5

@@ -1,10 +1,20 @@
-"""Sequential vs block-wise Jacobi sampling: network calls, wall time and their ratios, from one run.
+"""Decoding schedules side by side: network calls, token evaluations, wall time and the gap to sequential decoding,
+per schedule and per flow step, from one run.
 
-A 256-wide, 6-block deep-shallow STARFlow (random weights) on 16x16x4 latents, batch 4 with guidance.
-    python bench/sampling.py [--device cuda] [--threads 2]
+    python bench/sampling.py                             # both models, 2 threads
+    python bench/sampling.py --models demo --fid_samples 1000
+
+Models: `bench`, a 256-wide deep-shallow STARFlow (layers 2 2 2 2 2 8, random weights with small non-zero output
+heads, as ../shared/tools/compare_official draws them) on 16x16x4 latents, batch 4 with guidance 3; `demo`, the
+shipped checkpoints/demo_mnist_t2i (64 tokens of pixels, layers 1 1 4), 16 prompts with guidance 3.
+A network call is one pass of a flow step's transformer (what a GPU pays: latency); a token evaluation is one
+token through it (what a CPU pays: arithmetic); both counted per flow step. The gap to sequential decoding is the
+largest and the mean absolute difference of the samples (before denoising). With --fid_samples N, the demo's
+samples of every schedule go through evaluate.py's FID protocol: FID against the sequential samples of the same
+seeds, and against the tinted MNIST test digits. Prints tables, writes <out_dir>/sampling.json.
 """
 import argparse
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,61 +23,182 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_flow import MetaBlock, Model  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+SCHEDULES = {
+    "sequential": {},
+    "jacobi block 16, th 1e-3 (original)": dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32),
+    "jacobi block 64, th 5e-3 (original)": dict(jacobi=True, jacobi_block_size=64, jacobi_th=5e-3, jacobi_max_iter=32),
+    "auto": dict(jacobi="auto"),
+    "auto, an accelerator's choice": dict(jacobi="auto"),  # the deep step's window, timed here on this device
+}
+ACCELERATOR_CHOICE = "auto, an accelerator's choice"
+BENCH_MODEL = dict(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=6,
+                   layers_per_block=[2, 2, 2, 2, 2, 8], head_dim=64, rope=True, sos=True, txt_size=16, txt_dim=384,
+                   cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R")
 
 
-def build(device):
-    torch.manual_seed(0)
-    model = Model(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=6,
-                  layers_per_block=[2, 2, 2, 2, 2, 8], head_dim=64, rope=True, sos=True, txt_size=16, txt_dim=64,
-                  cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R")
-    with torch.no_grad():  # random but non-trivial flow steps
+def bench_inputs(device):
+    """The bench model with compare_official's random weights, its noise and guided text states."""
+    g = torch.Generator().manual_seed(0)
+    model = Model(**BENCH_MODEL)
+    with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1))
-    return model.eval().to(device)
+            ones = p.dim() == 1 and bool(torch.all(p == 1))
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if ones else 0.0))
+    noise = torch.randn(4, 4, 16, 16, generator=g)
+    text = torch.randn(1, 16, 384, generator=g)
+    y = torch.cat([text.expand(4, -1, -1), torch.zeros(4, 16, 384)])
+    return model.eval().to(device), noise.to(device), y.to(device)
 
 
-def run(model, noise, y, **kwargs):
-    calls = {"n": 0}
-    original = MetaBlock.step
+def demo_inputs(device, checkpoint):
+    from utils import recipe
+    from utils.pipeline import STARFlowPipeline
+    pipe = STARFlowPipeline.from_pretrained(Path(checkpoint) / "config.yaml", checkpoint, device=device)
+    prompts = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4, ["red", "green", "blue", "white"] * 4)]
+    y = torch.cat([pipe.encode_text([recipe.decorate_prompt(pipe.config, p) for p in prompts]),
+                   pipe.encode_text([recipe.null_prompt(pipe.config)] * len(prompts))])
+    c = pipe.config
+    noise = torch.randn(len(prompts), c.channel_size, c.img_size, c.img_size, generator=torch.Generator().manual_seed(1))
+    return pipe.model, noise.to(device), y, pipe
 
-    def counted(self, *args, **kw):
-        calls["n"] += 1
-        return original(self, *args, **kw)
 
-    MetaBlock.step = counted
-    try:
-        if noise.is_cuda:
-            torch.cuda.synchronize()
+class StepCounter:
+    """Counts network calls and token evaluations of each flow step while decoding."""
+
+    def __init__(self, model):
+        self.blocks = [b for b in model.blocks if isinstance(b, MetaBlock)]
+        self.counts = {}
+
+    def __enter__(self):
+        self.original, counts = MetaBlock.step, self.counts
+
+        def counted(block, u, *args, **kwargs):
+            calls, tokens = counts.get(id(block), (0, 0))
+            counts[id(block)] = (calls + 1, tokens + u.shape[1])
+            return self.original(block, u, *args, **kwargs)
+
+        MetaBlock.step = counted
+        return self
+
+    def __exit__(self, *exc):
+        MetaBlock.step = self.original
+
+    def per_block(self):
+        return [self.counts.get(id(b), (0, 0)) for b in self.blocks]
+
+
+def decode(model, noise, y, settings, kind=None):
+    """One guided decode: (samples, seconds, [(calls, token evaluations)] per flow step); kind forces --jacobi
+    auto's device choice."""
+    import transformer_flow
+    sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
+    auto_kind = transformer_flow.auto_kind
+    if kind is not None:
+        transformer_flow.auto_kind = lambda device: kind
+    with StepCounter(model) as counter:
+        sync()
         start = time.perf_counter()
-        out = model.reverse(noise, y, guidance=3.0, **kwargs)
-        if noise.is_cuda:
-            torch.cuda.synchronize()
-        return out, calls["n"], time.perf_counter() - start
-    finally:
-        MetaBlock.step = original
+        out = model.reverse(noise, y, guidance=3.0, **settings)
+        sync()
+        seconds = time.perf_counter() - start
+    transformer_flow.auto_kind = auto_kind
+    return out, seconds, counter.per_block()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def compare(name, model, noise, y, reps):
+    """Every schedule on one model: the median of `reps` timed runs after a warm-up; counts and gaps."""
+    decode(model, noise[:1], torch.cat([y[:1], y[len(noise):len(noise) + 1]]), {})  # warm-up
+    rows, reference = [], None
+    for schedule, settings in SCHEDULES.items():
+        kind = "accelerator" if schedule == ACCELERATOR_CHOICE else None
+        runs = [decode(model, noise, y, settings, kind) for _ in range(reps)]
+        out, _, per_block = runs[0]
+        seconds = sorted(r[1] for r in runs)[len(runs) // 2]
+        reference = out if reference is None else reference
+        rows.append(dict(schedule=schedule, seconds=seconds, calls=sum(c for c, _ in per_block),
+                         evaluations=sum(t for _, t in per_block), per_block=per_block,
+                         max_gap=float((out - reference).abs().max()), mean_gap=float((out - reference).abs().mean())))
+    seq = rows[0]
+    print(f"\n{name}: {noise.shape[0]} samples, {seq['evaluations'] // len(seq['per_block'])} tokens a flow step, "
+          f"{len(seq['per_block'])} steps, guidance 3")
+    print(f"{'schedule':<38}{'calls':>7}{'evals':>8}{'seconds':>9}{'speed-up':>9}{'max gap':>9}{'mean gap':>10}"
+          f"  per step (calls/evals, data side first)")
+    for r in rows:
+        r["speed_up"] = seq["seconds"] / r["seconds"]
+        steps = " ".join(f"{c}/{t}" for c, t in r["per_block"])
+        print(f"{r['schedule']:<38}{r['calls']:>7}{r['evaluations']:>8}{r['seconds']:>9.2f}{r['speed_up']:>9.2f}"
+              f"{r['max_gap']:>9.2e}{r['mean_gap']:>10.2e}  {steps}")
+    original = rows[1]
+    for auto in rows[-2:]:
+        print(f"{auto['schedule']} against the original's schedule: {original['calls'] / auto['calls']:.2f}x fewer "
+              f"calls; {auto['evaluations'] / seq['evaluations']:.2f}x the token evaluations of sequential decoding; "
+              f"{auto['speed_up']:.2f}x the speed of sequential decoding")
+    return rows
+
+
+def fid_rows(pipe, samples, batch, seed):
+    """FID of every schedule's demo samples against the sequential ones of the same seeds and against the test
+    digits (evaluate.py's protocol)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_eval import fid_prompts, test_digits  # noqa: E402
+    from utils.metrics import InceptionV3, feature_stats, frechet_distance, inception_features
+    net = InceptionV3()
+    prompts = [p for _, _, p in fid_prompts(samples)]
+    ref = feature_stats(inception_features(net, test_digits(pipe.config, 0, samples, seed), batch, desc="test digits"))
+    feats, rows = {}, []
+    for schedule, settings in SCHEDULES.items():
+        images = []
+        for first in range(0, samples, batch):
+            chunk = prompts[first:first + batch]
+            out = pipe(chunk, cfg=3.0, output_type="np", **settings,
+                       generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))])
+            images += list(out.images)
+        feats[schedule] = feature_stats(inception_features(net, images, batch, desc=schedule))
+        seq = feats["sequential"]
+        rows.append(dict(schedule=schedule, fid_to_sequential=frechet_distance(*feats[schedule], *seq),
+                         fid_to_test_digits=frechet_distance(*feats[schedule], *ref)))
+    print(f"\nFID, demo, {samples} samples per schedule (cfg 3; seeds {seed}..{seed + samples - 1}), against the "
+          f"sequential samples and against {samples} tinted test digits:")
+    print(f"{'schedule':<38}{'to sequential':>14}{'to test digits':>16}")
+    for r in rows:
+        print(f"{r['schedule']:<38}{r['fid_to_sequential']:>14.2f}{r['fid_to_test_digits']:>16.2f}")
+    return rows
+
+
+def run(args):
+    from utils.files import write_json
+    torch.set_num_threads(args.threads)
+    report = {"threads": args.threads, "device": args.device, "reps": args.reps, "schedules": SCHEDULES}
+    for name in args.models:
+        if name == "bench":
+            model, noise, y = bench_inputs(args.device)
+        else:
+            model, noise, y, pipe = demo_inputs(args.device, args.checkpoint_path)
+        with torch.no_grad():
+            report[name] = compare(name, model, noise, y, args.reps)
+        if name == "demo" and args.fid_samples:
+            report["demo_fid"] = fid_rows(pipe, args.fid_samples, args.fid_batch, args.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, "sampling.json"), report)
+    print(f"\nwrote {os.path.join(args.out_dir, 'sampling.json')}")
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = Path(__file__).resolve().parents[1]
+    parser.add_argument("--models", nargs="+", default=["bench", "demo"], choices=["bench", "demo"])
+    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_mnist_t2i"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build(args.device)
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(4, 4, 16, 16, generator=g).to(args.device)
-    y = torch.randn(8, 16, 64, generator=g).to(args.device)  # 4 prompts + 4 null prompts
-    run(model, noise[:1], y[0::4], jacobi=True, jacobi_block_size=64)  # warm-up
-    seq, seq_calls, seq_time = run(model, noise, y)
-    print(f"{'sampler':<34}{'net calls':>10}{'seconds':>10}{'speed-up':>10}{'calls ratio':>13}{'max|x-seq|':>12}")
-    print(f"{'sequential':<34}{seq_calls:>10}{seq_time:>10.2f}{1.0:>10.2f}{1.0:>13.2f}{0.0:>12.2e}")
-    for block_size, th in [(16, 1e-3), (64, 1e-3), (64, 1e-6), (64, 1e-10)]:
-        out, calls, seconds = run(model, noise, y, jacobi=True, jacobi_block_size=block_size, jacobi_th=th,
-                                  jacobi_max_iter=100)
-        diff = (out - seq).abs().max().item()
-        name = f"jacobi block {block_size}, th {th:g}"
-        print(f"{name:<34}{calls:>10}{seconds:>10.2f}{seq_time / seconds:>10.2f}{seq_calls / calls:>13.2f}"
-              f"{diff:>12.2e}")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per schedule (the median is reported)")
+    parser.add_argument("--fid_samples", type=int, default=0, help="demo samples per schedule for FID (0: skip)")
+    parser.add_argument("--fid_batch", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default="logs/sampling")
+    return run_cli(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

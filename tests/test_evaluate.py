@@ -367,7 +367,8 @@ def test_likelihood_ranking_picks_the_true_class_on_a_tiny_conditional_flow_trai
 # ---------------------------------------------------------------------------------------- sampling, torchrun
 def test_generate_then_score_and_torchrun_two_ranks_match_one_process(tiny_t2i, tiny_inception, tmp_path):
     """--generate samples through the pipeline and scores the samples; under torchrun the prompts are split
-    across ranks and features and likelihoods are gathered in item order: the same numbers as one process."""
+    across ranks and features and likelihoods are gathered in item order: the same numbers as one process
+    (token-by-token decoding: Jacobi schedules decide convergence per batch, which the rank count changes)."""
     ref = write_images(tmp_path / "ref", random_images(12, 4))
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na cat\n")
     data = tmp_path / "data"
@@ -380,7 +381,7 @@ def test_generate_then_score_and_torchrun_two_ranks_match_one_process(tiny_t2i, 
         return ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["safetensors"],
                 "--generate", 1, "--caption", tmp_path / "prompts.txt", "--num_samples", 3, "--sample_batch_size", 2,
                 "--cfg", 0, "--ref", ref, "--inception", tiny_inception, "--bpd", 1, "--data", data,
-                "--images", out, "--seed", 3, "--num_workers", 0]
+                "--images", out, "--seed", 3, "--num_workers", 0, "--jacobi", 0]
 
     one = run_eval(*flags(tmp_path / "one"))
     assert one["generate"]["num_samples"] == 9 and one["images"]["count"] == 9

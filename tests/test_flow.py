@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY_TXT_DIM, tiny_inputs as inputs, tiny_model
-from transformer_flow import KVCache, Model, permute
+from transformer_flow import KVCache, MetaBlock, Model, permute
 
 FLAGS = {
     "official": {},
@@ -266,3 +266,75 @@ def test_jacobi_agreement_reduces_on_the_decoding_device(monkeypatch):
     assert tf.collective_device(torch.device("cuda", 3)) == torch.device("cpu")
     assert tf.all_ranks_agree(True, torch.device("cuda", 1)) is False
     assert seen == [torch.device("cpu")] * 2
+
+
+@pytest.fixture
+def accelerator_auto(monkeypatch):
+    """--jacobi auto as an accelerator gets it (the deep step's sliding window), on this CPU."""
+    import transformer_flow as tf
+    monkeypatch.setattr(tf, "auto_kind", lambda device: "accelerator")
+
+
+@pytest.mark.parametrize("frames", [None, 3], ids=["image", "video"])
+@pytest.mark.parametrize("window", [3, 1000], ids=["window3", "whole_sequence"])
+def test_sliding_window_jacobi_equals_sequential(frames, window, accelerator_auto):
+    """The sliding schedule commits converged prefixes into the KV cache; at a tiny threshold it is exact."""
+    model = tiny_model(**(VIDEO_FLAGS["official_video"] if frames else {}))
+    noise, y = inputs(model, frames=frames)
+    y = torch.cat([y, torch.randn_like(y)])
+    seq = model.reverse(noise, y, guidance=2.0)
+    auto = model.reverse(noise, y, guidance=2.0, jacobi="auto", jacobi_block_size=window, jacobi_th=1e-12,
+                         jacobi_max_iter=1000)
+    torch.testing.assert_close(auto, seq, atol=1e-5, rtol=0)
+
+
+def count_steps(model, run):
+    """(network calls, token evaluations) per flow step while `run()` decodes."""
+    counts = {id(b): [0, 0] for b in model.blocks}
+    original = MetaBlock.step
+
+    def counted(self, u, *args, **kwargs):
+        counts[id(self)][0] += 1
+        counts[id(self)][1] += u.shape[1]
+        return original(self, u, *args, **kwargs)
+
+    MetaBlock.step = counted
+    try:
+        run()
+    finally:
+        MetaBlock.step = original
+    return [tuple(counts[id(b)]) for b in model.blocks]
+
+
+def test_auto_picks_per_flow_step_and_device():
+    from transformer_flow import SEQUENTIAL
+    model = tiny_model()
+    cpu, gpu = (model.decode_schedules("auto", device=torch.device(d)) for d in ("cpu", "cuda"))
+    assert all(s.sliding and s.block_size > 1000 and s.max_iter == 2 for s in cpu[:-1] + gpu[:-1])
+    assert cpu[-1] is SEQUENTIAL and gpu[-1].sliding and gpu[-1].block_size == 64
+    assert model.decode_schedules(True)[0].block_size == 16 and model.decode_schedules(False) == [SEQUENTIAL] * 3
+
+
+def test_sliding_window_never_reevaluates_a_converged_token(accelerator_auto):
+    """An identity flow (zero output heads) converges at once: each window is evaluated exactly once."""
+    model = tiny_model()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.zero_(), block.proj_out.bias.zero_()
+    noise, y = inputs(model)  # 20 tokens a step
+    counts = count_steps(model, lambda: model.reverse(noise, y, jacobi="auto", jacobi_block_size=8))
+    assert counts == [(1, 20), (1, 20), (3, 20)]  # whole sequence twice, then windows of 8, 8 and 4
+
+
+def test_evaluation_cap_takes_the_last_iterate():
+    """With max_iter 1 a whole-sequence window is one Jacobi step from the first guess z: x_i = mu_i(z) +
+    sigma_i(z) z_i, computed in one parallel pass."""
+    from transformer_flow import DecodeSchedule
+    model = tiny_model()
+    block = model.blocks[0]
+    z = model.patchify(inputs(model)[0]).flatten(1, 3)
+    rope = model.rope_table(4, 5, 1, False, device=z.device)
+    once = block.inverse(z, rope=rope, schedule=DecodeSchedule(100, 100, 1, 0.0, sliding=True))
+    zp = permute(z, block.permutation, 1)  # generation order
+    mu, sigma = block.step(torch.cat([block.sos_embed.expand(len(z), 1, -1), zp[:, :-1]], 1), None, rope)
+    torch.testing.assert_close(once, permute(mu + sigma * zp, block.permutation, 1), atol=1e-6, rtol=0)

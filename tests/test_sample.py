@@ -48,9 +48,12 @@ def test_t2i_writes_pngs_grid_and_json(tiny_t2i, tmp_path, aspect, size):
     assert Image.open(out / "a_blue_square_grid.png").size == (3 * (size[0] + 2) + 2, size[1] + 4)
 
 
-def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path):
-    a = run(tiny_t2i, tmp_path / "a", "--caption", "a red circle", "--num_samples", 2, "--sample_batch_size", 2)
-    b = run(tiny_t2i, tmp_path / "b", "--caption", "a red circle", "--num_samples", 2, "--sample_batch_size", 2)
+@pytest.mark.parametrize("jacobi, tolerance", [("0", 1), ("auto", 8)])
+def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path, jacobi, tolerance):
+    """Token-by-token decoding regenerates a sample alone exactly (up to float rounding); Jacobi schedules decide
+    convergence over the whole batch, so alone a sample can differ by a few levels."""
+    flags = ("--caption", "a red circle", "--num_samples", 2, "--sample_batch_size", 2, "--jacobi", jacobi)
+    a, b = run(tiny_t2i, tmp_path / "a", *flags), run(tiny_t2i, tmp_path / "b", *flags)
     img = [np.asarray(Image.open(d / f"a_red_circle_{i:04d}.png")) for d in (a, b) for i in range(2)]
     assert np.array_equal(img[0], img[2]) and np.array_equal(img[1], img[3])
     assert not np.array_equal(img[0], img[1])
@@ -59,7 +62,7 @@ def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path):
     assert command[:2] == ["python", "sample.py"] and "--seed" in command
     assert sample.main(command[2:]) == 0
     again = np.asarray(Image.open(a / "regenerated" / "a_red_circle_0000.png")).astype(int)
-    assert np.abs(again - img[1].astype(int)).max() <= 1
+    assert np.abs(again - img[1].astype(int)).max() <= tolerance
 
 
 def test_jacobi_matches_sequential(tiny_t2i, device):
@@ -177,7 +180,7 @@ def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeyp
         "aspect_extreme": t2i + ["--aspect_ratio", "40:1"],
         "missing_prompts": t2i[:4] + ["--caption", str(tmp_path / "prompts.txt")],
         "bad_length": t2v + ["--target_length", "7"],
-        "long_without_jacobi": t2v + ["--target_length", "9"],
+        "long_without_jacobi": t2v + ["--target_length", "9", "--jacobi", "0"],
         "missing_text_encoder": t2i + ["--text", str(tmp_path / "no_t5")],
     }[case]
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv, "--output_dir", str(tmp_path / "out")])

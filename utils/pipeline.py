@@ -35,9 +35,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ARGUMENTS = {
     "num_samples": Key(1, "int", "samples per prompt", low=1),
     "cfg": Key(None, "float", "guidance scale (default: the config's cfg)", low=0),
-    "jacobi_block_size": Key(16, "int", "tokens per Jacobi block in the first frame (4x after it)", low=1),
-    "jacobi_th": Key(1e-3, "float", "Jacobi convergence threshold (relative mean squared change)", low=0),
-    "jacobi_max_iter": Key(32, "int", "Jacobi iterations per block at most", low=1),
+    "jacobi_block_size": Key(None, "int", "jacobi True: tokens per chunk in the first frame (4x after it), default "
+                                          "16; 'auto': the deep step's window", low=1),
+    "jacobi_th": Key(None, "float", "Jacobi convergence threshold (relative mean squared change); default 1e-3 "
+                                    "for True, auto's own for 'auto'", low=0),
+    "jacobi_max_iter": Key(None, "int", "jacobi True: iterations per chunk (default 32); 'auto': evaluations of a "
+                                        "token at most", low=1),
     "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)", above=0),
     "target_length": Key(None, "int", "video frames to generate (default: the training length)", low=1),
     "fps": Key(None, "float", "video fps in the prompt text (default: the fps of vid_size)", above=0),
@@ -213,6 +216,9 @@ class STARFlowPipeline:
         if unknown:
             raise TypeError(f"unexpected argument(s) {', '.join(unknown)}; the call takes {', '.join(ARGUMENTS)}")
         s = {name: settings.get(name, spec.default) for name, spec in ARGUMENTS.items()}
+        if jacobi not in (False, True, "auto"):
+            raise ValueError(f"jacobi must be False (token by token), True (the original's Jacobi chunks) or 'auto', "
+                             f"got {jacobi!r}")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a list of strings, got {_described(prompt)}")
@@ -256,7 +262,7 @@ class STARFlowPipeline:
         if video and T > train_T:
             if not jacobi:
                 raise UserError(f"{num_frames} frames is longer than the {self.train_frames} the model was trained "
-                                f"on; sliding-window generation needs --jacobi 1")
+                                f"on; sliding-window generation needs --jacobi 1 or auto")
             request.window = train_T
             context = s["context_length"]
             request.context = min(16, train_T - 1) if context is None else context
@@ -353,12 +359,14 @@ class STARFlowPipeline:
     # ------------------------------------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
-                 jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32, attn_temp=1.0, target_length=None,
+                 jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
                  denoising_batch_size=None, output_type="pil", input_video=None):
         """Generate num_samples per prompt.
 
-        prompt: str or list of str. cfg: guidance scale (default: the config's cfg). generator: a torch.Generator
+        prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
+        token), True (the original's block-wise Jacobi) or 'auto' (sliding windows per flow step; see
+        Model.decode_schedules); the jacobi_* settings default to each mode's own. generator: a torch.Generator
         or one per sample (for per-sample seeds). aspect_ratio: 'W:H'. target_length: video frames (default:
         the training length; longer uses a sliding window of the training length, needs jacobi). input_image:
         path or PIL image for image-to-video; input_video: an MP4 to continue (its first frames become known
