@@ -223,9 +223,10 @@ class STARFlowPipeline:
                                   cond_frames=cond_frames, local_attn_window=request.window,
                                   context_length=request.context, **sampling).float()
 
-    def denoise(self, x, y_cond, request, method, batch_size=None):
+    def denoise(self, x, y_cond, request, method, batch_size=None, score_steps=None):
         return recipe.denoise(self.model, x, y_cond, request.noise_std, method, self.dtype, window=request.window,
-                              overlap=self.config.denoiser_window, batch_size=batch_size)
+                              overlap=self.config.denoiser_window, batch_size=batch_size,
+                              score_steps=score_steps or self.config.score_denoise_steps)
 
     def postprocess(self, latents, request, output_type):
         """VAE decode (one sample at a time: video VAEs are memory hungry) into PIL or uint8 numpy pictures."""
@@ -245,15 +246,15 @@ class STARFlowPipeline:
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
                  jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
-                 denoising_batch_size=None, output_type="pil"):
+                 denoising_batch_size=None, score_denoise_steps=None, output_type="pil"):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). generator: a torch.Generator
         or one per sample (for per-sample seeds). aspect_ratio: 'W:H'. target_length: video frames (default:
         the training length; longer uses a sliding window of the training length, needs jacobi). input_image:
         path or PIL image for image-to-video. denoiser: 'auto' (learned if the model has one), 'learned',
-        'score', or 'none' (automatic when a fine-tuned VAE decoder is loaded). output_type: 'pil', 'np' (uint8
-        arrays) or 'latent' (no VAE decode).
+        'score', or 'none' (automatic when a fine-tuned VAE decoder is loaded); score_denoise_steps: score steps
+        (default: the config's). output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode).
         """
         request = self.check_inputs(prompt, num_samples, cfg, generator, aspect_ratio, target_length, fps,
                                     input_image, jacobi, context_length, noise_std, output_type)
@@ -264,7 +265,7 @@ class STARFlowPipeline:
         cond_frames = None if input_image is None else self.encode_first_frame(request, input_image)
         x = self.decode(noise, y, request, cond_frames, attn_temp=attn_temp, jacobi=jacobi,
                         jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th, jacobi_max_iter=jacobi_max_iter)
-        clean = self.denoise(x, y_cond, request, method, denoising_batch_size)
+        clean = self.denoise(x, y_cond, request, method, denoising_batch_size, score_denoise_steps)
         pictures = self.postprocess(clean, request, output_type)
         return STARFlowOutput(images=None if request.video else pictures, frames=pictures if request.video else None,
                               latents=clean.cpu(), noisy_latents=x.cpu(), prompts=texts, size=request.size,
