@@ -1,14 +1,18 @@
-"""How well the MNIST demo does its job: prompted digit and colour accuracy, test NLL, Jacobi vs sequential time.
+"""How well the MNIST demo does its job: prompted digit and colour accuracy (overall and per pair), how clean its
+pixels are, test NLL, Jacobi vs sequential time.
 
 A small CNN trained here on the MNIST train split (colour-blind: it sees the ink, the brightest channel) reads the
 digit of every generated image; the colour is the nearest of the six tints to the mean colour of the ink. Neither
 sees a model sample while it is built. Every (digit, colour) pair is prompted with the training templates, so the
 held-out pairs (the config's `holdout`, never in training) show whether the model composes digit and colour.
+Pixel noise (`pixel_noise`): the std of the background, every channel of the pixels with no ink (brightest channel
+above INK_THRESHOLD) within BACKGROUND_MARGIN px, which is 0 on real digits; and the std of the ink inside the strokes.
 
     python bench/demo_quality.py                          # the shipped checkpoints/demo_mnist_t2i
     python bench/demo_quality.py --checkpoint_path logs/demo_mnist_t2i/checkpoints/latest --per_combo 2
 
-Prints a table and writes <out_dir>/demo_quality.json and a sample grid (rows: digits, columns: colours).
+Prints the tables and writes <out_dir>/demo_quality.json and, per guidance scale, grid_cfg<cfg>.png: the first sample
+of every (digit, colour) pair, rows digits 0-9, columns the six colours, held-out pairs framed.
 """
 import argparse
 import itertools
@@ -35,6 +39,7 @@ from utils.pipeline import STARFlowPipeline  # noqa: E402
 
 COLOUR_NAMES = list(COLOURS)
 INK_THRESHOLD = 0.25  # brightest channel above this (in [0, 1]) counts as ink
+BACKGROUND_MARGIN = 2  # background pixels have no ink within this many pixels (Chebyshev distance)
 
 
 def ink(pixels):
@@ -49,6 +54,41 @@ def colour_of(pixels):
     mean = mean / mean.amax(1, keepdim=True).clamp(min=1e-6)
     tints = torch.tensor([COLOURS[c] for c in COLOUR_NAMES])
     return torch.cdist(mean, tints / tints.amax(1, keepdim=True)).argmin(1)
+
+
+def pixel_noise(pixels):
+    """How clean (N, C, H, W) pictures in [0, 1] are: std and mean of the background (every channel of the pixels
+    with no ink within BACKGROUND_MARGIN px) and std of the ink inside the strokes (pixels whose 3x3 neighbourhood
+    is all ink); real digits have a background std of 0."""
+    brightest = ink(pixels)
+    mask = (brightest > INK_THRESHOLD).float()
+    background = F.max_pool2d(mask, 2 * BACKGROUND_MARGIN + 1, 1, BACKGROUND_MARGIN) == 0
+    core = -F.max_pool2d(-mask, 3, 1, 1) > 0  # erosion (max_pool pads with -inf, so borders do not erode)
+    values = pixels.masked_select(background.expand_as(pixels))
+    stroke = brightest.masked_select(core)
+    return {"background_std": round(values.std().item(), 5), "background_mean": round(values.mean().item(), 5),
+            "background_fraction": round(background.float().mean().item(), 4),
+            "stroke_std": round(stroke.std().item(), 4), "stroke_mean": round(stroke.mean().item(), 4)}
+
+
+def to_uint8_scale(pixels):
+    """Pixels in [0, 1] rounded to the 256 levels a PNG or MP4 frame holds, as the samples are."""
+    return (pixels * 255).round() / 255
+
+
+def print_noise(noise, what):
+    print(f"pixel noise of {what}: background std {noise['background_std']:.4f} (mean {noise['background_mean']:.4f}, "
+          f"{noise['background_fraction']:.0%} of pixels), ink inside strokes {noise['stroke_mean']:.3f} "
+          f"+- {noise['stroke_std']:.3f}")
+
+
+def print_pair_table(title, table, row_names, col_names, marked=()):
+    """A rows x columns table of fractions, one line a row; cells (r, c) in `marked` carry a '*'."""
+    print(title)
+    print("      " + "".join(f"{c:>8}" for c in col_names))
+    for r, name in enumerate(row_names):
+        cells = [f"{table[r][c]:.0%}" + ("*" if (r, c) in marked else " ") for c in range(len(col_names))]
+        print(f"{name:<6}" + "".join(f"{cell:>8}" for cell in cells))
 
 
 def digit_net(size):
@@ -99,19 +139,20 @@ def prompts_for(combos, per_combo):
     return out
 
 
-def generate(pipe, prompts, cfg, seed, batch):
+def generate(pipe, prompts, cfg, seed, batch, **sampler):
     """Images in [0, 1] (N, 3, H, W) for the prompts, sample i seeded with seed + i, as sample.py does."""
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        out = pipe([p for _, _, p in chunk], cfg=cfg,
+        out = pipe([p for _, _, p in chunk], cfg=cfg, **sampler,
                    generator=[torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))])
         images += [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in out.images]
     return torch.stack(images)
 
 
 def score(net, images, prompts, holdout):
-    """Fractions of images whose digit / colour / both match the prompt: all, seen pairs, held-out pairs."""
+    """Fractions of images whose digit / colour / both match the prompt: all, seen pairs, held-out pairs, and per
+    (digit, colour) pair ('pairs', keyed 'digit:colour')."""
     with torch.no_grad():
         digit = net(ink(images)).argmax(1)
     colour = colour_of(images)
@@ -125,6 +166,10 @@ def score(net, images, prompts, holdout):
         if rows.any():
             result[part] = {k: round(v[rows].float().mean().item(), 4) for k, v in ok.items()}
             result[part]["n"] = int(rows.sum())
+    result["pairs"] = {}
+    for digit, colour in dict.fromkeys((d, c) for d, c, _ in prompts):
+        rows = (want_d == digit) & (want_c == COLOUR_NAMES.index(colour))
+        result["pairs"][f"{digit}:{colour}"] = {k: round(v[rows].float().mean().item(), 4) for k, v in ok.items()}
     return result
 
 
@@ -219,6 +264,8 @@ def add_common_args(parser, batch, out_dir):
     parser.add_argument("--batch", type=int, default=batch, help="samples per sampling batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--score_denoise_steps", type=int, default=None,
+                        help="score steps of denoising (default: the config's score_denoise_steps)")
     parser.add_argument("--out_dir", default=out_dir)
 
 
@@ -247,7 +294,8 @@ def run(args):
     scales = args.cfg if args.cfg is not None else [config.cfg[0] if config.cfg else 0.0]
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "img_size": config.img_size, "holdout": config.holdout,
-              "per_combo": args.per_combo}
+              "per_combo": args.per_combo,
+              "score_denoise_steps": args.score_denoise_steps or config.score_denoise_steps}
 
     start = time.perf_counter()
     net, clf_digit, clf_colour = train_classifier(config.img_size, args.classifier_epochs, args.seed)
@@ -256,21 +304,36 @@ def run(args):
     print(f"classifier (MNIST train split, {args.classifier_epochs} epochs): test-split digit accuracy "
           f"{clf_digit:.1%}, colour rule {clf_colour:.1%} on tinted test digits")
 
+    data = MNISTDataset(config.img_size, colour=True, split="test")
+    real = torch.stack([(data.load(i, args.seed)[0] + 1) / 2 for i in range(600)])
+    report["pixel_noise_real"] = pixel_noise(to_uint8_scale(real))
+    print_noise(report["pixel_noise_real"], "600 real tinted test digits")
+
     prompts = prompts_for([(d, c) for d in range(10) for c in COLOUR_NAMES], args.per_combo)
-    report["accuracy"] = {}
-    print(f"\n{'cfg':>5} {'part':<9} {'n':>5} {'digit':>7} {'colour':>7} {'both':>7} {'seconds':>8}")
+    steps = report["score_denoise_steps"]
+    report["accuracy"], report["pixel_noise"], grids = {}, {}, {}
+    print(f"\n{len(prompts)} samples per guidance scale, {steps} score step(s) of denoising, {args.threads} threads")
+    print(f"{'cfg':>5} {'part':<9} {'n':>5} {'digit':>7} {'colour':>7} {'both':>7} {'seconds':>8}")
     for cfg in scales:
         start = time.perf_counter()
-        images = generate(pipe, prompts, cfg, args.seed, args.batch)
+        images = generate(pipe, prompts, cfg, args.seed, args.batch, score_denoise_steps=steps)
         seconds = time.perf_counter() - start
         result = score(net, images, prompts, holdout)
         report["accuracy"][f"cfg_{cfg:g}"] = dict(result, seconds=round(seconds, 1))
-        for part, r in result.items():
-            took = f"{seconds:>8.1f}" if part == "all" else ""
+        report["pixel_noise"][f"cfg_{cfg:g}"] = pixel_noise(images)
+        for part in [p for p in ("all", "seen", "held_out") if p in result]:
+            r, took = result[part], f"{seconds:>8.1f}" if part == "all" else ""
             print(f"{cfg:>5g} {part:<9} {r['n']:>5} {r['digit']:>7.1%} {r['colour']:>7.1%} {r['both']:>7.1%} {took}")
-        grid = os.path.join(args.out_dir, f"grid_cfg{cfg:g}.png")
-        save_grid(images, prompts, args.per_combo, holdout, grid)
-        print(f"      sample grid (rows digits 0-9, columns {' '.join(COLOUR_NAMES)}; held-out framed): {grid}")
+        grids[cfg] = os.path.join(args.out_dir, f"grid_cfg{cfg:g}.png")
+        save_grid(images, prompts, args.per_combo, holdout, grids[cfg])
+    marked = {(d, COLOUR_NAMES.index(c)) for d, c in holdout}
+    for cfg, grid in grids.items():
+        pairs = report["accuracy"][f"cfg_{cfg:g}"]["pairs"]
+        table = [[pairs[f"{d}:{c}"]["both"] for c in COLOUR_NAMES] for d in range(10)]
+        print_pair_table(f"\nper pair, cfg {cfg:g}: digit and colour right (* held out)", table,
+                         [str(d) for d in range(10)], COLOUR_NAMES, marked)
+        print_noise(report["pixel_noise"][f"cfg_{cfg:g}"], f"the {len(prompts)} samples")
+        print(f"sample grid (rows digits 0-9, columns {' '.join(COLOUR_NAMES)}; held out framed): {grid}")
 
     if args.nll_images > 0:
         start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""The shipped MNIST demos: their checkpoints load with their configs and draw the prompted colour (text to image)
-and the prompted motion (text to video), in a few seconds."""
+"""The shipped MNIST demos: their checkpoints load with their configs and draw the prompted digit with a clean black
+background, in the prompted colour (text to image) or moving the prompted way (text to video), in a few seconds."""
 import json
 import os
 import sys
@@ -9,10 +9,11 @@ import imageio
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import sample
-from dataset import COLOURS, DIRECTIONS, MNISTDataset, MovingMNISTDataset
+from dataset import COLOURS, DIGIT_NAMES, DIRECTIONS, MNISTDataset, MovingMNISTDataset, moving_digit_size
 from utils.config import load_config, parse_vid_size
 from utils.pipeline import STARFlowPipeline
 
@@ -20,8 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo_mnist_t2i"
 VIDEO_DEMO = ROOT / "checkpoints" / "demo_moving_mnist_t2v"
 sys.path.insert(0, str(ROOT / "bench"))
-from demo_quality import COLOUR_NAMES, colour_of, score  # noqa: E402
+from demo_quality import COLOUR_NAMES, colour_of, ink, mnist_at, pixel_noise, score  # noqa: E402
 from demo_video_quality import DIRECTION_NAMES, digit_windows, direction_of  # noqa: E402
+
+# Pixel noise (background std) of these samples: one score step of denoising leaves 0.005, the demos' 8 leave 0.0023.
+MAX_BACKGROUND_STD = 0.004
+
+
+def nearest_digits(pictures, size):
+    """The labels of the MNIST train digits nearest (cosine) to (N, 1, size, size) pictures: no classifier to train."""
+    train, labels = mnist_at(size, "train")
+    unit = lambda x: F.normalize(x.flatten(1), dim=1)  # noqa: E731
+    return labels[(unit(pictures) @ unit(train).T).argmax(1)]
 
 
 @pytest.mark.parametrize("name", ["demo_mnist_t2i", "demo_moving_mnist_t2v"])
@@ -34,15 +45,18 @@ def test_demo_config_matches_shipped_config(name):
     assert shipped["text"] == "sentence-transformers/all-MiniLM-L6-v2"  # resolves offline, on any machine
 
 
-def test_shipped_checkpoint_samples_prompted_colours():
+def test_shipped_checkpoint_draws_prompted_digits_and_colours_on_black():
     pipe = STARFlowPipeline.from_pretrained(DEMO / "config.yaml", DEMO, device="cpu")
-    prompts = ["a green seven", "the digit 3 in red", "a blue handwritten digit one", "a purple four"]
+    colours = [COLOUR_NAMES[d % len(COLOUR_NAMES)] for d in range(10)]
+    prompts = [f"a {colour} {DIGIT_NAMES[d]}" for d, colour in enumerate(colours)]
     out = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
     size = pipe.config.img_size
     assert [im.size for im in out.images] == [(size, size)] * len(prompts)
     images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in out.images])
     assert (images.amax(1) > 0.5).float().mean((1, 2)).min() > 0.03  # every image has ink
-    assert [COLOUR_NAMES[i] for i in colour_of(images)] == ["green", "red", "blue", "purple"]
+    assert [COLOUR_NAMES[i] for i in colour_of(images)] == colours
+    assert (nearest_digits(ink(images), size) == torch.arange(10)).sum() >= 9
+    assert pixel_noise(images)["background_std"] < MAX_BACKGROUND_STD
 
 
 def test_sample_cli_with_the_demo_checkpoint_writes_pngs(tmp_path):
@@ -91,6 +105,20 @@ def test_shipped_video_checkpoint_moves_digits_as_prompted(tmp_path):
     assert clips.shape == (len(captions), frames, 3, config.img_size, config.img_size)
     assert [DIRECTION_NAMES[i] for i in direction_of(clips)] == ["left", "up", "right", "down"]
     assert os.path.isfile(tmp_path / "out" / "prompts_grid.mp4")
+
+
+def test_shipped_video_checkpoint_draws_prompted_digits_on_black():
+    """Every digit, each moving one of the four ways: the frames show the prompted digit on a clean background."""
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO / "config.yaml", VIDEO_DEMO, device="cpu")
+    directions = [DIRECTION_NAMES[d % len(DIRECTION_NAMES)] for d in range(10)]
+    prompts = [f"a {DIGIT_NAMES[d]} moving {direction}" for d, direction in enumerate(directions)]
+    out = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], output_type="np")
+    clips = torch.from_numpy(out.frames).permute(0, 1, 4, 2, 3).float() / 255
+    assert [DIRECTION_NAMES[i] for i in direction_of(clips)] == directions
+    size = moving_digit_size(pipe.config.img_size)
+    frames = nearest_digits(digit_windows(clips, size).flatten(0, 1), size).view(len(prompts), -1)
+    assert ((frames == torch.arange(10)[:, None]).float().mean(1) > 0.5).sum() >= 9  # most frames show the digit
+    assert pixel_noise(clips.flatten(0, 1))["background_std"] < MAX_BACKGROUND_STD
 
 
 def test_video_quality_scoring_on_real_clips():

@@ -218,3 +218,15 @@ def test_output_types(tiny_t2i):
     assert pil.denoiser == "score"
     with pytest.raises(ValueError, match="output_type must be one of pil, np, latent"):
         draw("tensor")
+
+
+def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):
+    """The config's score_denoise_steps (a sample.py flag like any config key) sets the steps; a call can override."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], overrides={"score_denoise_steps": 2})
+    out = pipe("a corgi", generator=torch.Generator().manual_seed(3), output_type="latent")
+    x = out.noisy_latents
+    y = pipe.encode_text(out.prompts)
+    twice = pipe.model.score_denoise(pipe.model.score_denoise(x, y, pipe.config.noise_std), y, pipe.config.noise_std)
+    torch.testing.assert_close(out.latents, twice)
+    once = pipe("a corgi", generator=torch.Generator().manual_seed(3), output_type="latent", score_denoise_steps=1)
+    torch.testing.assert_close(once.latents, pipe.model.score_denoise(x, y, pipe.config.noise_std))

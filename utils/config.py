@@ -157,6 +157,10 @@ SCHEMA = {
     "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)", low=0),
     "shallow_block_local": flag(0, "shallow blocks act on each video frame separately"),
     "denoiser_window": Key(None, "int", "self-denoiser local window in latent frames", low=1),
+    "score_denoise_steps": Key(1, "int", "score-step denoising (no learned denoiser): steps x + noise_std^2 * score "
+                                         "of the flow; 1 is the original's Tweedie step, more climb on toward the "
+                                         "mode of the noisy density (cleaner pixels, one flow pass each)",
+                               low=1, high=16),
     "local_attn_window": Key(None, "int", "deep-block attention window in latent frames", low=1),
     # objective
     "noise_std": Key(0.3, "float", "std of the Gaussian noise added to latents (train and sample)", low=0),

@@ -49,6 +49,7 @@ ARGUMENTS = {
     "noise_std": Key(None, "float", "noise level of the samples (default: the config's noise_std)", low=0),
     "denoiser": Key("auto", "str", "auto, learned, score or none", choices=recipe.DENOISERS),
     "denoising_batch_size": Key(None, "int", "samples per denoising pass (default: the whole batch)", low=1),
+    "score_denoise_steps": Key(None, "int", "score steps of denoising (default: the config's)", low=1, high=16),
     "output_type": Key("pil", "str", "pil, np or latent", choices=OUTPUT_TYPES),
 }
 
@@ -339,9 +340,10 @@ class STARFlowPipeline:
                                   cond_frames=cond_frames, local_attn_window=request.window,
                                   context_length=request.context, **sampling).float()
 
-    def denoise(self, x, y_cond, request, method, batch_size=None):
+    def denoise(self, x, y_cond, request, method, batch_size=None, score_steps=None):
         return recipe.denoise(self.model, x, y_cond, request.noise_std, method, self.dtype, window=request.window,
-                              overlap=self.config.denoiser_window, batch_size=batch_size)
+                              overlap=self.config.denoiser_window, batch_size=batch_size,
+                              score_steps=score_steps or self.config.score_denoise_steps)
 
     def postprocess(self, latents, request, output_type):
         """VAE decode (one sample at a time: video VAEs are memory hungry) into PIL or uint8 numpy pictures."""
@@ -361,7 +363,7 @@ class STARFlowPipeline:
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
                  jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
-                 denoising_batch_size=None, output_type="pil", input_video=None):
+                 denoising_batch_size=None, score_denoise_steps=None, output_type="pil", input_video=None):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
@@ -370,15 +372,16 @@ class STARFlowPipeline:
         or one per sample (for per-sample seeds). aspect_ratio: 'W:H'. target_length: video frames (default:
         the training length; longer uses a sliding window of the training length, needs jacobi). input_image:
         path or PIL image for image-to-video; input_video: an MP4 to continue (its first frames become known
-        latent frames). denoiser: 'auto' (learned if the model has one), 'learned',
-        'score', or 'none' (automatic when a fine-tuned VAE decoder is loaded). output_type: 'pil', 'np' (uint8
-        arrays) or 'latent' (no VAE decode).
+        latent frames). denoiser: 'auto' (learned if the model has one), 'learned', 'score', or 'none' (automatic
+        when a fine-tuned VAE decoder is loaded); score_denoise_steps: score steps (default: the config's).
+        output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode).
         """
         request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, num_samples=num_samples,
                                     cfg=cfg, jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
                                     jacobi_max_iter=jacobi_max_iter, attn_temp=attn_temp, target_length=target_length,
                                     fps=fps, context_length=context_length, noise_std=noise_std, denoiser=denoiser,
-                                    denoising_batch_size=denoising_batch_size, output_type=output_type,
+                                    denoising_batch_size=denoising_batch_size,
+                                    score_denoise_steps=score_denoise_steps, output_type=output_type,
                                     input_video=input_video)
         method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
                                         bool(self.finetuned_vae))
@@ -391,7 +394,7 @@ class STARFlowPipeline:
             cond_frames = self.encode_video_prefix(request, input_video)
         x = self.decode(noise, y, request, cond_frames, attn_temp=attn_temp, jacobi=jacobi,
                         jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th, jacobi_max_iter=jacobi_max_iter)
-        clean = self.denoise(x, y_cond, request, method, denoising_batch_size)
+        clean = self.denoise(x, y_cond, request, method, denoising_batch_size, score_denoise_steps)
         pictures = self.postprocess(clean, request, output_type)
         return self._output(pictures, clean, x, texts, request, method)
 

@@ -6,7 +6,7 @@ through it, so the two cannot drift apart:
 - noise augmentation: x = x0 + noise_std * eps, eps ~ N(0, 1) (or U(-1, 1) to dequantise pixels);
 - the loss: the flow's NLL per dimension, weighted by noise_std / 0.3 when the prompt names the noise level;
 - the learnable self-denoiser: its target (sigma^2 / 0.3) * grad_x NLL and its step x - 0.3 * prediction;
-- denoising a sample: that learned step, one score (Tweedie) step with the flow itself, or none (a decoder
+- denoising a sample: that learned step, score (Tweedie) steps with the flow itself, or none (a decoder
   fine-tuned on noisy latents takes it over);
 - prompts: the fps line, noise level and aspect text the official models saw, and the null prompt of guidance.
 """
@@ -105,15 +105,23 @@ def choose_denoiser(requested, has_learned, finetuned_decoder=False):
     return requested
 
 
-def denoise_step(model, x, y, noise_std, method, dtype):
-    """One denoising pass on noisy latents x (float32 out): the learned step or the flow's score step."""
+def denoise_step(model, x, y, noise_std, method, dtype, score_steps=1):
+    """One denoising pass on noisy latents x (float32 out): the learned step, or `score_steps` score steps.
+
+    The first score step is Tweedie's estimate x + sigma^2 grad log p(x); each further one climbs log p on from
+    there with the same step, which is safe because the Hessian of -log p of sigma-noisy data is at most 1 / sigma^2,
+    so the steps go up to a mode of the noisy density: the clean picture, for data much sharper than sigma.
+    """
     if method == "learned":
         return x.float() - LEARNED_DENOISER_STEP * model.denoise(x.to(dtype), y).float()
-    return model.score_denoise(x.to(dtype), y, noise_std).float()
+    for _ in range(score_steps):
+        x = model.score_denoise(x.to(dtype), y, noise_std)
+    return x.float()
 
 
-def denoise(model, x, y, noise_std, method, dtype, window=None, overlap=None, batch_size=None):
-    """Remove the noise_std-noise of sampled latents with `method` ('learned', 'score' or 'none').
+def denoise(model, x, y, noise_std, method, dtype, window=None, overlap=None, batch_size=None, score_steps=1):
+    """Remove the noise_std-noise of sampled latents with `method` ('learned', 'score' or 'none'; 'score' takes
+    `score_steps` steps).
 
     Videos longer than `window` latent frames go in windows that overlap by `overlap` frames (default window - 1);
     every window sees the noisy latents, and only frames not yet written are taken from each window.
@@ -125,14 +133,15 @@ def denoise(model, x, y, noise_std, method, dtype, window=None, overlap=None, ba
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], None if y is None else y[i:i + batch_size]
         if x.dim() == 4 or window is None or x.shape[1] <= window:
-            out[i:i + batch_size] = denoise_step(model, xb, yb, noise_std, method, dtype)
+            out[i:i + batch_size] = denoise_step(model, xb, yb, noise_std, method, dtype, score_steps)
             continue
         stride = max(1, window - min(overlap or window - 1, window - 1))
-        out[i:i + batch_size, :window] = denoise_step(model, xb[:, :window], yb, noise_std, method, dtype)
+        out[i:i + batch_size, :window] = denoise_step(model, xb[:, :window], yb, noise_std, method, dtype,
+                                                      score_steps)
         done = window
         while done < x.shape[1]:
             end = min(done + stride, x.shape[1])
-            step = denoise_step(model, xb[:, end - window:end], yb, noise_std, method, dtype)
+            step = denoise_step(model, xb[:, end - window:end], yb, noise_std, method, dtype, score_steps)
             out[i:i + batch_size, done:end] = step[:, window - (end - done):]
             done = end
     return out
