@@ -364,8 +364,8 @@ class DecodeSchedule:
 
 
 SEQUENTIAL = DecodeSchedule()
-# --jacobi auto: per-token threshold, deep-step window, and how often a token may be evaluated before it is taken
-# --jacobi auto (chosen with bench/sampling.py): the shallow steps iterate the whole sequence, at most twice per token;
+# --jacobi auto (chosen with bench/sampling.py): per-token threshold, deep-step window, and how often a token may be
+# evaluated before it is taken. The shallow steps iterate the whole sequence, at most twice per token;
 # the deep step slides a window on accelerators (where a chunk costs about what one token does) and goes token by
 # token on a CPU (where a chunk of W tokens costs about W tokens, and the deep step commits only a few per pass).
 AUTO_SCHEDULE = dict(threshold=1e-3, shallow_evals=2, deep_window=64, deep_evals=32)

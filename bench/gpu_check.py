@@ -9,7 +9,7 @@ Steps (--steps picks some):
   1 correctness: the golden cases in float32 (TF32 off, the CPU tolerances), the same passes in bf16 autocast (their
     error against float32), and tests/test_flow.py's invariants with STARFLOW_TEST_DEVICE set to the device;
   2 the 3B text-to-image model (official config, bf16, random weights): 8 images at 256x256 with guidance 3.6,
-    sequential, Jacobi (block 16, th 1e-3) and `jacobi="auto"` where this checkout has it; the original code on the
+    sequential, Jacobi (block 16, th 1e-3) and `jacobi="auto"`; the original code on the
     same weights in the same process, for the ratio;
   3 the 7B text-to-video model: a 17-frame 480p clip with Jacobi (block 32, th 1e-3), extrapolated to 81 frames;
   4 3B training: train.py's Run steps on random latents, bf16, FSDP2 in a one-rank process group, the largest batch
@@ -400,12 +400,6 @@ def flow_invariants(ctx):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def jacobi_auto_available():
-    """Whether this checkout's sampling has `jacobi="auto"` (the sampling-speed issue): sample.py's key says so."""
-    key = sample.SAMPLE_KEYS["jacobi"]
-    return "auto" in (key.choices or ()) or key.default == "auto"
-
-
 def timed_sample(pipe, prompts, **settings):
     """One pipeline call with per-sample seeds, ending at latents: seconds (total and the flow's decode), network
     calls, peak memory."""
@@ -484,11 +478,8 @@ def sample_3b(ctx, report):
         model(torch.zeros(2, cfg.channel_size, side, side, device=device, dtype=dtype),
               text.encode(prompts[:2]).to(dtype))
     runs = [("sequential", dict(jacobi=False)), ("Jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16,
-                                                                                 jacobi_th=1e-3, jacobi_max_iter=32))]
-    if jacobi_auto_available():
-        runs.append(("jacobi auto", dict(jacobi="auto")))
-    else:
-        report.add("2", "3B jacobi auto", None, "not in this checkout (the sampling-speed issue has not landed)")
+                                                                                 jacobi_th=1e-3, jacobi_max_iter=32)),
+            ("jacobi auto", dict(jacobi="auto"))]
     ours = {}
     for name, settings in runs:
         out, r = timed_sample(pipe, prompts, cfg=guidance, **settings)

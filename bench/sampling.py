@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,21 +90,33 @@ class StepCounter:
         return [self.counts.get(id(b), (0, 0)) for b in self.blocks]
 
 
-def decode(model, noise, y, settings, kind=None):
-    """One guided decode: (samples, seconds, [(calls, token evaluations)] per flow step); kind forces --jacobi
-    auto's device choice."""
+@contextmanager
+def chosen_as(kind):
+    """Within it, --jacobi auto picks what it picks on `kind` ('accelerator' or 'cpu'; None: this device's own)."""
     import transformer_flow
-    sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
     auto_kind = transformer_flow.auto_kind
     if kind is not None:
         transformer_flow.auto_kind = lambda device: kind
-    with StepCounter(model) as counter:
+    try:
+        yield
+    finally:
+        transformer_flow.auto_kind = auto_kind
+
+
+def device_kind(schedule):
+    return "accelerator" if schedule == ACCELERATOR_CHOICE else None
+
+
+def decode(model, noise, y, settings, kind=None):
+    """One guided decode: (samples, seconds, [(calls, token evaluations)] per flow step); kind forces --jacobi
+    auto's device choice."""
+    sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
+    with chosen_as(kind), StepCounter(model) as counter:
         sync()
         start = time.perf_counter()
         out = model.reverse(noise, y, guidance=3.0, **settings)
         sync()
         seconds = time.perf_counter() - start
-    transformer_flow.auto_kind = auto_kind
     return out, seconds, counter.per_block()
 
 
@@ -112,8 +125,7 @@ def compare(name, model, noise, y, reps):
     decode(model, noise[:1], torch.cat([y[:1], y[len(noise):len(noise) + 1]]), {})  # warm-up
     rows, reference = [], None
     for schedule, settings in SCHEDULES.items():
-        kind = "accelerator" if schedule == ACCELERATOR_CHOICE else None
-        runs = [decode(model, noise, y, settings, kind) for _ in range(reps)]
+        runs = [decode(model, noise, y, settings, device_kind(schedule)) for _ in range(reps)]
         out, _, per_block = runs[0]
         seconds = sorted(r[1] for r in runs)[len(runs) // 2]
         reference = out if reference is None else reference
@@ -152,8 +164,9 @@ def fid_rows(pipe, samples, batch, seed):
         images = []
         for first in range(0, samples, batch):
             chunk = prompts[first:first + batch]
-            out = pipe(chunk, cfg=3.0, output_type="np", **settings,
-                       generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))])
+            with chosen_as(device_kind(schedule)):
+                out = pipe(chunk, cfg=3.0, output_type="np", **settings,
+                           generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))])
             images += list(out.images)
         feats[schedule] = feature_stats(inception_features(net, images, batch, desc=schedule))
         seq = feats["sequential"]

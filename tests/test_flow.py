@@ -171,10 +171,15 @@ def test_image_to_video_keeps_the_observed_frames(device):
     assert not torch.allclose(out[:, 2:], noise[:, 2:])
 
 
-def test_sliding_window_starts_like_a_plain_decode(device):
+@pytest.mark.parametrize("jacobi", [True, "auto", "auto_accelerator"])
+def test_sliding_window_starts_like_a_plain_decode(device, jacobi, request):
+    """Videos beyond the attention window, under the original's Jacobi chunks and under auto's sliding schedules."""
+    if jacobi == "auto_accelerator":
+        request.getfixturevalue("accelerator_auto")
+        jacobi = "auto"
     model = tiny_model(**VIDEO_FLAGS["official_video"], device=device)
     noise, y = inputs(model, frames=5, device=device)
-    settings = dict(jacobi=True, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=100)
+    settings = dict(jacobi=jacobi, jacobi_block_size=4, jacobi_th=1e-12, jacobi_max_iter=100)
     long = model.reverse(noise, y, local_attn_window=3, context_length=2, **settings)
     assert long.shape == noise.shape
     torch.testing.assert_close(long[:, :3], model.reverse(noise[:, :3], y, **settings), atol=1e-5, rtol=0)
