@@ -58,8 +58,8 @@ SAMPLE_KEYS = {
     "attn_temp": ARGUMENTS["attn_temp"],
     "out_fps": ARGUMENTS["fps"].replace(help="video fps (prompt text and MP4); default: the fps of vid_size"),
     "target_length": ARGUMENTS["target_length"].replace(
-        help="video frames to generate; beyond the training length a sliding window is used (needs --jacobi 1 or auto); "
-             "1 gives an image"),
+        help="video frames to generate; beyond the training length a sliding window is used (needs --jacobi 1 or "
+             "auto); 1 gives an image"),
     "context_length": ARGUMENTS["context_length"],
     "input_image": Key(None, "str", "image-to-video: the first frame ('none' = text-to-video); with --mask, the "
                                     "picture to inpaint", path="file"),
