@@ -267,13 +267,15 @@ class Run:
         if cfg.video_to_video:
             captions = ["(v2v) " + c for c in captions]
         eps = recipe.unit_noise(cfg.noise_type, x0.shape, lambda fn, shape: rank_slice(fn, shape, info, gen))
-        x = recipe.noise_augment(x0, cfg.noise_std, eps.to(x0.device)).requires_grad_(bool(self.denoiser_params))
+        score_target = bool(self.denoiser_params) and cfg.denoiser_target == "score"  # needs grad_x NLL
+        x = recipe.noise_augment(x0, cfg.noise_std, eps.to(x0.device)).requires_grad_(score_target)
         y = self.encode_text(captions, meta, gen)
         with T.no_grad_sync(self.train_model, sync):
             with self.autocast():
                 z, outputs, logdets = self.train_model(x, y)
                 losses = recipe.flow_loss(self.model, z, logdets, outputs, cfg)
-            target = recipe.denoiser_target(z, logdets, x, cfg.noise_std) if self.denoiser_params else None
+            target = recipe.denoiser_target(cfg.denoiser_target, x, x0, cfg.noise_std, z, logdets) \
+                if self.denoiser_params else None
             (losses["loss"] / cfg.acc).backward()
             if target is not None:
                 with self.autocast():

@@ -60,7 +60,8 @@ class FlowConfig:
     use_checkpoint_mlp: int = None  # the same for MLPs; None = use_checkpoint
     soft_clip: float = 0.0  # squash step outputs to s * tanh(o / s) (0 = off)
     seq_order: str = "R2L"  # token order of the last step: L2R raster order or R2L reversed; steps alternate
-    learnable_self_denoiser: bool = False  # add the 8-layer bidirectional denoiser STARFlow-V trains alongside
+    learnable_self_denoiser: bool = False  # add the bidirectional denoiser STARFlow-V trains alongside
+    denoiser_layers: int = 8  # its transformer layers (8 in STARFlow-V)
     conditional_denoiser: bool = False  # the denoiser sees the text too
     temporal_causal: int = 0  # video: reverse tokens inside each frame so the flow stays causal in time (> 0);
     #                           also the denoiser's look-ahead in frames (1 causal, 2 one frame ahead)
@@ -73,7 +74,7 @@ class FlowConfig:
         if isinstance(self.layers_per_block, int):
             self.layers_per_block = [self.layers_per_block] * self.num_blocks
         self.layers_per_block = list(self.layers_per_block)
-        for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "head_dim"):
+        for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "head_dim", "denoiser_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if len(self.layers_per_block) != self.num_blocks:
@@ -697,8 +698,8 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.rope = RotaryEmbedding(c.head_dim) if c.rope else None
         self.learnable_self_denoiser = NonCausalBlock(
-            token_dim, c.channels, num_layers=8, block_causal=c.temporal_causal, window=c.denoiser_window,
-            txt_dim=c.txt_dim if c.conditional_denoiser else 0, **layer) if c.learnable_self_denoiser else None
+            token_dim, c.channels, num_layers=c.denoiser_layers, block_causal=c.temporal_causal,
+            window=c.denoiser_window, txt_dim=c.txt_dim if c.conditional_denoiser else 0, **layer) if c.learnable_self_denoiser else None
 
     # ------------------------------------------------------------------------------------------ layout helpers
     def patchify(self, x):

@@ -264,9 +264,21 @@ def add_common_args(parser, batch, out_dir):
     parser.add_argument("--batch", type=int, default=batch, help="samples per sampling batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--denoiser", default="auto", choices=recipe.DENOISERS,
+                        help="denoising after the flow: auto (the learned self-denoiser if the model has one, else "
+                             "score steps), learned, score or none")
     parser.add_argument("--score_denoise_steps", type=int, default=None,
                         help="score steps of denoising (default: the config's score_denoise_steps)")
     parser.add_argument("--out_dir", default=out_dir)
+
+
+def denoising(args, config, pipe):
+    """The denoising a benchmark's samples get, as report entries and in words."""
+    method = recipe.choose_denoiser(args.denoiser, pipe.model.learnable_self_denoiser is not None)
+    steps = args.score_denoise_steps or config.score_denoise_steps
+    words = {"learned": f"the learned self-denoiser ({config.denoiser_target} target)",
+             "score": f"{steps} score step(s) of denoising", "none": "no denoising"}[method]
+    return {"denoiser": method, "score_denoise_steps": steps}, words
 
 
 def load_demo(checkpoint_path, data_format):
@@ -294,8 +306,9 @@ def run(args):
     scales = args.cfg if args.cfg is not None else [config.cfg[0] if config.cfg else 0.0]
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "img_size": config.img_size, "holdout": config.holdout,
-              "per_combo": args.per_combo,
-              "score_denoise_steps": args.score_denoise_steps or config.score_denoise_steps}
+              "per_combo": args.per_combo}
+    entries, denoised_by = denoising(args, config, pipe)
+    report.update(entries)
 
     start = time.perf_counter()
     net, clf_digit, clf_colour = train_classifier(config.img_size, args.classifier_epochs, args.seed)
@@ -312,11 +325,12 @@ def run(args):
     prompts = prompts_for([(d, c) for d in range(10) for c in COLOUR_NAMES], args.per_combo)
     steps = report["score_denoise_steps"]
     report["accuracy"], report["pixel_noise"], grids = {}, {}, {}
-    print(f"\n{len(prompts)} samples per guidance scale, {steps} score step(s) of denoising, {args.threads} threads")
+    print(f"\n{len(prompts)} samples per guidance scale, {denoised_by}, {args.threads} threads")
     print(f"{'cfg':>5} {'part':<9} {'n':>5} {'digit':>7} {'colour':>7} {'both':>7} {'seconds':>8}")
     for cfg in scales:
         start = time.perf_counter()
-        images = generate(pipe, prompts, cfg, args.seed, args.batch, score_denoise_steps=steps)
+        images = generate(pipe, prompts, cfg, args.seed, args.batch, denoiser=args.denoiser,
+                          score_denoise_steps=steps)
         seconds = time.perf_counter() - start
         result = score(net, images, prompts, holdout)
         report["accuracy"][f"cfg_{cfg:g}"] = dict(result, seconds=round(seconds, 1))

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, moving_digit_size  # noqa: E402
 from dataset import MovingMNISTDataset  # noqa: E402
-from demo_quality import (add_common_args, load_demo, pixel_noise, print_noise, print_pair_table,  # noqa: E402
-                          to_uint8_scale, train_classifier, write_report)
+from demo_quality import (add_common_args, denoising, load_demo, pixel_noise, print_noise,  # noqa: E402
+                          print_pair_table, to_uint8_scale, train_classifier, write_report)
 from utils.config import parse_vid_size  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png, write_video  # noqa: E402
@@ -146,8 +146,9 @@ def run(args):
     digit_size = moving_digit_size(config.img_size)
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "vid_size": config.vid_size, "img_size": config.img_size,
-              "cfg": cfg, "per_combo": args.per_combo,
-              "score_denoise_steps": args.score_denoise_steps or config.score_denoise_steps}
+              "cfg": cfg, "per_combo": args.per_combo}
+    entries, denoised_by = denoising(args, config, pipe)
+    report.update(entries)
 
     net, clf_digit, _ = train_classifier(digit_size, args.classifier_epochs, args.seed)
     report["classifier_test_digit_accuracy"] = round(clf_digit, 4)
@@ -163,13 +164,12 @@ def run(args):
     if args.timing:
         samplers.append(("jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3)))
     report["samplers"] = []
-    print(f"\n{len(prompts)} clips of {frames} frames, cfg {cfg:g}, {report['score_denoise_steps']} score step(s) of "
-          f"denoising, {args.threads} threads")
+    print(f"\n{len(prompts)} clips of {frames} frames, cfg {cfg:g}, {denoised_by}, {args.threads} threads")
     print(f"{'sampler':<28}{'digit':>8}{'direction':>11}{'both':>8}{'seconds':>9}")
     for name, sampler in samplers:
         start = time.perf_counter()
-        clips = generate(pipe, prompts, cfg, args.seed, args.batch, score_denoise_steps=args.score_denoise_steps,
-                         **sampler)
+        clips = generate(pipe, prompts, cfg, args.seed, args.batch, denoiser=args.denoiser,
+                         score_denoise_steps=args.score_denoise_steps, **sampler)
         seconds = time.perf_counter() - start
         result = dict(score(net, clips, prompts, digit_size), sampler=name, seconds=round(seconds, 1))
         report["samplers"].append(result)

@@ -60,9 +60,19 @@ def test_denoiser_target_makes_the_learned_step_the_score_step(device):
     x, y = tiny_inputs(model, device=device)
     x.requires_grad_(True)
     z, _, logdets = model(x, y)
-    target = recipe.denoiser_target(z, logdets, x, noise_std=0.5)
+    target = recipe.denoiser_target("score", x, None, 0.5, z, logdets)
     torch.testing.assert_close(x.detach() - recipe.LEARNED_DENOISER_STEP * target,
                                model.score_denoise(x, y, 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_clean_denoiser_target_makes_the_learned_step_land_on_the_clean_latents():
+    """denoiser_target 'clean': a perfect prediction turns the noisy latents back into the clean ones through the
+    same step sampling takes (x - step * prediction), whatever the noise level."""
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = recipe.noise_augment(x0, 0.4, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+    target = recipe.denoiser_target("clean", x, x0, 0.4)
+    assert not target.requires_grad
+    torch.testing.assert_close(x - recipe.LEARNED_DENOISER_STEP * target, x0)
 
 
 def test_more_score_steps_repeat_the_step_and_climb_to_the_mode():

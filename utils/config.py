@@ -151,7 +151,11 @@ SCHEMA = {
                                              "were never released)"),
     "use_mm_attn": Compat(0, "int", "multimodal attention (it had no effect in the original either)"),
     "soft_clip": Key(0, "float", "soft clipping s*tanh(o/s) of block outputs (0 = off)", low=0),
-    "learnable_self_denoiser": flag(0, "build and train the 8-layer learnable self-denoiser"),
+    "learnable_self_denoiser": flag(0, "build and train the learnable self-denoiser (denoiser_layers layers)"),
+    "denoiser_layers": Key(8, "int", "layers of the learnable self-denoiser (8 in STARFlow-V)", low=1),
+    "denoiser_target": Key("score", "str", "what the self-denoiser learns: score (STARFlow-V: the flow's own Tweedie "
+                                           "step) or clean (the clean latents, regressed from the data)",
+                           choices=("score", "clean")),
     "conditional_denoiser": flag(0, "the denoiser also sees the text"),
     "noise_embed_denoiser": Compat(0, "int", "a noise embedding in the denoiser (no effect in the original)"),
     "temporal_causal": Key(0, "int", "temporal causality mode for video (also the denoiser's block causality)", low=0),
@@ -498,5 +502,6 @@ def model_kwargs(cfg, latent_size, txt_dim=0):
         learnable_self_denoiser=bool(cfg.learnable_self_denoiser),
         conditional_denoiser=bool(cfg.conditional_denoiser), temporal_causal=cfg.temporal_causal,
         top_block_channels=cfg.top_block_channels, shallow_block_local=bool(cfg.shallow_block_local),
-        denoiser_window=cfg.denoiser_window, local_attn_window=cfg.local_attn_window,
+        denoiser_window=cfg.denoiser_window, denoiser_layers=cfg.denoiser_layers,
+        local_attn_window=cfg.local_attn_window,
     )

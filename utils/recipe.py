@@ -5,7 +5,8 @@ latents and removes that noise after sampling; this module is that recipe, and t
 through it, so the two cannot drift apart:
 - noise augmentation: x = x0 + noise_std * eps, eps ~ N(0, 1) (or U(-1, 1) to dequantise pixels);
 - the loss: the flow's NLL per dimension, weighted by noise_std / 0.3 when the prompt names the noise level;
-- the learnable self-denoiser: its target (sigma^2 / 0.3) * grad_x NLL and its step x - 0.3 * prediction;
+- the learnable self-denoiser: its target ((sigma^2 / 0.3) * grad_x NLL, or (x - x0) / 0.3) and its step
+  x - 0.3 * prediction;
 - denoising a sample: that learned step, score (Tweedie) steps with the flow itself, or none (a decoder
   fine-tuned on noisy latents takes it over);
 - prompts: the fps line, noise level and aspect text the official models saw, and the null prompt of guidance.
@@ -81,9 +82,13 @@ def flow_loss(model, z, logdets, outputs, cfg):
                           latent_norm_regularization=cfg.latent_norm_regularization)
 
 
-def denoiser_target(z, logdets, x, noise_std):
-    """What the learnable self-denoiser learns to predict for noisy input x: (sigma^2 / step) * grad_x NLL(x | y),
-    so that x - step * prediction is the Tweedie estimate x + sigma^2 grad log p(x). Keeps the graph of z."""
+def denoiser_target(kind, x, x0, noise_std, z=None, logdets=None):
+    """What the learnable self-denoiser learns to predict for noisy input x, so that x - step * prediction is the
+    denoised x. 'score' (STARFlow-V): (sigma^2 / step) * grad_x NLL(x | y), the flow's own Tweedie estimate
+    (keeps the graph of z); 'clean': (x - x0) / step, the clean latents x0 regressed from the data, which the
+    flow's density does not limit."""
+    if kind == "clean":
+        return ((x - x0) / LEARNED_DENOISER_STEP).detach().float()
     (grad,) = torch.autograd.grad(Model.summed_nll(z, logdets), x, retain_graph=True)
     return (noise_std ** 2 / LEARNED_DENOISER_STEP) * grad.detach()
 
