@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from misc.linear import Linear, prepacked
 from misc.pe import RotaryEmbedding, apply_rope, grid_positions
 
 SOFTPLUS_OFFSET = math.log(math.e - 1)  # softplus(0 + offset) == 1, so a zero network output is the identity map
@@ -200,8 +201,8 @@ class Attention(nn.Module):
         self.hf_style_rope = hf_style_rope
         self.non_causal = non_causal
         self.norm = make_norm(norm_type, channels)
-        self.qkv = nn.Linear(channels, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=use_bias)
-        self.proj = nn.Linear(self.num_heads * head_dim, channels, bias=use_bias)
+        self.qkv = Linear(channels, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias=use_bias)
+        self.proj = Linear(self.num_heads * head_dim, channels, bias=use_bias)
         # optional parts are None when absent (no state-dict keys), and checked without hasattr's exception path
         self.query_norm, self.key_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if use_qk_norm else (None, None)
         self.post_norm = RMSNorm(channels) if use_post_norm else None
@@ -246,17 +247,18 @@ class MLP(nn.Module):
         self.norm = make_norm(norm_type, channels)
         self.main = None
         if use_swiglu:
-            self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
-            self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
-            self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
+            self.gate_proj = Linear(channels, hidden, bias=use_bias)
+            self.up_proj = Linear(channels, hidden, bias=use_bias)
+            self.down_proj = Linear(hidden, channels, bias=use_bias)
         else:
-            self.main = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+            self.main = nn.Sequential(Linear(channels, hidden), nn.GELU(), Linear(hidden, channels))
         self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def forward(self, x):
         x = self.norm(x)
         if self.main is not None:
-            x = self.main(x)
+            fc1, _, fc2 = self.main
+            x = fc2(fc1(x, activation="gelu"))  # on CPU, the matmul and its GELU are one oneDNN call
         else:
             x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         return x if self.post_norm is None else self.post_norm(x)
@@ -296,10 +298,10 @@ class Trunk(nn.Module):
                  use_checkpoint_mlp=None, non_causal=False, expansion=4):
         super().__init__()
         ckpt_mlp = use_checkpoint if use_checkpoint_mlp is None else use_checkpoint_mlp
-        self.proj_in = nn.Linear(in_channels, channels)
-        self.proj_out = nn.Linear(channels, out_channels)
+        self.proj_in = Linear(in_channels, channels)
+        self.proj_out = Linear(channels, out_channels)
         nn.init.zeros_(self.proj_out.weight)  # every flow step (and the denoiser) starts as the identity
-        self.proj_txt = nn.Linear(txt_dim, channels) if txt_dim else None
+        self.proj_txt = Linear(txt_dim, channels) if txt_dim else None
         self.attn_blocks = nn.ModuleList([
             AttentionBlock(channels, head_dim=head_dim, expansion=expansion, use_swiglu=use_swiglu,
                            norm_type=norm_type, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -365,11 +367,12 @@ class DecodeSchedule:
 
 
 SEQUENTIAL = DecodeSchedule()
-# --jacobi auto (chosen with bench/sampling.py): per-token threshold, deep-step window, and how often a token may be
-# evaluated before it is taken. The shallow steps iterate the whole sequence, at most twice per token;
-# the deep step slides a window on accelerators (where a chunk costs about what one token does) and goes token by
-# token on a CPU (where a chunk of W tokens costs about W tokens, and the deep step commits only a few per pass).
-AUTO_SCHEDULE = dict(threshold=1e-3, shallow_evals=2, deep_window=64, deep_evals=32)
+# --jacobi auto (chosen with bench/sampling.py): per-token threshold, deep-step window and threshold, and how often a
+# token may be evaluated before it is taken. The shallow steps iterate the whole sequence, at most twice per token;
+# the deep step slides a window on accelerators (where a chunk costs about what one token does; its looser threshold
+# saves a quarter of the passes at the same FID) and goes token by token on a CPU (where a chunk of W tokens costs
+# nearly W tokens, and the deep step commits only a few per pass).
+AUTO_SCHEDULE = dict(threshold=1e-3, shallow_evals=2, deep_window=64, deep_threshold=2e-2, deep_evals=32)
 
 
 @dataclass
@@ -494,21 +497,22 @@ class MetaBlock(Trunk):
         B, L, _ = z.shape
         if window is not None and self.sos_embed is None:
             raise ValueError("sliding-window decoding needs a model with an SOS token (sos: 1)")
-        d = self._begin_decode(z, text, rope, frames, guidance, temp, window, schedule.guess)
-        start = 0 if prefix is None else self._continue_prefix(d, prefix)
-        target = d.steps if window is None else min(d.steps, window)
-        while start < d.steps:
-            if start == target:
-                target = min(d.steps, target + window - context)
-                self._slide_window(d, start, context)
-            if schedule.sliding:
-                start = self._decode_sliding(d, start, target, schedule, guidance)
-                continue
-            first_frame = start <= d.frame_len
-            chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
-            self._decode_chunk(d, start, chunk, schedule, guidance)
-            start += chunk
-        x = d.buffer[:B, 1:] if self.sos_embed is not None else d.buffer[:B]
+        with prepacked(self):  # thousands of small matmuls on the same weights
+            d = self._begin_decode(z, text, rope, frames, guidance, temp, window, schedule.guess)
+            start = 0 if prefix is None else self._continue_prefix(d, prefix)
+            target = d.steps if window is None else min(d.steps, window)
+            while start < d.steps:
+                if start == target:
+                    target = min(d.steps, target + window - context)
+                    self._slide_window(d, start, context)
+                if schedule.sliding:
+                    start = self._decode_sliding(d, start, target, schedule, guidance)
+                    continue
+                first_frame = start <= d.frame_len
+                chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
+                self._decode_chunk(d, start, chunk, schedule, guidance)
+                start += chunk
+            x = d.buffer[:B, 1:] if self.sos_embed is not None else d.buffer[:B]
         return permute(x, self.permutation, frames)
 
     def _begin_decode(self, z, text, rope, frames, guidance, temp, window, guess="input"):
@@ -556,23 +560,30 @@ class MetaBlock(Trunk):
         d.offset = start - context
 
     def _decode_chunk(self, d, start, chunk, schedule, guidance):
-        """Fixed-point iterations on tokens [start, start + chunk) until they stop changing; then into the cache."""
+        """Fixed-point iterations on tokens [start, start + chunk) until they stop changing; then into the cache.
+
+        Iteration i's first i + 1 tokens are exact (all their inputs were), so after it one more token goes into
+        the cache and is not evaluated again: the original's iterates and stopping rule, with fewer evaluations,
+        and never more iterations than the chunk has tokens."""
         for it in range(schedule.max_iter):
-            inp = d.buffer[:, start:start + chunk]
+            exact = start + it  # tokens [start, exact) are final and cached
+            inp = d.buffer[:, exact:start + chunk]
             if it == 0 and start > d.frame_len and chunk > 1:
                 # the same tokens one frame earlier are a better first guess than noise
                 inp = torch.cat([inp[:, :1], d.buffer[:, start + 1 - d.frame_len:start + chunk - d.frame_len]], 1)
-            mu, sigma = self.step(inp, None, d.rope, d.text_len + start - d.offset, d.cache, d.temp, d.frames,
+            mu, sigma = self.step(inp, None, d.rope, d.text_len + exact - d.offset, d.cache, d.temp, d.frames,
                                   d.frame_len)
             if guidance > 0:
                 mu, sigma = guide(mu, sigma, guidance)
-            new = mu + sigma * d.noise[:, start:start + chunk]
-            old = d.buffer[:, start + 1:start + 1 + chunk]
-            done = it == schedule.max_iter - 1 or all_ranks_agree(
-                ((new - old).pow(2).mean() / new.pow(2).mean()).item() < schedule.threshold, new.device)
-            d.buffer[:, start + 1:start + 1 + chunk] = new
+            new = mu + sigma * d.noise[:, exact:start + chunk]
+            old = d.buffer[:, exact + 1:start + 1 + chunk]
+            final = d.buffer[:, start + 1:exact + 1]  # the chunk's final tokens: changed by nothing
+            done = it == schedule.max_iter - 1 or it == chunk - 1 or all_ranks_agree(
+                ((new - old).pow(2).sum() / (new.pow(2).sum() + final.pow(2).sum())).item() < schedule.threshold,
+                new.device)
+            d.buffer[:, exact + 1:start + 1 + chunk] = new
+            d.cache.commit(start + chunk - exact if done else 1)
             if done:
-                d.cache.commit(chunk)
                 return
 
     def _decode_sliding(self, d, start, end, schedule, guidance):
@@ -817,16 +828,16 @@ class Model(nn.Module):
         Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto' (AUTO_SCHEDULE): sliding
         windows that never re-evaluate a committed token, over the whole sequence for the shallow steps, and over
         block_size tokens for the deep step on an accelerator (token by token on a CPU: `device`); max_iter caps
-        the evaluations of a token."""
+        the evaluations of a token, threshold (given) replaces both of auto's thresholds."""
         if jacobi == "auto":
             a = AUTO_SCHEDULE
-            threshold = a["threshold"] if threshold is None else threshold
+            shallow_th, deep_th = (a["threshold"], a["deep_threshold"]) if threshold is None else (threshold,) * 2
             shallow = DecodeSchedule(2 ** 62, 2 ** 62, a["shallow_evals"] if max_iter is None else max_iter,
-                                     threshold, sliding=True)
+                                     shallow_th, sliding=True)
             window = a["deep_window"] if block_size is None else block_size
-            deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, threshold,
+            deep = DecodeSchedule(window, 4 * window, a["deep_evals"] if max_iter is None else max_iter, deep_th,
                                   sliding=True)
-            check_jacobi(deep.block_size, min(shallow.max_iter, deep.max_iter), threshold)
+            check_jacobi(deep.block_size, min(shallow.max_iter, deep.max_iter), deep_th)
             if auto_kind(device) == "cpu":
                 deep = SEQUENTIAL
             return [shallow] * (len(self.blocks) - 1) + [deep]

@@ -311,12 +311,29 @@ def count_steps(model, run):
     return [tuple(counts[id(b)]) for b in model.blocks]
 
 
+def test_jacobi_chunks_skip_their_exact_prefix():
+    """Iteration i of a chunk leaves its first i + 1 tokens final: they go into the cache and are not evaluated
+    again, so a 4-token chunk takes at most 4 calls and 4 + 3 + 2 + 1 evaluations, and ends at sequential's result
+    (at threshold 0 the original iterated on to max_iter)."""
+    model = tiny_model()
+    noise, y = inputs(model)  # 20 tokens a step: 5 chunks of 4
+
+    def jacobi():
+        return model.reverse(noise, y, jacobi=True, jacobi_block_size=4, jacobi_th=0.0, jacobi_max_iter=32)
+
+    assert count_steps(model, jacobi) == [(20, 50)] * 3
+    torch.testing.assert_close(jacobi(), model.reverse(noise, y), atol=1e-5, rtol=0)
+
+
 def test_auto_picks_per_flow_step_and_device():
     from transformer_flow import SEQUENTIAL
     model = tiny_model()
     cpu, gpu = (model.decode_schedules("auto", device=torch.device(d)) for d in ("cpu", "cuda"))
     assert all(s.sliding and s.block_size > 1000 and s.max_iter == 2 for s in cpu[:-1] + gpu[:-1])
     assert cpu[-1] is SEQUENTIAL and gpu[-1].sliding and gpu[-1].block_size == 64
+    assert cpu[0].threshold == 1e-3 and gpu[-1].threshold == 2e-2  # the deep step's looser threshold on GPUs
+    given = model.decode_schedules("auto", threshold=1e-4, device=torch.device("cuda"))
+    assert {s.threshold for s in given} == {1e-4}
     assert model.decode_schedules(True)[0].block_size == 16 and model.decode_schedules(False) == [SEQUENTIAL] * 3
 
 

@@ -1,0 +1,97 @@
+"""The flow's matmuls through PyTorch's F.linear (MKL on CPU), through oneDNN (plain and prepacked weights), and
+through misc/linear.py's Linear, which picks between them by size; forward, and forward + backward; from one run.
+
+    python bench/kernels.py                 # 2 threads
+    python bench/kernels.py --threads 1 --reps 500
+
+Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model's (width 256) at a decoding step
+(4 samples + guidance: 8 rows), a 16-token Jacobi chunk (128 rows) and a training batch (16 x 272 rows); the demo
+model's (width 128) at a decoding step (16 prompts + guidance: 32 rows), a 16-token chunk (512 rows) and a training
+batch (16 x 76 rows). Prints microseconds and the ratio Linear / F.linear (lower is better).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from misc.linear import ONEDNN, Linear, _onednn, prepacked, uses_onednn  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+WIDTHS = {"bench": 256, "demo": 128}
+CASES = [("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128), ("bench training", "bench", 16 * 272),
+         ("demo decode", "demo", 32), ("demo jacobi chunk", "demo", 512), ("demo training", "demo", 16 * 76)]
+
+
+def layer_shapes(width):
+    """(in, out) of a transformer layer's four matmuls: qkv, attention out, MLP up, MLP down."""
+    return [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]
+
+
+def seconds(fn, reps):
+    """Median of `reps` timed calls after warm-up calls."""
+    for _ in range(max(3, reps // 10)):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def timings(rows, n_in, n_out, reps):
+    """Microseconds of F.linear, forced oneDNN (plain, packed) and Linear as decoding runs it; forward + backward of
+    F.linear and of Linear."""
+    layer, x = Linear(n_in, n_out), torch.randn(rows, n_in)
+    xg = x.clone().requires_grad_()
+    reps = max(5, reps // 20) if rows > 1000 else reps
+
+    def aten_train():
+        F.linear(xg, layer.weight, layer.bias).sum().backward()
+
+    def linear_train():
+        layer(xg).sum().backward()
+
+    with torch.no_grad():
+        aten = seconds(lambda: F.linear(x, layer.weight, layer.bias), reps)
+        plain = seconds(lambda: _onednn(x, layer.weight, layer.bias), reps)
+        with prepacked(layer):
+            packed = seconds(lambda: _onednn(x, layer.packed_weight(), layer.bias), reps)
+            routed = seconds(lambda: layer(x), reps)
+    return {"aten": aten, "onednn": plain, "onednn_packed": packed, "linear": routed,
+            "aten_train": seconds(aten_train, reps), "linear_train": seconds(linear_train, reps)}
+
+
+def run(args):
+    if not ONEDNN:
+        raise SystemExit("error: this PyTorch build has no oneDNN (torch.backends.mkldnn); nothing to compare")
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} threads; microseconds per call (median of {args.reps}), ratio = Linear / F.linear")
+    print(f"{'case':<19}{'shape':>16}{'F.linear':>10}{'oneDNN':>8}{'packed':>8}{'Linear':>8}{'route':>8}{'ratio':>7}"
+          f"{'train F':>10}{'train L':>10}{'ratio':>7}")
+    report = []
+    for name, model, rows in CASES:
+        for n_in, n_out in layer_shapes(WIDTHS[model]):
+            t = {k: v * 1e6 for k, v in timings(rows, n_in, n_out, args.reps).items()}
+            route = "oneDNN" if uses_onednn(torch.empty(rows, n_in), torch.empty(n_out, n_in)) else "MKL"
+            print(f"{name:<19}{f'{rows}x{n_in}->{n_out}':>16}{t['aten']:>10.1f}{t['onednn']:>8.1f}"
+                  f"{t['onednn_packed']:>8.1f}{t['linear']:>8.1f}{route:>8}{t['linear'] / t['aten']:>7.2f}"
+                  f"{t['aten_train']:>10.1f}{t['linear_train']:>10.1f}{t['linear_train'] / t['aten_train']:>7.2f}",
+                  flush=True)
+            report.append(dict(case=name, rows=rows, n_in=n_in, n_out=n_out, route=route, **t))
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=200)
+    return run_cli(run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

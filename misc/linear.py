@@ -1,0 +1,95 @@
+"""nn.Linear whose float32 CPU matmuls go through oneDNN: the same arithmetic, faster kernels.
+
+PyTorch's CPU float32 GEMM is MKL's; on the AMD EPYC this project is measured on, oneDNN's kernels run the flow's
+matmuls 1.5-3x faster (`python bench/kernels.py` prints the ratio per shape). Everything else (CUDA, MPS, other
+dtypes, autocast, builds without oneDNN, tensor subclasses such as DTensor) takes F.linear unchanged.
+"""
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Below about a million multiply-adds per call MKL's smaller call overhead wins (bench/kernels.py: a 32 x 128 -> 128
+# product takes 13 us in MKL, 26 us in oneDNN; 8 x 256 -> 768, 43 us against 23 us packed).
+ONEDNN_MIN_MACS = 2 ** 20
+ONEDNN_MIN_TRAIN_MACS = 2 ** 24  # with gradients, three products and a Python autograd node per call
+
+
+def _onednn(x, weight, bias, activation="none"):
+    """x @ weight.T + bias (then GELU when activation is 'gelu'), one oneDNN call; weight may be prepacked."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """A linear layer whose forward and gradient matmuls all run in oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(g, weight.t(), None).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn(g.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def uses_onednn(x, weight, min_macs=ONEDNN_MIN_MACS):
+    """Whether this matmul takes the oneDNN path: plain float32 CPU tensors, outside autocast, more than
+    min_macs multiply-adds."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] > min_macs
+            and type(weight) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor
+            and not torch.is_autocast_enabled("cpu"))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) routed through oneDNN on CPU float32; inside `prepacked`
+    its weight is reordered once into oneDNN's blocked layout, which is what pays at decoding's small batches."""
+
+    packing = False  # set by `prepacked`; the packed weight is dropped when the scope ends
+    _packed = None  # (weak reference to the weight it was made from, that weight's version, packed tensor)
+
+    def forward(self, x, activation="none"):
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or
+                                                (self.bias is not None and self.bias.requires_grad))
+        if not uses_onednn(x, self.weight, ONEDNN_MIN_TRAIN_MACS if training else ONEDNN_MIN_MACS):
+            out = F.linear(x, self.weight, self.bias)
+        elif training:
+            out = _OneDNNLinear.apply(x, self.weight, self.bias)
+        else:
+            return _onednn(x, self.packed_weight() if self.packing else self.weight, self.bias, activation)
+        return F.gelu(out) if activation == "gelu" else out
+
+    def packed_weight(self):
+        """The weight in oneDNN's layout, reordered again whenever the weight tensor or its values change."""
+        w = self.weight
+        if self._packed is None or self._packed[0]() is not w or self._packed[1] != w._version:
+            self._packed = (weakref.ref(w), w._version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        return self._packed[2]
+
+
+@contextmanager
+def prepacked(module):
+    """Within it, the module's Linear layers keep oneDNN-packed copies of their weights (one flow step's worth of
+    extra memory, freed on exit): for the many small matmuls of decoding."""
+    layers = [m for m in module.modules() if isinstance(m, Linear)]
+    for m in layers:
+        m.packing = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.packing, m._packed = False, None

@@ -1,0 +1,87 @@
+"""misc/linear.py: the oneDNN route of nn.Linear gives F.linear's outputs and gradients, and its packed weights
+follow every change of the weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from misc import linear
+from misc.linear import Linear, prepacked
+
+pytestmark = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no oneDNN")
+IN, OUT = 512, 4096  # 2M multiply-adds a row: over linear.ONEDNN_MIN_MACS, and 9 rows over the training one
+INPUTS = {
+    "2d": lambda: torch.randn(9, IN),
+    "3d": lambda: torch.randn(3, 7, IN),
+    "strided": lambda: torch.randn(3, IN, 7).transpose(1, 2),
+    "one_row": lambda: torch.randn(1, 1, IN),
+}
+
+
+@pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_outputs_equal_f_linear(make_x, bias, activation, packed):
+    layer, x = Linear(IN, OUT, bias=bias), make_x()
+    assert linear.uses_onednn(x, layer.weight)
+    want = F.linear(x, layer.weight, layer.bias)
+    want = F.gelu(want) if activation == "gelu" else want
+    with torch.no_grad(), prepacked(layer) if packed else torch.enable_grad():
+        got = layer(x, activation=activation)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_gradients_equal_autograd_of_f_linear(make_x, activation):
+    layer, x = Linear(IN, OUT), make_x().requires_grad_()
+    assert linear.uses_onednn(x, layer.weight, linear.ONEDNN_MIN_TRAIN_MACS) == (x.numel() // IN > 1)
+    (layer(x, activation=activation) ** 2).sum().backward()
+    got = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    for t in (x, layer.weight, layer.bias):
+        t.grad = None
+    out = F.linear(x, layer.weight, layer.bias)
+    ((F.gelu(out) if activation == "gelu" else out) ** 2).sum().backward()
+    for g, t in zip(got, (x, layer.weight, layer.bias)):
+        torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_only_the_input_gradient_when_weights_are_frozen():
+    layer, x = Linear(IN, OUT).requires_grad_(False), torch.randn(9, IN, requires_grad=True)
+    assert linear.uses_onednn(x, layer.weight, linear.ONEDNN_MIN_TRAIN_MACS)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(9, -1), atol=1e-4, rtol=1e-5)
+
+
+def test_packed_weight_follows_changes_and_is_dropped_after_the_scope():
+    layer, x = Linear(IN, OUT), torch.randn(4, IN)
+    with torch.no_grad(), prepacked(layer):
+        first = layer(x)
+        layer.weight.mul_(2)  # in place: a new version of the same tensor
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer.load_state_dict({"weight": torch.zeros(OUT, IN), "bias": torch.ones(OUT)})
+        torch.testing.assert_close(layer(x), torch.ones(4, OUT))
+        layer.weight = torch.nn.Parameter(torch.eye(OUT, IN))  # a new tensor
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert not layer.packing and layer._packed is None and first.shape == (4, OUT)
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "autocast", "float64"])
+def test_other_dtypes_and_autocast_take_f_linear(case):
+    layer, x = Linear(IN, OUT), torch.randn(3, IN)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not linear.uses_onednn(x, layer.weight)
+            assert layer(x).dtype == torch.bfloat16
+        return
+    layer, x = layer.to(getattr(torch, case)), x.to(getattr(torch, case))
+    assert not linear.uses_onednn(x, layer.weight)
+    assert torch.equal(layer(x, activation="gelu"), F.gelu(F.linear(x, layer.weight, layer.bias)))
+
+
+def test_small_products_take_f_linear():
+    """Under a million multiply-adds (16 million with gradients) MKL's call overhead is the smaller."""
+    layer = Linear(128, 128)
+    assert not linear.uses_onednn(torch.randn(64, 128), layer.weight)  # 2 ** 20 exactly
+    assert linear.uses_onednn(torch.randn(65, 128), layer.weight)
+    assert not linear.uses_onednn(torch.randn(65, 128), layer.weight, linear.ONEDNN_MIN_TRAIN_MACS)
