@@ -5,7 +5,7 @@ through misc/linear.py's Linear, which picks between them by size; forward, and 
     python bench/kernels.py --threads 1 --reps 500
 
 Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model's (width 256) at a decoding step
-(4 samples + guidance: 8 rows), a 16-token Jacobi chunk (128 rows) and a training batch (16 x 272 rows); the demo
+(4 samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the deep step), a 16-token Jacobi chunk (128 rows) and a training batch (16 x 272 rows); the demo
 model's (width 128) at a decoding step (16 prompts + guidance: 32 rows), a 16-token chunk (512 rows) and a training
 batch (16 x 76 rows). Prints microseconds and the ratio Linear / F.linear (lower is better).
 """
@@ -22,7 +22,7 @@ from misc.linear import ONEDNN, Linear, _onednn, prepacked, uses_onednn  # noqa:
 from utils.errors import run_cli  # noqa: E402
 
 WIDTHS = {"bench": 256, "demo": 128}
-CASES = [("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128), ("bench training", "bench", 16 * 272),
+CASES = [("bench shallow decode", "bench", 4), ("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128), ("bench training", "bench", 16 * 272),
          ("demo decode", "demo", 32), ("demo jacobi chunk", "demo", 512), ("demo training", "demo", 16 * 76)]
 
 
@@ -71,14 +71,14 @@ def run(args):
         raise SystemExit("error: this PyTorch build has no oneDNN (torch.backends.mkldnn); nothing to compare")
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads; microseconds per call (median of {args.reps}), ratio = Linear / F.linear")
-    print(f"{'case':<19}{'shape':>16}{'F.linear':>10}{'oneDNN':>8}{'packed':>8}{'Linear':>8}{'route':>8}{'ratio':>7}"
+    print(f"{'case':<21}{'shape':>16}{'F.linear':>10}{'oneDNN':>8}{'packed':>8}{'Linear':>8}{'route':>8}{'ratio':>7}"
           f"{'train F':>10}{'train L':>10}{'ratio':>7}")
     report = []
     for name, model, rows in CASES:
         for n_in, n_out in layer_shapes(WIDTHS[model]):
             t = {k: v * 1e6 for k, v in timings(rows, n_in, n_out, args.reps).items()}
             route = "oneDNN" if uses_onednn(torch.empty(rows, n_in), torch.empty(n_out, n_in)) else "MKL"
-            print(f"{name:<19}{f'{rows}x{n_in}->{n_out}':>16}{t['aten']:>10.1f}{t['onednn']:>8.1f}"
+            print(f"{name:<21}{f'{rows}x{n_in}->{n_out}':>16}{t['aten']:>10.1f}{t['onednn']:>8.1f}"
                   f"{t['onednn_packed']:>8.1f}{t['linear']:>8.1f}{route:>8}{t['linear'] / t['aten']:>7.2f}"
                   f"{t['aten_train']:>10.1f}{t['linear_train']:>10.1f}{t['linear_train'] / t['aten_train']:>7.2f}",
                   flush=True)

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# Below about a million multiply-adds per call MKL's smaller call overhead wins (bench/kernels.py: a 32 x 128 -> 128
-# product takes 13 us in MKL, 26 us in oneDNN; 8 x 256 -> 768, 43 us against 23 us packed).
-ONEDNN_MIN_MACS = 2 ** 20
-ONEDNN_MIN_TRAIN_MACS = 2 ** 24  # with gradients, three products and a Python autograd node per call
+# MKL's smaller call overhead wins on small products (bench/kernels.py): oneDNN takes a product from 2M multiply-adds
+# on, or from 2 rows when the weight has 2^17 entries (MKL's time grows with the weight even at a few rows: 4 x 256
+# -> 1024 takes 62 us in MKL, 30 us packed in oneDNN; 32 x 128 -> 128, 13 us against 26 us); with gradients, from 16M.
+ONEDNN_MIN_MACS = 2 ** 21
+ONEDNN_MIN_WEIGHT = 2 ** 17
+ONEDNN_MIN_TRAIN_MACS = 2 ** 24  # with gradients: three products and a Python autograd node per call
+PLAIN = (torch.Tensor, nn.Parameter)  # tensor subclasses (DTensor, FakeTensor) take F.linear
 
 
 def _onednn(x, weight, bias, activation="none"):
@@ -46,13 +49,17 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def uses_onednn(x, weight, min_macs=ONEDNN_MIN_MACS):
-    """Whether this matmul takes the oneDNN path: plain float32 CPU tensors, outside autocast, more than
-    min_macs multiply-adds."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() * weight.shape[0] > min_macs
-            and type(weight) in (torch.Tensor, nn.Parameter) and type(x) is torch.Tensor
-            and not torch.is_autocast_enabled("cpu"))
+def uses_onednn(x, weight, training=False):
+    """Whether this matmul takes the oneDNN path: plain float32 CPU tensors, outside autocast, a product big enough
+    (the thresholds above; `training`: with gradients)."""
+    if not (ONEDNN and x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32
+            and type(x) is torch.Tensor and type(weight) in PLAIN and not torch.is_autocast_enabled("cpu")):
+        return False
+    size = weight.numel()
+    rows = x.numel() // weight.shape[1]
+    if training:
+        return rows * size >= ONEDNN_MIN_TRAIN_MACS
+    return rows * size >= ONEDNN_MIN_MACS or (rows > 1 and size >= ONEDNN_MIN_WEIGHT)
 
 
 class Linear(nn.Linear):
@@ -63,14 +70,15 @@ class Linear(nn.Linear):
     _packed = None  # (weak reference to the weight it was made from, that weight's version, packed tensor)
 
     def forward(self, x, activation="none"):
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or
-                                                (self.bias is not None and self.bias.requires_grad))
-        if not uses_onednn(x, self.weight, ONEDNN_MIN_TRAIN_MACS if training else ONEDNN_MIN_MACS):
-            out = F.linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                                (bias is not None and bias.requires_grad))
+        if not uses_onednn(x, weight, training):
+            out = F.linear(x, weight, bias)
         elif training:
-            out = _OneDNNLinear.apply(x, self.weight, self.bias)
+            out = _OneDNNLinear.apply(x, weight, bias)
         else:
-            return _onednn(x, self.packed_weight() if self.packing else self.weight, self.bias, activation)
+            return _onednn(x, self.packed_weight() if self.packing else weight, bias, activation)
         return F.gelu(out) if activation == "gelu" else out
 
     def packed_weight(self):

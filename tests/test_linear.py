@@ -8,7 +8,7 @@ from misc import linear
 from misc.linear import Linear, prepacked
 
 pytestmark = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no oneDNN")
-IN, OUT = 512, 4096  # 2M multiply-adds a row: over linear.ONEDNN_MIN_MACS, and 9 rows over the training one
+IN, OUT = 512, 4096  # 2M multiply-adds a row: oneDNN's from one row, and with gradients from 8 rows
 INPUTS = {
     "2d": lambda: torch.randn(9, IN),
     "3d": lambda: torch.randn(3, 7, IN),
@@ -35,7 +35,7 @@ def test_outputs_equal_f_linear(make_x, bias, activation, packed):
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_gradients_equal_autograd_of_f_linear(make_x, activation):
     layer, x = Linear(IN, OUT), make_x().requires_grad_()
-    assert linear.uses_onednn(x, layer.weight, linear.ONEDNN_MIN_TRAIN_MACS) == (x.numel() // IN > 1)
+    assert linear.uses_onednn(x, layer.weight, training=True) == (x.numel() // IN > 1)
     (layer(x, activation=activation) ** 2).sum().backward()
     got = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
     for t in (x, layer.weight, layer.bias):
@@ -48,7 +48,7 @@ def test_gradients_equal_autograd_of_f_linear(make_x, activation):
 
 def test_only_the_input_gradient_when_weights_are_frozen():
     layer, x = Linear(IN, OUT).requires_grad_(False), torch.randn(9, IN, requires_grad=True)
-    assert linear.uses_onednn(x, layer.weight, linear.ONEDNN_MIN_TRAIN_MACS)
+    assert linear.uses_onednn(x, layer.weight, training=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(9, -1), atol=1e-4, rtol=1e-5)
 
@@ -80,8 +80,12 @@ def test_other_dtypes_and_autocast_take_f_linear(case):
 
 
 def test_small_products_take_f_linear():
-    """Under a million multiply-adds (16 million with gradients) MKL's call overhead is the smaller."""
-    layer = Linear(128, 128)
-    assert not linear.uses_onednn(torch.randn(64, 128), layer.weight)  # 2 ** 20 exactly
-    assert linear.uses_onednn(torch.randn(65, 128), layer.weight)
-    assert not linear.uses_onednn(torch.randn(65, 128), layer.weight, linear.ONEDNN_MIN_TRAIN_MACS)
+    """MKL's call overhead is the smaller on small products; oneDNN takes 2M multiply-adds, or 2 rows of a weight
+    with 2^17 entries, or with gradients 16M multiply-adds."""
+    small, large = Linear(128, 128), Linear(256, 512)
+    assert not linear.uses_onednn(torch.randn(64, 128), small.weight)
+    assert linear.uses_onednn(torch.randn(128, 128), small.weight)  # 2 ** 21
+    assert not linear.uses_onednn(torch.randn(1, 256), large.weight)
+    assert linear.uses_onednn(torch.randn(2, 256), large.weight)
+    assert not linear.uses_onednn(torch.randn(127, 256), large.weight, training=True)
+    assert linear.uses_onednn(torch.randn(128, 256), large.weight, training=True)  # 2 ** 24
