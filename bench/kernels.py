@@ -4,10 +4,11 @@ through misc/linear.py's Linear, which picks between them by size; forward, and 
     python bench/kernels.py                 # 2 threads
     python bench/kernels.py --threads 1 --reps 500
 
-Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model's (width 256) at a decoding step
-(4 samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the deep step), a 16-token Jacobi chunk (128 rows) and a training batch (16 x 272 rows); the demo
-model's (width 128) at a decoding step (16 prompts + guidance: 32 rows), a 16-token chunk (512 rows) and a training
-batch (16 x 76 rows). Prints microseconds and the ratio Linear / F.linear (lower is better).
+Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model's (width 256) at a decoding step (4
+samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the deep step), a 16-token Jacobi chunk
+(128 rows) and a training batch (16 x 272 rows); the demo model's (width 128) at a decoding step (16 prompts +
+guidance: 32 rows), a 16-token chunk (512 rows) and a training batch (16 x 76 rows). Prints microseconds and the
+ratio Linear / F.linear (lower is better).
 """
 import argparse
 import sys
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from misc.linear import ONEDNN, Linear, _onednn, prepacked, uses_onednn  # noqa: E402
+from misc.linear import ONEDNN, Linear, onednn_linear, prepacked, uses_onednn  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 WIDTHS = {"bench": 256, "demo": 128}
-CASES = [("bench shallow decode", "bench", 4), ("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128), ("bench training", "bench", 16 * 272),
+CASES = [("bench shallow decode", "bench", 4), ("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128),
+         ("bench training", "bench", 16 * 272),
          ("demo decode", "demo", 32), ("demo jacobi chunk", "demo", 512), ("demo training", "demo", 16 * 76)]
 
 
@@ -58,9 +60,9 @@ def timings(rows, n_in, n_out, reps):
 
     with torch.no_grad():
         aten = seconds(lambda: F.linear(x, layer.weight, layer.bias), reps)
-        plain = seconds(lambda: _onednn(x, layer.weight, layer.bias), reps)
+        plain = seconds(lambda: onednn_linear(x, layer.weight, layer.bias), reps)
         with prepacked(layer):
-            packed = seconds(lambda: _onednn(x, layer.packed_weight(), layer.bias), reps)
+            packed = seconds(lambda: onednn_linear(x, layer.packed_weight(), layer.bias), reps)
             routed = seconds(lambda: layer(x), reps)
     return {"aten": aten, "onednn": plain, "onednn_packed": packed, "linear": routed,
             "aten_train": seconds(aten_train, reps), "linear_train": seconds(linear_train, reps)}

@@ -1,8 +1,9 @@
 """nn.Linear whose float32 CPU matmuls go through oneDNN: the same arithmetic, faster kernels.
 
 PyTorch's CPU float32 GEMM is MKL's; on the AMD EPYC this project is measured on, oneDNN's kernels run the flow's
-matmuls 1.5-3x faster (`python bench/kernels.py` prints the ratio per shape). Everything else (CUDA, MPS, other
-dtypes, autocast, builds without oneDNN, tensor subclasses such as DTensor) takes F.linear unchanged.
+larger matmuls about 2x faster, and decoding's few-row ones 1.5-2x with prepacked weights (`python bench/kernels.py`
+prints the ratio per shape). Everything else (CUDA, MPS, other dtypes, autocast, builds without oneDNN, tensor
+subclasses such as DTensor) takes F.linear unchanged.
 """
 import weakref
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ ONEDNN_MIN_TRAIN_MACS = 2 ** 24  # with gradients: three products and a Python a
 PLAIN = (torch.Tensor, nn.Parameter)  # tensor subclasses (DTensor, FakeTensor) take F.linear
 
 
-def _onednn(x, weight, bias, activation="none"):
+def onednn_linear(x, weight, bias, activation="none"):
     """x @ weight.T + bias (then GELU when activation is 'gelu'), one oneDNN call; weight may be prepacked."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
 
@@ -33,7 +34,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -41,9 +42,9 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn(g, weight.t(), None).view(x.shape)
+            grad_x = onednn_linear(g, weight.t(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn(g.t(), x.reshape(-1, x.shape[-1]).t(), None)
+            grad_w = onednn_linear(g.t(), x.reshape(-1, x.shape[-1]).t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
@@ -78,7 +79,7 @@ class Linear(nn.Linear):
         elif training:
             out = _OneDNNLinear.apply(x, weight, bias)
         else:
-            return _onednn(x, self.packed_weight() if self.packing else weight, bias, activation)
+            return onednn_linear(x, self.packed_weight() if self.packing else weight, bias, activation)
         return F.gelu(out) if activation == "gelu" else out
 
     def packed_weight(self):
