@@ -612,7 +612,8 @@ class MetaBlock(Trunk):
             change = (new - d.buffer[:, start + 1:start + 1 + chunk]).pow(2).mean((0, 2)) / new.pow(2).mean()
             converged = change < schedule.threshold
             # entries computed max_iter times are taken as they are (a prefix: the window's oldest entries)
-            forced = sum(1 for e in entered[start + 1 - first:start + 1 - first + chunk] if it - e + 1 >= schedule.max_iter)
+            window = entered[start + 1 - first:start + 1 - first + chunk]
+            forced = sum(1 for e in window if it - e + 1 >= schedule.max_iter)
             converged[:max(1, forced)] = True
             n = all_ranks_min(int(converged.cumprod(0).sum().item()), new.device)
             d.buffer[:, start + 1:start + 1 + chunk] = new
