@@ -207,13 +207,6 @@ class Attention(nn.Module):
         self.query_norm, self.key_norm = (RMSNorm(head_dim), RMSNorm(head_dim)) if use_qk_norm else (None, None)
         self.post_norm = RMSNorm(channels) if use_post_norm else None
 
-    def rotate(self, t, rope):
-        if not self.hf_style_rope:
-            return apply_rope(t, *rope)
-        # HF/LLaMA convention: the rotated pairs are (i, i + d/2), so interleave the halves around the rotation.
-        t = rearrange(t, "... (two d) -> ... (d two)", two=2)
-        return rearrange(apply_rope(t, *rope), "... (d two) -> ... (two d)", two=2)
-
     def forward(self, u, rope=None, mask=None, cache=None, layer=0, temp=1.0):
         B, L, _ = u.shape
         d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
@@ -222,7 +215,7 @@ class Attention(nn.Module):
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
-            q, k = self.rotate(q, rope), self.rotate(k, rope)
+            q, k = apply_rope(q, rope, self.hf_style_rope), apply_rope(k, rope, self.hf_style_rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         q, k, v = q.to(u.dtype), k.to(u.dtype), v.to(u.dtype)
@@ -321,7 +314,7 @@ class Trunk(nn.Module):
         text = self.proj_txt(text.to(self.proj_txt.weight.dtype)) if text is not None else None
         if rope is not None:
             n = (0 if h is None else h.shape[1]) + (0 if text is None else text.shape[1])
-            rope = (rope[0][slot:slot + n], rope[1][slot:slot + n])
+            rope = rope[slot:slot + n]
         for i, layer in enumerate(self.attn_blocks):
             h, text = layer(h, text, rope, mask, cache, i, temp)
         if h is None:
@@ -383,7 +376,7 @@ class _Decoding:
     steps: int
     text: torch.Tensor
     text_len: int
-    rope: tuple
+    rope: torch.Tensor  # RoPE rotations of every slot, or None
     temp: float
     frames: int
     frame_len: int
@@ -726,7 +719,8 @@ class Model(nn.Module):
         return x if video else x[:, 0]
 
     def rope_table(self, h, w, frames, video, text=None, *, device):
-        """(cos, sin) on `device` for [text; frames x h x w] slots; None when the model uses learned positions.
+        """RoPE rotations (complex, slots x head_dim/2) on `device` for [text; frames x h x w] slots; None when the
+        model uses learned positions.
 
         Computed in float64 on the CPU (MPS has no float64), then copied once per pass, never per token."""
         if self.rope is None:
@@ -734,7 +728,7 @@ class Model(nn.Module):
         third_axis = self.txt_size > 0 or video
         text_len = 0 if text is None else text.shape[1]
         table = self.rope(grid_positions(h, w, self.pt_seq_len, frames if video else 0, text_len, third_axis))
-        return tuple(t.to(device) for t in table)
+        return table.to(device)
 
     # ------------------------------------------------------------------------------------------------ passes
     def forward(self, x, y=None, mode="likelihood", **kwargs):

@@ -1,5 +1,6 @@
 """The flow's matmuls through PyTorch's F.linear (MKL on CPU), through oneDNN (plain and prepacked weights), and
-through misc/linear.py's Linear, which picks between them by size; forward, and forward + backward; from one run.
+through misc/linear.py's Linear, which picks between them by size; then its RoPE rotations as a real rotation and as
+misc/pe.py's complex product; forward, and forward + backward; from one run.
 
     python bench/kernels.py                 # 2 threads
     python bench/kernels.py --threads 1 --reps 500
@@ -7,8 +8,9 @@ through misc/linear.py's Linear, which picks between them by size; forward, and 
 Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model's (width 256) at a decoding step (4
 samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the deep step), a 16-token Jacobi chunk
 (128 rows) and a training batch (16 x 272 rows); the demo model's (width 128) at a decoding step (16 prompts +
-guidance: 32 rows), a 16-token chunk (512 rows) and a training batch (16 x 76 rows). Prints microseconds and the
-ratio Linear / F.linear (lower is better).
+guidance: 32 rows), a 16-token chunk (512 rows) and a training batch (16 x 76 rows). RoPE: the queries of the same
+cases (batch x heads x tokens x head_dim), sliced from a fused qkv output as attention hands them. Prints
+microseconds and the ratios Linear / F.linear and complex / real (lower is better).
 """
 import argparse
 import sys
@@ -20,12 +22,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from misc.linear import ONEDNN, Linear, onednn_linear, prepacked, uses_onednn  # noqa: E402
+from misc.pe import apply_rope  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 WIDTHS = {"bench": 256, "demo": 128}
 CASES = [("bench shallow decode", "bench", 4), ("bench decode", "bench", 8), ("bench jacobi chunk", "bench", 128),
          ("bench training", "bench", 16 * 272),
          ("demo decode", "demo", 32), ("demo jacobi chunk", "demo", 512), ("demo training", "demo", 16 * 76)]
+HEAD_DIMS = {"bench": 64, "demo": 32}
+ROPE_CASES = [("bench decode", "bench", 8, 1), ("bench jacobi chunk", "bench", 8, 16),  # (name, model, batch, tokens)
+              ("bench training", "bench", 16, 272), ("demo decode", "demo", 32, 1),
+              ("demo jacobi chunk", "demo", 32, 16), ("demo training", "demo", 16, 76)]
 
 
 def layer_shapes(width):
@@ -68,6 +75,30 @@ def timings(rows, n_in, n_out, reps):
             "aten_train": seconds(aten_train, reps), "linear_train": seconds(linear_train, reps)}
 
 
+def real_rotation(t, cos, sin):
+    """The real form of RoPE, the baseline: t * cos + (-t1, t0) * sin on adjacent pairs, halves stacked back."""
+    pairs = t.float().unflatten(-1, (-1, 2))
+    return t.float() * cos + torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2) * sin
+
+
+def rope_timings(batch, heads, tokens, head_dim, reps):
+    """Microseconds of the real rotation and of apply_rope on attention's query layout; forward + backward of each."""
+    width = heads * head_dim
+    q = torch.randn(batch, tokens, 3 * width)[..., :width].unflatten(-1, (heads, head_dim)).transpose(1, 2)
+    angles = torch.rand(tokens, head_dim // 2, dtype=torch.float64) * 6.3
+    rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    cos, sin = (a.repeat_interleave(2, dim=-1).float() for a in (angles.cos(), angles.sin()))
+    torch.testing.assert_close(apply_rope(q, rotation), real_rotation(q, cos, sin), atol=1e-5, rtol=1e-5)
+    qg = q.detach().clone().requires_grad_()
+    reps = max(5, reps // 20) if batch * tokens > 1000 else reps
+    with torch.no_grad():
+        real = seconds(lambda: real_rotation(q, cos, sin), reps)
+        complex_product = seconds(lambda: apply_rope(q, rotation), reps)
+    return {"real": real, "complex": complex_product,
+            "real_train": seconds(lambda: real_rotation(qg, cos, sin).sum().backward(), reps),
+            "complex_train": seconds(lambda: apply_rope(qg, rotation).sum().backward(), reps)}
+
+
 def run(args):
     if not ONEDNN:
         raise SystemExit("error: this PyTorch build has no oneDNN (torch.backends.mkldnn); nothing to compare")
@@ -85,6 +116,15 @@ def run(args):
                   f"{t['aten_train']:>10.1f}{t['linear_train']:>10.1f}{t['linear_train'] / t['aten_train']:>7.2f}",
                   flush=True)
             report.append(dict(case=name, rows=rows, n_in=n_in, n_out=n_out, route=route, **t))
+    print(f"\nRoPE of the queries; microseconds per call, ratio = complex product (misc/pe.py) / real rotation")
+    print(f"{'case':<21}{'shape':>16}{'real':>10}{'complex':>9}{'ratio':>7}{'train R':>10}{'train C':>10}{'ratio':>7}")
+    for name, model, batch, tokens in ROPE_CASES:
+        heads, head_dim = WIDTHS[model] // HEAD_DIMS[model], HEAD_DIMS[model]
+        t = {k: v * 1e6 for k, v in rope_timings(batch, heads, tokens, head_dim, args.reps).items()}
+        print(f"{name:<21}{f'{batch}x{heads}x{tokens}x{head_dim}':>16}{t['real']:>10.1f}{t['complex']:>9.1f}"
+              f"{t['complex'] / t['real']:>7.2f}{t['real_train']:>10.1f}{t['complex_train']:>10.1f}"
+              f"{t['complex_train'] / t['real_train']:>7.2f}", flush=True)
+        report.append(dict(case=f"rope {name}", batch=batch, heads=heads, tokens=tokens, head_dim=head_dim, **t))
     return report
 
 

@@ -27,7 +27,7 @@ def grid_positions(h, w, pt_seq_len=None, frames=0, txt_len=0, third_axis=True):
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps positions to (cos, sin) tables of width head_dim, angles repeated in interleaved pairs.
+    """Maps positions (N, 2 or 3) to rotations (N, head_dim/2): unit complex numbers e^(i angle), complex64.
 
     Three-axis positions split the head_dim/2 angles into [head_dim/2 - 8 spatial | 8 third-axis]; two-axis
     positions use all head_dim/2 angles for the two spatial axes.
@@ -52,12 +52,19 @@ class RotaryEmbedding(nn.Module):
         else:
             xy = self.spatial_frequencies(half)
             angles = torch.cat([pos[:, :1] * xy, pos[:, 1:2] * xy], 1)
-        angles = angles.repeat_interleave(2, dim=1)
-        return angles.cos().float(), angles.sin().float()
+        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(t, cos, sin):
-    """Rotates adjacent channel pairs (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin); t is (..., L, d)."""
-    pairs = t.float().unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return (t.float() * cos + rotated * sin).to(t.dtype)
+def apply_rope(t, rotation, halves=False):
+    """Rotates channel pairs of t (..., L, d) by the unit complex numbers rotation (L, d/2): adjacent pairs
+    (2i, 2i + 1), or with `halves` the pairs (i, i + d/2) of the Hugging Face convention. Computed in float32.
+
+    One complex product: a real rotation stacks strided halves of t, several times slower on CPU."""
+    x = t.float()
+    if halves:
+        out = torch.complex(*x.chunk(2, dim=-1)) * rotation
+        return torch.cat([out.real, out.imag], dim=-1).to(t.dtype)
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex: (re, im) adjacent, aligned
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(t.dtype)
