@@ -352,8 +352,8 @@ def finetune(cfg, info):
         print(f"fine-tuning the decoder of {cfg.vae} to remove noise_std {cfg.noise_std}: steps {run.step} -> "
               f"{run.total}, {info.world_size} rank(s) on {info.device}; run folder {run.run_dir}")
     wb = setup_wandb(run)
-    metrics_file = T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step) if run.main and not cfg.dry_run \
-        else None
+    metrics_file = (T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step)
+                    if run.main and not cfg.dry_run else None)
     bar = tqdm(total=run.total, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="decoder")
     while run.step < run.total:
         epoch, start = divmod(run.step, run.data.steps_per_epoch)

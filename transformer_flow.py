@@ -89,7 +89,8 @@ class FlowConfig:
         if self.seq_order not in SEQ_ORDERS:
             raise ValueError(f"seq_order must be 'L2R' or 'R2L', got {self.seq_order!r}")
         if self.temporal_causal < 0:
-            raise ValueError(f"temporal_causal must be 0 (off) or a look-ahead of 1 or more, got {self.temporal_causal}")
+            raise ValueError(f"temporal_causal must be 0 (off) or a look-ahead of 1 or more, "
+                             f"got {self.temporal_causal}")
         if self.temporal_causal and self.seq_order != "L2R":
             raise ValueError("temporal_causal needs seq_order 'L2R'")
         if self.local_attn_window and not self.shallow_block_local:
@@ -733,7 +734,8 @@ class Model(nn.Module):
     # ------------------------------------------------------------------------------------------------ passes
     def forward(self, x, y=None, mode="likelihood", **kwargs):
         """Dispatches every pass through forward, so that FSDP's hooks run for each of them."""
-        return {"likelihood": self._likelihood, "reverse": self._reverse, "denoise": self._denoise}[mode](x, y, **kwargs)
+        passes = {"likelihood": self._likelihood, "reverse": self._reverse, "denoise": self._denoise}
+        return passes[mode](x, y, **kwargs)
 
     def _likelihood(self, x, y, guidance=0.0):
         """Data -> noise: returns z (shape of x), outputs (each step's input and the final z, as tokens), logdets.

@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, MNISTDataset  # noqa: E402
-from demo_quality import COLOUR_NAMES, add_common_args, colour_of, ink, load_demo, train_classifier, write_report  # noqa: E402,E501
+from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, ink, load_demo, train_classifier,  # noqa: E402
+                          write_report)
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png  # noqa: E402
 
@@ -59,8 +60,8 @@ def colour_editing(pipe, net, args):
     """Sample every (digit, colour), edit each to the next colour; judge colour, digit and ink overlap."""
     pairs = [(d, c, COLOUR_NAMES[(i + 1) % len(COLOUR_NAMES)]) for d in range(10)
              for i, c in enumerate(COLOUR_NAMES) for _ in range(args.per_pair)]
-    sources = batched(lambda chunk, s: pipe([prompt(d, c) for d, c, _ in chunk], generator=gens(args.seed + s, len(chunk))),
-                      pairs, args.batch)
+    sources = batched(lambda chunk, s: pipe([prompt(d, c) for d, c, _ in chunk],
+                                            generator=gens(args.seed + s, len(chunk))), pairs, args.batch)
     edited = batched(lambda chunk, s: pipe.edit(sources[s:s + len(chunk)], [prompt(d, t) for d, _, t in chunk],
                                                 source_prompt=[prompt(d, c) for d, c, _ in chunk],
                                                 generator=gens(args.seed + 10_000 + s, len(chunk))), pairs, args.batch)
@@ -98,7 +99,8 @@ def inpainting(pipe, net, args, mask_path):
             images += out.images
         with torch.no_grad():
             read = net(ink(to_unit(images))).argmax(1)
-        result[name] = {"digits": len(images), "reads_prompted_digit": (read == torch.tensor(wanted)).float().mean().item()}
+        result[name] = {"digits": len(images),
+                        "reads_prompted_digit": (read == torch.tensor(wanted)).float().mean().item()}
         rows[name] = images
     return result, rows
 

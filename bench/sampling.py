@@ -57,11 +57,13 @@ def demo_inputs(device, checkpoint):
     from utils import recipe
     from utils.pipeline import STARFlowPipeline
     pipe = STARFlowPipeline.from_pretrained(Path(checkpoint) / "config.yaml", checkpoint, device=device)
-    prompts = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4, ["red", "green", "blue", "white"] * 4)]
+    prompts = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4,
+                                            ["red", "green", "blue", "white"] * 4)]
     y = torch.cat([pipe.encode_text([recipe.decorate_prompt(pipe.config, p) for p in prompts]),
                    pipe.encode_text([recipe.null_prompt(pipe.config)] * len(prompts))])
     c = pipe.config
-    noise = torch.randn(len(prompts), c.channel_size, c.img_size, c.img_size, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(len(prompts), c.channel_size, c.img_size, c.img_size,
+                        generator=torch.Generator().manual_seed(1))
     return pipe.model, noise.to(device), y, pipe
 
 

@@ -118,7 +118,8 @@ def check_fit(expected, state, what, hint=""):
              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         parts = [_few("shape mismatches", wrong), _few("missing keys", missing), _few("unexpected keys", unexpected)]
-        raise UserError(f"{what} does not fit the model: " + "; ".join(p for p in parts if p) + (f". {hint}" if hint else ""))
+        raise UserError(f"{what} does not fit the model: " + "; ".join(p for p in parts if p)
+                        + (f". {hint}" if hint else ""))
 
 
 def _few(label, items, limit=6):

@@ -447,7 +447,8 @@ class STARFlowPipeline:
             else list(source_prompt)
         null = self.encode_text([recipe.null_prompt(self.config, 0, aspect_ratio, request.noise_std)] * len(images))
         y_source = torch.cat([null[i:i + 1] if s is None else self.encode_text(
-            [recipe.decorate_prompt(self.config, s, 0, aspect_ratio, request.noise_std)]) for i, s in enumerate(sources)])
+            [recipe.decorate_prompt(self.config, s, 0, aspect_ratio, request.noise_std)])
+            for i, s in enumerate(sources)])
         z, _ = self.likelihood(x, torch.cat([y_source, null]) if source_cfg > 0 else y_source, source_cfg)
         if refresh > 0:
             z = math.sqrt(1 - refresh ** 2) * z + refresh * self._randn(z.shape, request.generator).to(z.device)

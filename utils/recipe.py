@@ -18,7 +18,8 @@ from transformer_flow import Model
 from utils.config import model_kwargs
 from utils.errors import UserError
 
-LEARNED_DENOISER_STEP = 0.3  # the denoiser predicts (sigma^2 / 0.3) * score, so x - 0.3 * prediction = x + sigma^2 score
+# the denoiser predicts (sigma^2 / 0.3) * score, so x - 0.3 * prediction = x + sigma^2 score
+LEARNED_DENOISER_STEP = 0.3
 NOISE_LEVEL_REFERENCE = 0.3  # with cond_noise_level the NLL is weighted by noise_std / 0.3
 DENOISERS = ("auto", "learned", "score", "none")
 
@@ -50,7 +51,8 @@ def decorate_prompt(cfg, caption, fps=0, aspect_ratio=None, noise_std=None):
     level (cond_noise_level; default the config's noise_std), the aspect text (mix_aspect; default 1:1)."""
     fps = int(fps) if fps is not None and float(fps).is_integer() else fps
     return format_prompt(caption, fps=fps if cfg.fps_cond else None,
-                         noise_std=(cfg.noise_std if noise_std is None else noise_std) if cfg.cond_noise_level else None,
+                         noise_std=((cfg.noise_std if noise_std is None else noise_std)
+                                    if cfg.cond_noise_level else None),
                          aspect_ratio=(aspect_ratio or "1:1") if cfg.mix_aspect else None)
 
 
