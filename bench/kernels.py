@@ -10,9 +10,10 @@ samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the 
 (128 rows) and a training batch (16 x 272 rows); the demo model's (width 128) at a decoding step (16 prompts +
 guidance: 32 rows), a 16-token chunk (512 rows) and a training batch (16 x 76 rows). RoPE: the queries of the same
 cases (batch x heads x tokens x head_dim), sliced from a fused qkv output as attention hands them. Prints
-microseconds and the ratios Linear / F.linear and complex / real (lower is better).
+microseconds and the ratios Linear / F.linear and complex / real (lower is better); writes <out_dir>/kernels.json.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def rope_timings(batch, heads, tokens, head_dim, reps):
 
 
 def run(args):
+    from utils.files import write_json
     if not ONEDNN:
         raise SystemExit("error: this PyTorch build has no oneDNN (torch.backends.mkldnn); nothing to compare")
     torch.set_num_threads(args.threads)
@@ -125,6 +127,10 @@ def run(args):
               f"{t['complex'] / t['real']:>7.2f}{t['real_train']:>10.1f}{t['complex_train']:>10.1f}"
               f"{t['complex_train'] / t['real_train']:>7.2f}", flush=True)
         report.append(dict(case=f"rope {name}", batch=batch, heads=heads, tokens=tokens, head_dim=head_dim, **t))
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, "kernels.json"),
+               {"threads": args.threads, "reps": args.reps, "unit": "microseconds", "rows": report})
+    print(f"\nwrote {os.path.join(args.out_dir, 'kernels.json')}")
     return report
 
 
@@ -132,6 +138,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--out_dir", default="logs/kernels")
     return run_cli(run, parser.parse_args(argv))
 
 
