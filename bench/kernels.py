@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from misc.linear import ONEDNN, Linear, onednn_linear, prepacked, uses_onednn  # noqa: E402
-from misc.pe import apply_rope  # noqa: E402
+from misc.pe import RotaryEmbedding, apply_rope, grid_positions  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 WIDTHS = {"bench": 256, "demo": 128}
@@ -86,9 +86,8 @@ def rope_timings(batch, heads, tokens, head_dim, reps):
     """Microseconds of the real rotation and of apply_rope on attention's query layout; forward + backward of each."""
     width = heads * head_dim
     q = torch.randn(batch, tokens, 3 * width)[..., :width].unflatten(-1, (heads, head_dim)).transpose(1, 2)
-    angles = torch.rand(tokens, head_dim // 2, dtype=torch.float64) * 6.3
-    rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-    cos, sin = (a.repeat_interleave(2, dim=-1).float() for a in (angles.cos(), angles.sin()))
+    rotation = RotaryEmbedding(head_dim)(grid_positions(1, tokens))  # the model's table for a row of tokens
+    cos, sin = (part.repeat_interleave(2, dim=-1) for part in (rotation.real, rotation.imag))
     torch.testing.assert_close(apply_rope(q, rotation), real_rotation(q, cos, sin), atol=1e-5, rtol=1e-5)
     qg = q.detach().clone().requires_grad_()
     reps = max(5, reps // 20) if batch * tokens > 1000 else reps
