@@ -209,22 +209,21 @@ class Attention(nn.Module):
         self.post_norm = RMSNorm(channels) if use_post_norm else None
 
     def forward(self, u, rope=None, mask=None, cache=None, layer=0, temp=1.0):
-        B, L, _ = u.shape
+        """mask: the keys each query may see, (lq, lk) boolean; None means causal (all keys when non_causal, or for
+        a single query: the newest token)."""
         d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = self.qkv(self.norm(u)).split([H * d, Hkv * d, Hkv * d], dim=-1)
-        q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
+        qkv = self.qkv(self.norm(u)).unflatten(-1, (-1, d)).transpose(1, 2)  # (B, H + 2 Hkv, L, d)
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
         if self.query_norm is not None:
-            q, k = self.query_norm(q), self.key_norm(k)
+            qk = torch.cat([self.query_norm(qk[:, :H]), self.key_norm(qk[:, H:])], 1)
         if rope is not None:
-            q, k = apply_rope(q, rope, self.hf_style_rope), apply_rope(k, rope, self.hf_style_rope)
+            qk = apply_rope(qk, rope, self.hf_style_rope)  # queries and keys in one product
+        q, k = qk[:, :H], qk[:, H:]
         if cache is not None:
             k, v = cache.write(layer, k, v)
         q, k, v = q.to(u.dtype), k.to(u.dtype), v.to(u.dtype)
         lq, lk = q.shape[2], k.shape[2]
         is_causal = mask is None and not self.non_causal and lq == lk and lq > 1
-        if mask is None and not self.non_causal and 1 < lq < lk:
-            # the new chunk sees the whole cached prefix and itself causally (bottom-right aligned triangle)
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=u.device).tril(lk - lq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=d ** -0.5 / temp, enable_gqa=Hkv != H)
         out = self.proj(out.transpose(1, 2).flatten(2))
@@ -313,9 +312,13 @@ class Trunk(nn.Module):
     def run(self, h, text=None, rope=None, slot=0, mask=None, cache=None, temp=1.0):
         """Runs the layers on hidden tokens h (after proj_in) preceded by raw text; rope rows start at `slot`."""
         text = self.proj_txt(text.to(self.proj_txt.weight.dtype)) if text is not None else None
+        n = (0 if h is None else h.shape[1]) + (0 if text is None else text.shape[1])
         if rope is not None:
-            n = (0 if h is None else h.shape[1]) + (0 if text is None else text.shape[1])
             rope = rope[slot:slot + n]
+        if mask is None and cache is not None and cache.length and n > 1:
+            # a chunk after cached tokens sees all of them and itself causally (a bottom-right aligned triangle)
+            device = (h if h is not None else text).device
+            mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=device).tril(cache.length)
         for i, layer in enumerate(self.attn_blocks):
             h, text = layer(h, text, rope, mask, cache, i, temp)
         if h is None:

@@ -53,7 +53,10 @@ def test_only_the_input_gradient_when_weights_are_frozen():
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(9, -1), atol=1e-4, rtol=1e-5)
 
 
-def test_packed_weight_follows_changes_and_is_dropped_after_the_scope():
+@pytest.mark.parametrize("small", [True, False], ids=["kept", "freed"])
+def test_packed_weight_follows_changes_and_outlives_the_scope_only_when_small(small, monkeypatch):
+    if not small:
+        monkeypatch.setattr(linear, "KEEP_PACKED_BYTES", IN * OUT * 4 - 1)
     layer, x = Linear(IN, OUT), torch.randn(4, IN)
     with torch.no_grad(), prepacked(layer):
         first = layer(x)
@@ -63,7 +66,15 @@ def test_packed_weight_follows_changes_and_is_dropped_after_the_scope():
         torch.testing.assert_close(layer(x), torch.ones(4, OUT))
         layer.weight = torch.nn.Parameter(torch.eye(OUT, IN))  # a new tensor
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    assert not layer.packing and layer._packed is None and first.shape == (4, OUT)
+    assert not layer.packing and (layer._packed is not None) == small and first.shape == (4, OUT)
+    kept = layer._packed
+    with torch.no_grad(), prepacked(layer):
+        layer(x)
+    assert (kept is not None and layer._packed is kept) == small  # an unchanged weight is not packed again
+    with torch.no_grad():
+        layer.weight.add_(1)  # between scopes, as an optimizer step would
+    with torch.no_grad(), prepacked(layer):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["bfloat16", "autocast", "float64"])
