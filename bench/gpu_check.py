@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py --prepare gpu_assets          # here: what ../shared and the wheels cannot bring there
     python bench/gpu_check.py --device cuda                 # on one GPU (an H200: 5-6 minutes, estimated); to $OUT
-    python bench/gpu_check.py --device cpu --tiny --out /tmp/gpu_check   # every step on tiny stand-ins (CI)
+    python bench/gpu_check.py --device cpu --tiny --out_dir /tmp/gpu_check   # every step on tiny stand-ins (CI)
     python bench/gpu_check.py --plan                        # the computed memory table of the README
 
 Steps (--steps picks some):
@@ -18,7 +18,7 @@ Steps (--steps picks some):
     bench/demo_quality.py's classifier.
 Random weights cannot say how good a sample is; they time and size the real code paths. Text comes from a random
 flan-t5-xl-shaped encoder (the real one cannot be downloaded there); sampling stops at latents (no VAE decode).
-Writes gpu_check.json, gpu_check.md and demo_bf16_vs_fp32.png to --out (default $OUT) as it goes.
+Writes gpu_check.json, gpu_check.md and demo_bf16_vs_fp32.png to --out_dir (default $OUT) as it goes.
 """
 import argparse
 import contextlib
@@ -257,7 +257,7 @@ class Context:
         self.args, self.tiny = args, args.tiny
         self.device = torch.device(args.device)
         self.dtype = torch.bfloat16
-        self.out = Path(args.out)
+        self.out = Path(args.out_dir)
         self.assets = Path(args.assets) if args.assets else None
         self._t5 = None
 
@@ -835,7 +835,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny stand-ins for the 3B and 7B models (CPU, CI)")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="report folder (default $OUT)")
+    parser.add_argument("--out_dir", default=os.environ.get("OUT"), help="report folder (default $OUT)")
     parser.add_argument("--steps", default="1,2,3,4,5", help="which steps to run, e.g. 2,4")
     parser.add_argument("--assets", default=str(ROOT / "gpu_assets") if (ROOT / "gpu_assets").is_dir() else None,
                         help="the folder --prepare wrote (default gpu_assets/ when present)")
@@ -855,8 +855,8 @@ def run(args):
         return prepare(args.prepare)
     if args.plan:
         return print_plan()
-    if not args.out:
-        raise UserError("no report folder: pass --out FOLDER (or set $OUT)")
+    if not args.out_dir:
+        raise UserError("no report folder: pass --out_dir FOLDER (or set $OUT)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device; use --device cpu --tiny here")

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 @pytest.mark.skipif(not (SHARED / "golden").is_dir() or not (SHARED / "reference" / "official").is_dir(),
                     reason="the golden cases and the original code live in ../shared")
 def test_every_step_runs_on_tiny_stand_ins(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -67,7 +67,7 @@ def test_training_search_recovers_from_out_of_memory(tmp_path, monkeypatch):
         return step(run, micro_batches, first_index)
 
     monkeypatch.setattr(gpu_check.SyntheticRun, "optimizer_step", limited)
-    args = SimpleNamespace(tiny=True, device="cpu", out=str(tmp_path), assets=None, max_batch=6, train_steps=1)
+    args = SimpleNamespace(tiny=True, device="cpu", out_dir=str(tmp_path), assets=None, max_batch=6, train_steps=1)
     ctx = gpu_check.Context(args)
     report = gpu_check.Report(tmp_path, dict(device="cpu", device_name="cpu", tiny=True, torch=torch.__version__,
                                              date="today", steps="4"))
