@@ -9,8 +9,9 @@ Shapes (rows x in -> out) of a transformer layer's four matmuls: the bench model
 samples: 4 rows in the shallow steps, which see no text; 8 with guidance in the deep step), a 16-token Jacobi chunk
 (128 rows) and a training batch (16 x 272 rows); the demo model's (width 128) at a decoding step (16 prompts +
 guidance: 32 rows), a 16-token chunk (512 rows) and a training batch (16 x 76 rows). RoPE: the queries of the same
-cases (batch x heads x tokens x head_dim), sliced from a fused qkv output as attention hands them. Prints
-microseconds and the ratios Linear / F.linear and complex / real (lower is better); writes <out_dir>/kernels.json.
+cases (batch x heads x tokens x head_dim), sliced from a fused qkv output (attention rotates queries and keys
+together, twice these heads). Prints microseconds and the ratios Linear / F.linear and complex / real (lower is
+better); writes <out_dir>/kernels.json.
 """
 import argparse
 import os
