@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 @pytest.mark.skipif(not (SHARED / "golden").is_dir() or not (SHARED / "reference" / "official").is_dir(),
                     reason="the golden cases and the original code live in ../shared")
 def test_every_step_runs_on_tiny_stand_ins(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out_dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--out_dir", str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failures"] == 0 and report["tiny"] and report["device"] == "cpu"
