@@ -251,7 +251,7 @@ class MLP(nn.Module):
         x = self.norm(x)
         if self.main is not None:
             fc1, _, fc2 = self.main
-            x = fc2(fc1(x, activation="gelu"))  # on CPU, the matmul and its GELU are one oneDNN call
+            x = fc2(fc1(x, activation="gelu"))  # on AMD CPUs, the matmul and its GELU are one oneDNN call
         else:
             x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         return x if self.post_norm is None else self.post_norm(x)

@@ -1,6 +1,7 @@
 """The flow's matmuls through PyTorch's F.linear (MKL on CPU), through oneDNN (plain and prepacked weights), and
-through misc/linear.py's Linear, which picks between them by size; then its RoPE rotations as a real rotation and as
-misc/pe.py's complex product; forward, and forward + backward; from one run.
+through misc/linear.py's Linear, which picks between them by size on AMD CPUs and takes F.linear on others; then
+its RoPE rotations as a real rotation and as misc/pe.py's complex product; forward, and forward + backward; from one
+run.
 
     python bench/kernels.py                 # 2 threads
     python bench/kernels.py --threads 1 --reps 500
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from misc.linear import ONEDNN, Linear, onednn_linear, prepacked, uses_onednn  # noqa: E402
+from misc.linear import (ONEDNN, ONEDNN_KERNELS, Linear, cpu_vendor, onednn_linear, prepacked,  # noqa: E402
+                         uses_onednn)
 from misc.pe import RotaryEmbedding, apply_rope, grid_positions  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -102,10 +104,12 @@ def rope_timings(batch, heads, tokens, head_dim, reps):
 
 def run(args):
     from utils.files import write_json
-    if not ONEDNN:
+    if not ONEDNN_KERNELS:
         raise SystemExit("error: this PyTorch build has no oneDNN (torch.backends.mkldnn); nothing to compare")
     torch.set_num_threads(args.threads)
-    print(f"{args.threads} threads; microseconds per call (median of {args.reps}), ratio = Linear / F.linear")
+    vendor = cpu_vendor() or "unknown CPU"
+    print(f"{vendor} ({'oneDNN route on' if ONEDNN else 'F.linear only'}), {args.threads} threads; microseconds per "
+          f"call (median of {args.reps}), ratio = Linear / F.linear")
     print(f"{'case':<21}{'shape':>16}{'F.linear':>10}{'oneDNN':>8}{'packed':>8}{'Linear':>8}{'route':>8}{'ratio':>7}"
           f"{'train F':>10}{'train L':>10}{'ratio':>7}")
     report = []
@@ -129,7 +133,8 @@ def run(args):
         report.append(dict(case=f"rope {name}", batch=batch, heads=heads, tokens=tokens, head_dim=head_dim, **t))
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, "kernels.json"),
-               {"threads": args.threads, "reps": args.reps, "unit": "microseconds", "rows": report})
+               {"cpu_vendor": vendor, "onednn_route": ONEDNN, "threads": args.threads, "reps": args.reps,
+                "unit": "microseconds", "rows": report})
     print(f"\nwrote {os.path.join(args.out_dir, 'kernels.json')}")
     return report
 

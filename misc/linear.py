@@ -1,10 +1,13 @@
 """nn.Linear whose float32 CPU matmuls go through oneDNN: the same arithmetic, faster kernels.
 
-PyTorch's CPU float32 GEMM is MKL's; on the AMD EPYC this project is measured on, oneDNN's kernels run the flow's
-larger matmuls about 2x faster, and decoding's few-row ones 1.5-2x with prepacked weights (`python bench/kernels.py`
-prints the ratio per shape). Everything else (CUDA, MPS, other dtypes, autocast, builds without oneDNN, tensor
-subclasses such as DTensor) takes F.linear unchanged.
+PyTorch's CPU float32 GEMM is MKL's, which runs its AVX-512 and AMX kernels only on Intel CPUs. On an AMD EPYC
+(AVX-512), oneDNN's kernels run the flow's larger matmuls about 2x faster, and decoding's few-row ones 1.5-2x with
+prepacked weights; on an Intel Xeon, MKL is as fast from 128 rows and 1.2-1.8x faster at a few rows
+(`python bench/kernels.py` prints both per shape). So the oneDNN route is taken on AMD CPUs only; everything else
+(Intel and other CPUs, CUDA, MPS, other dtypes, autocast, builds without oneDNN, tensor subclasses such as DTensor)
+takes F.linear unchanged.
 """
+import platform
 import weakref
 from contextlib import contextmanager
 
@@ -12,10 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# MKL's smaller call overhead wins on small products (bench/kernels.py): oneDNN takes a product from 2M multiply-adds
-# on, or from 2 rows when the weight has 2^17 entries (MKL's time grows with the weight even at a few rows: 4 x 256
-# -> 1024 takes 62 us in MKL, 30 us packed in oneDNN; 32 x 128 -> 128, 13 us against 26 us); with gradients, from 16M.
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The x86 vendor string (AuthenticAMD, GenuineIntel) from Linux's cpuinfo or the platform; '' if unknown."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in platform.processor()), "")
+
+
+ONEDNN_KERNELS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN = ONEDNN_KERNELS and cpu_vendor() == "AuthenticAMD"  # whether Linear routes products to oneDNN
+# On AMD, MKL's smaller call overhead wins on small products (bench/kernels.py): oneDNN takes a product from 2M
+# multiply-adds on, or from 2 rows when the weight has 2^17 entries (MKL's time grows with the weight even at a few
+# rows: 4 x 256 -> 1024 takes 62 us in MKL, 30 us packed in oneDNN; 32 x 128 -> 128, 13 us against 26 us); with
+# gradients, from 16M.
 ONEDNN_MIN_MACS = 2 ** 21
 ONEDNN_MIN_WEIGHT = 2 ** 17
 ONEDNN_MIN_TRAIN_MACS = 2 ** 24  # with gradients: three products and a Python autograd node per call

@@ -1,5 +1,5 @@
-"""misc/linear.py: the oneDNN route of nn.Linear gives F.linear's outputs and gradients, and its packed weights
-follow every change of the weights."""
+"""misc/linear.py: the oneDNN route of nn.Linear (taken on AMD CPUs) gives F.linear's outputs and gradients, and its
+packed weights follow every change of the weights; other CPUs take F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from misc import linear
 from misc.linear import Linear, prepacked
 
-pytestmark = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not linear.ONEDNN_KERNELS, reason="this PyTorch build has no oneDNN")
 IN, OUT = 512, 4096  # 2M multiply-adds a row: oneDNN's from one row, and with gradients from 8 rows
 INPUTS = {
     "2d": lambda: torch.randn(9, IN),
@@ -15,6 +15,29 @@ INPUTS = {
     "strided": lambda: torch.randn(3, IN, 7).transpose(1, 2),
     "one_row": lambda: torch.randn(1, 1, IN),
 }
+
+
+@pytest.fixture(autouse=True)
+def amd_route(monkeypatch):
+    """The route an AMD CPU takes, whatever CPU runs the tests."""
+    monkeypatch.setattr(linear, "ONEDNN", True)
+
+
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_cpu_vendor_reads_cpuinfo(vendor, tmp_path):
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
+    assert linear.cpu_vendor(tmp_path / "cpuinfo") == vendor
+    assert linear.cpu_vendor(tmp_path / "missing") in ("AuthenticAMD", "GenuineIntel", "")
+
+
+def test_other_cpus_take_f_linear(monkeypatch):
+    """MKL runs its fastest kernels on Intel CPUs: there even a large product stays with F.linear, bit for bit."""
+    monkeypatch.setattr(linear, "ONEDNN", False)
+    layer, x = Linear(IN, OUT), torch.randn(9, IN)
+    assert not linear.uses_onednn(x, layer.weight)
+    with torch.no_grad(), prepacked(layer):
+        assert torch.equal(layer(x, activation="gelu"), F.gelu(F.linear(x, layer.weight, layer.bias)))
+    assert layer._packed is None
 
 
 @pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
