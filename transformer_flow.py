@@ -213,12 +213,14 @@ class Attention(nn.Module):
         a single query: the newest token)."""
         d, H, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = self.qkv(self.norm(u)).unflatten(-1, (-1, d)).transpose(1, 2)  # (B, H + 2 Hkv, L, d)
-        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+        # split, not slicing: a slice's gradient is a zero tensor of the whole input, a split's one concatenation
+        qk, v = qkv.split([H + Hkv, Hkv], 1)
         if self.query_norm is not None:
-            qk = torch.cat([self.query_norm(qk[:, :H]), self.key_norm(qk[:, H:])], 1)
+            q, k = qk.split([H, Hkv], 1)
+            qk = torch.cat([self.query_norm(q), self.key_norm(k)], 1)
         if rope is not None:
             qk = apply_rope(qk, rope, self.hf_style_rope)  # queries and keys in one product
-        q, k = qk[:, :H], qk[:, H:]
+        q, k = qk.split([H, Hkv], 1)
         if cache is not None:
             k, v = cache.write(layer, k, v)
         q, k, v = q.to(u.dtype), k.to(u.dtype), v.to(u.dtype)
@@ -278,8 +280,10 @@ class AttentionBlock(nn.Module):
         else:
             s = s + self.attention(s, rope, mask, cache, layer, temp)
         s = s + (checkpoint(self.mlp, s, use_reentrant=False) if self.training and self.checkpoint_mlp else self.mlp(s))
-        n_text = 0 if text is None else text.shape[1]
-        return (None if x is None else s[:, n_text:]), (None if text is None else s[:, :n_text])
+        if text is None or x is None:
+            return (s, None) if text is None else (None, s)
+        text, x = s.split([text.shape[1], x.shape[1]], 1)
+        return x, text
 
 
 class Trunk(nn.Module):

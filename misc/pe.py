@@ -63,7 +63,7 @@ def apply_rope(t, rotation, halves=False):
     x = t.float()
     if halves:
         out = torch.complex(*x.chunk(2, dim=-1)) * rotation
-        return torch.cat([out.real, out.imag], dim=-1).to(t.dtype)
+        return torch.view_as_real(out).transpose(-1, -2).flatten(-2).to(t.dtype)  # [real | imag], no selects
     pairs = x.unflatten(-1, (-1, 2))
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex: (re, im) adjacent, aligned
