@@ -3,9 +3,9 @@
 PyTorch's CPU float32 GEMM is MKL's, which runs its AVX-512 and AMX kernels only on Intel CPUs. On an AMD EPYC
 (AVX-512), oneDNN's kernels run the flow's larger matmuls about 2x faster, and decoding's few-row ones 1.5-2x with
 prepacked weights; on an Intel Xeon, MKL is within about 10% of oneDNN from 128 rows and 1.05-2.3x faster at a
-few rows (`python bench/kernels.py` prints both per shape). So the oneDNN route is taken on AMD CPUs only; everything else
-(Intel and other CPUs, CUDA, MPS, other dtypes, autocast, builds without oneDNN, tensor subclasses such as DTensor)
-takes F.linear unchanged.
+few rows (`python bench/kernels.py` prints both per shape). So the oneDNN route is taken on AMD CPUs only;
+everything else (Intel and other CPUs, CUDA, MPS, other dtypes, autocast, builds without oneDNN, tensor subclasses
+such as DTensor) takes F.linear unchanged.
 """
 import platform
 import weakref
