@@ -23,11 +23,15 @@ def amd_route(monkeypatch):
     monkeypatch.setattr(linear, "ONEDNN", True)
 
 
-@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
-def test_cpu_vendor_reads_cpuinfo(vendor, tmp_path):
+@pytest.mark.parametrize("vendor, windows", [("AuthenticAMD", "AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD"),
+                                             ("GenuineIntel", "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel")])
+def test_cpu_vendor_reads_cpuinfo_or_the_platform(vendor, windows, tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n")
     assert linear.cpu_vendor(tmp_path / "cpuinfo") == vendor
-    assert linear.cpu_vendor(tmp_path / "missing") in ("AuthenticAMD", "GenuineIntel", "")
+    monkeypatch.setattr(linear.platform, "processor", lambda: windows)  # what Windows says; no /proc there
+    assert linear.cpu_vendor(tmp_path / "missing") == vendor
+    monkeypatch.setattr(linear.platform, "processor", lambda: "arm")  # macOS on Apple silicon
+    assert linear.cpu_vendor(tmp_path / "missing") == ""
 
 
 def test_other_cpus_take_f_linear(monkeypatch):
