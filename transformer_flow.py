@@ -280,8 +280,10 @@ class AttentionBlock(nn.Module):
         else:
             s = s + self.attention(s, rope, mask, cache, layer, temp)
         s = s + (checkpoint(self.mlp, s, use_reentrant=False) if self.training and self.checkpoint_mlp else self.mlp(s))
-        if text is None or x is None:
-            return (s, None) if text is None else (None, s)
+        if text is None:
+            return s, None
+        if x is None:
+            return None, s
         text, x = s.split([text.shape[1], x.shape[1]], 1)
         return x, text
 
