@@ -10,10 +10,10 @@ from misc.linear import Linear, prepacked
 pytestmark = pytest.mark.skipif(not linear.ONEDNN_KERNELS, reason="this PyTorch build has no oneDNN")
 IN, OUT = 512, 4096  # 2M multiply-adds a row: oneDNN's from one row, and with gradients from 8 rows
 INPUTS = {
-    "2d": lambda: torch.randn(9, IN),
-    "3d": lambda: torch.randn(3, 7, IN),
-    "strided": lambda: torch.randn(3, IN, 7).transpose(1, 2),
-    "one_row": lambda: torch.randn(1, 1, IN),
+    "2d": lambda width=IN: torch.randn(9, width),
+    "3d": lambda width=IN: torch.randn(3, 7, width),
+    "strided": lambda width=IN: torch.randn(3, width, 7).transpose(1, 2),
+    "one_row": lambda width=IN: torch.randn(1, 1, width),
 }
 
 
@@ -60,15 +60,17 @@ def test_outputs_equal_f_linear(make_x, bias, activation, packed):
 
 @pytest.mark.parametrize("make_x", INPUTS.values(), ids=INPUTS.keys())
 @pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_gradients_equal_autograd_of_f_linear(make_x, activation):
-    layer, x = Linear(IN, OUT), make_x().requires_grad_()
-    assert linear.uses_onednn(x, layer.weight, training=True) == (x.numel() // IN > 1)
-    (layer(x, activation=activation) ** 2).sum().backward()
+@pytest.mark.parametrize("widths", [(IN, OUT), (OUT, IN)], ids=["widening", "narrowing"])  # both grad_w orders
+@pytest.mark.parametrize("loss", [lambda y: (y ** 2).sum(), torch.sum], ids=["squares", "sum"])  # sum: grad stride 0
+def test_gradients_equal_autograd_of_f_linear(make_x, activation, widths, loss):
+    layer, x = Linear(*widths), make_x(widths[0]).requires_grad_()
+    assert linear.uses_onednn(x, layer.weight, training=True) == (x.numel() // widths[0] > 1)
+    loss(layer(x, activation=activation)).backward()
     got = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
     for t in (x, layer.weight, layer.bias):
         t.grad = None
     out = F.linear(x, layer.weight, layer.bias)
-    ((F.gelu(out) if activation == "gelu" else out) ** 2).sum().backward()
+    loss(F.gelu(out) if activation == "gelu" else out).backward()
     for g, t in zip(got, (x, layer.weight, layer.bias)):
         torch.testing.assert_close(g, t.grad, atol=1e-4, rtol=1e-5)
 
