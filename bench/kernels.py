@@ -1,5 +1,6 @@
 """The flow's matmuls through PyTorch's F.linear (MKL on CPU), through oneDNN (plain and prepacked weights), and
-through misc/linear.py's Linear, which picks between them by size on AMD CPUs and takes F.linear on others; then
+through misc/linear.py's Linear, which picks between them by size on AMD CPUs and takes F.linear on others; the
+three products of a training step's layer (forward, input gradient, weight gradient) each in MKL and in oneDNN; then
 its RoPE rotations as a real rotation and as misc/pe.py's complex product; forward, and forward + backward; from one
 run.
 
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from misc.linear import (ONEDNN, ONEDNN_KERNELS, Linear, cpu_vendor, onednn_linear, prepacked,  # noqa: E402
-                         uses_onednn)
+from misc.linear import (ONEDNN, ONEDNN_KERNELS, Linear, cpu_vendor, onednn_linear, onednn_weight_grad,  # noqa: E402
+                         prepacked, uses_onednn)
 from misc.pe import RotaryEmbedding, apply_rope, grid_positions  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -79,6 +80,19 @@ def timings(rows, n_in, n_out, reps):
             "aten_train": seconds(aten_train, reps), "linear_train": seconds(linear_train, reps)}
 
 
+def training_products(rows, n_in, n_out, reps):
+    """Microseconds of a training layer's three products as autograd of F.linear runs them (MKL) and as Linear's
+    oneDNN route does: forward, input gradient g @ W, weight gradient g.T @ x."""
+    x, weight, bias, g = torch.randn(rows, n_in), torch.randn(n_out, n_in), torch.randn(n_out), torch.randn(rows, n_out)
+    reps = max(5, reps // 20)
+    return {"forward_mkl": seconds(lambda: F.linear(x, weight, bias), reps),
+            "forward_onednn": seconds(lambda: onednn_linear(x, weight, bias), reps),
+            "input_grad_mkl": seconds(lambda: g.mm(weight), reps),
+            "input_grad_onednn": seconds(lambda: onednn_linear(g, weight.t(), None), reps),
+            "weight_grad_mkl": seconds(lambda: x.t().mm(g).t(), reps),  # AddmmBackward's form
+            "weight_grad_onednn": seconds(lambda: onednn_weight_grad(g, x), reps)}
+
+
 def real_rotation(t, cos, sin):
     """The real form of RoPE, the baseline: t * cos + (-t1, t0) * sin on adjacent pairs, halves stacked back."""
     pairs = t.float().unflatten(-1, (-1, 2))
@@ -122,6 +136,19 @@ def run(args):
                   f"{t['aten_train']:>10.1f}{t['linear_train']:>10.1f}{t['linear_train'] / t['aten_train']:>7.2f}",
                   flush=True)
             report.append(dict(case=name, rows=rows, n_in=n_in, n_out=n_out, route=route, **t))
+    print("\nA training layer's products, each in MKL (autograd of F.linear) and in oneDNN (Linear's route); "
+          "microseconds per call, ratio = oneDNN / MKL")
+    print(f"{'case':<21}{'shape':>16}" + "".join(f"{h + ' MKL':>13}{'oneDNN':>8}{'ratio':>7}"
+                                                 for h in ("forward", "input g", "weight g")))
+    for name, model, rows in CASES:
+        if "training" not in name:
+            continue
+        for n_in, n_out in layer_shapes(WIDTHS[model]):
+            t = {k: v * 1e6 for k, v in training_products(rows, n_in, n_out, args.reps).items()}
+            print(f"{name:<21}{f'{rows}x{n_in}->{n_out}':>16}" + "".join(
+                f"{t[p + '_mkl']:>13.1f}{t[p + '_onednn']:>8.1f}{t[p + '_onednn'] / t[p + '_mkl']:>7.2f}"
+                for p in ("forward", "input_grad", "weight_grad")), flush=True)
+            report.append(dict(case=f"products {name}", rows=rows, n_in=n_in, n_out=n_out, **t))
     print(f"\nRoPE of the queries; microseconds per call, ratio = complex product (misc/pe.py) / real rotation")
     print(f"{'case':<21}{'shape':>16}{'real':>10}{'complex':>9}{'ratio':>7}{'train R':>10}{'train C':>10}{'ratio':>7}")
     for name, model, batch, tokens in ROPE_CASES:

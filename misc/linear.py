@@ -48,6 +48,15 @@ def onednn_linear(x, weight, bias, activation="none"):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
 
 
+def onednn_weight_grad(g, x):
+    """g.T @ x in oneDNN, for the output gradient g (rows, out) and the input x (rows, in), both contiguous."""
+    # the product contracts over rows, the outer dimension of both; oneDNN copies a transposed input to rows first,
+    # so the narrower of the two is made the input
+    if g.shape[1] <= x.shape[1]:
+        return onednn_linear(g.t(), x.t(), None)
+    return onednn_linear(x.t(), g.t(), None).t()
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """A linear layer whose forward and gradient matmuls all run in oneDNN."""
 
@@ -65,13 +74,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = onednn_linear(g, weight.t(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
-            # g.T @ x contracts over rows, the outer dimension of both; oneDNN copies a transposed input to rows
-            # first, so the narrower of the two is made the input (30-40% faster for a widening layer)
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            if g.shape[1] <= x2.shape[1]:
-                grad_w = onednn_linear(g.t(), x2.t(), None)
-            else:
-                grad_w = onednn_linear(x2.t(), g.t(), None).t()
+            grad_w = onednn_weight_grad(g, x.reshape(-1, x.shape[-1]).contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
