@@ -26,7 +26,7 @@ import sample
 from dataset import eval_items
 from transformer_flow import Model
 from utils import distributed, recipe
-from utils.config import Key, load_config
+from utils.config import Key, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import write_json
 from utils.image import ASPECT_RATIOS
@@ -66,14 +66,6 @@ EVAL_KEYS = {
     "report": Key(None, "str", "JSON report (default <images>/evaluate.json, else <logdir>/evaluate.json)"),
 }
 MODEL_MODES = ("generate", "bpd", "rank_prompts")  # what needs a checkpoint
-
-
-def print_help():
-    print(__doc__ + "\nEvaluation flags:")
-    for key, spec in EVAL_KEYS.items():
-        print(f"  --{key:20s}{spec.help} (default {spec.default})")
-    print("  with --generate 1, sample.py's flags (--caption, --num_samples, --cfg, --jacobi, --seed, ...); with a "
-          "checkpoint, every config key (--data, --data_format, ...)")
 
 
 def parse_config(argv):
@@ -389,8 +381,10 @@ def summary_lines(report):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print_help()
+    if wants_help(argv):
+        print_help(__doc__, "Evaluation flags", EVAL_KEYS, "  with --generate 1, sample.py's flags (--caption, "
+                   "--num_samples, --cfg, --jacobi, --seed, ...; python sample.py --help); with a checkpoint, every "
+                   "config key (--data, --data_format, ...; python train.py --help)")
         return 0
     cfg = parse_config(argv)
     info = distributed.init_distributed(cfg.device)

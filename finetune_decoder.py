@@ -27,7 +27,7 @@ from dataset import TrainData
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import load_lpips
 from utils.checkpoint import check_fit, load_state_dict_file, save_weights
-from utils.config import Key, flag, load_config, parse_vid_size, save_config
+from utils.config import Key, flag, load_config, parse_vid_size, print_help, save_config, wants_help
 from utils.distributed import all_gather_arrays, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, make_dir, write_json
@@ -398,7 +398,12 @@ def run(argv):
 
 
 def main(argv=None):
-    run_cli(run, sys.argv[1:] if argv is None else argv, cleanup=cleanup)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print_help(__doc__, "Fine-tuning flags", EXTRA_KEYS, "  and every config key: --model_config_path, --data, "
+                   "--batch_size, --lr, --max_steps, ... (python train.py --help lists them)")
+        return 0
+    run_cli(run, argv, cleanup=cleanup)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import save_weights
-from utils.config import SCHEMA, Compat, Key, flag, load_config
+from utils.checkpoint import OFFICIAL_WEIGHTS, save_weights
+from utils.config import SCHEMA, Compat, Key, flag, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, check_image, make_grid, parse_aspect_ratio, write_png, write_video
@@ -36,7 +36,8 @@ def check_aspect(value):
 
 # Flags that are pipeline arguments (ARGUMENTS[...]) share the pipeline's type and range.
 SAMPLE_KEYS = {
-    "checkpoint_path": Key(None, "str", "model weights: official .pth or our .safetensors (required)", path="exists"),
+    "checkpoint_path": Key(None, "str", "model weights: official .pth, our .safetensors or a train.py checkpoint "
+                                        "folder (required)", path="exists", missing=OFFICIAL_WEIGHTS),
     "caption": Key(None, "str", "a prompt, or a .txt file with one prompt per line (required)"),
     "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
                                     "1 per line for a .txt", low=1),
@@ -139,14 +140,6 @@ def plan(captions, num_samples, seed, batch, world, rank):
         mine = chunk[rank * batch:(rank + 1) * batch]
         rounds.append((mine, [(chunk[-1][0], chunk[-1][1], None)] * (min(batch, len(chunk)) - len(mine))))
     return items, rounds
-
-
-def print_help():
-    print(__doc__ + "\nSampling flags:")
-    for key, spec in SAMPLE_KEYS.items():
-        accepts = f"; {spec.accepts()}" if spec.accepts() else ""
-        print(f"  --{key:28s}{spec.help} (default {spec.default}{accepts})")
-    print("  --model_config_path, --cfg, --finetuned_vae, --logdir and every other config key of utils/config.py")
 
 
 def parse_config(argv, extra_keys=None):
@@ -275,8 +268,9 @@ def free_prefix(out_dir, prefix, items):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print_help()
+    if wants_help(argv):
+        print_help(__doc__, "Sampling flags", SAMPLE_KEYS, "  --model_config_path, --cfg, --finetuned_vae, --logdir "
+                   "and every other config key (python train.py --help lists them)")
         return 0
     cfg = parse_config(argv)
     captions, name = read_captions(cfg.caption)

@@ -1,7 +1,7 @@
 """Train STARFlow / STARFlow-V: exact NLL of noise-augmented latents, one process, DDP or FSDP2 under torchrun.
 
     python train.py --model_config_path configs/tiny_image.yaml --text <MiniLM folder> --epochs 1
-    torchrun --standalone --nproc_per_node 8 train.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \
+    torchrun --standalone --nproc_per_node 8 train.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \\
         --data /data/shards/train-{0000..0999}.tar --epoch_length 1000000
 """
 import json
@@ -19,7 +19,7 @@ from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
 from utils.checkpoint import load_model_weights
-from utils.config import load_config, save_config
+from utils.config import SCHEMA, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.files import atomic_path, check_output_dir, make_dir, write_text
@@ -503,7 +503,11 @@ def run(argv):
 
 
 def main(argv=None):
-    run_cli(run, sys.argv[1:] if argv is None else argv, cleanup=cleanup)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if wants_help(argv):
+        print_help(__doc__, "Config keys (in a --model_config_path YAML, or as --key value, which wins)", SCHEMA)
+        return 0
+    run_cli(run, argv, cleanup=cleanup)
 
 
 if __name__ == "__main__":

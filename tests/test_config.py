@@ -1,4 +1,6 @@
-"""Config loading: original YAML format, plain mappings, CLI overrides, errors, Model kwargs."""
+"""Config loading: original YAML format, plain mappings, CLI overrides, errors, Model kwargs, --help."""
+import re
+
 import pytest
 
 from utils.config import SCHEMA, Compat, load_config, model_kwargs, parse_vid_size, save_config
@@ -173,3 +175,23 @@ def test_blocks_follow_layers_per_block_unless_they_disagree_where_both_are_set(
     with pytest.raises(UserError, match="blocks 4 but layers_per_block lists 3"):
         load_config(saved)
     assert load_config(None, ["--blocks", "3", "--layers_per_block", "2"]).blocks == 3
+
+
+@pytest.mark.parametrize("entry,keys", [("train", "utils.config.SCHEMA"), ("sample", "sample.SAMPLE_KEYS"),
+                                        ("evaluate", "evaluate.EVAL_KEYS"),
+                                        ("finetune_decoder", "finetune_decoder.EXTRA_KEYS")])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_flag(entry, keys, flag, capsys):
+    """Every entry point answers --help with its docstring and a line per flag, and runs nothing."""
+    import importlib
+
+    module = importlib.import_module(entry)
+    owner, name = keys.rsplit(".", 1)
+    listed = getattr(importlib.import_module(owner), name)
+    assert module.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.splitlines()[0])
+    lines = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert [f"--{key}" for key in listed] == lines[:len(listed)]
+    # a command's line continuation is printed as written (an unescaped one would join the lines mid-docstring)
+    assert not re.search(r"\S {4,}--", module.__doc__)

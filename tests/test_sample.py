@@ -147,7 +147,7 @@ def bad_config(model, tmp_path, **changes):
 
 @pytest.mark.usefixtures("time_limit")
 @pytest.mark.parametrize("case,match", [
-    ("missing_checkpoint", "checkpoint_path.*nope.pth.* does not exist"),
+    ("missing_checkpoint", "checkpoint_path.*nope.pth.* does not exist; .*huggingface.co/apple/starflow"),
     ("missing_config", "config file not found"),
     ("unknown_key", "unknown config key 'jacobi_treshold'; did you mean 'jacobi_th'"),
     ("unknown_yaml_key", "unknown config key 'chanels'; did you mean 'channels'"),

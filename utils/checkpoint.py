@@ -9,6 +9,10 @@ from safetensors.torch import load_file, save_file
 from utils.errors import UserError
 from utils.files import atomic_path
 
+# Where STARFlow's own weights come from, for a --checkpoint_path that does not exist
+OFFICIAL_WEIGHTS = ("the official checkpoints (starflow_3B_t2i_256x256.pth, starflow-v_7B_t2v_caus_480p_v3.pth) are at "
+                    "huggingface.co/apple/starflow: download them into ckpts/, or pass a train.py checkpoint folder")
+
 
 def looks_like_path(name):
     """True when `name` is meant as a filesystem path rather than a hub id."""

@@ -22,15 +22,15 @@ class Key:
     """One config key: default, value type ('int', 'float', 'str', 'ints', 'floats'), meaning, and what it accepts:
     `choices` (an enumeration), `low`/`high` (an inclusive range; each value of a list key), `above` (an exclusive
     lower bound), `nullable` (None is allowed; by default when the default is None), `path` ('file' or 'exists':
-    must exist when given explicitly; 'out': a folder to write to, not a file nor under one) and `check` (a
-    function that raises UserError for a malformed value)."""
+    must exist when given explicitly; 'out': a folder to write to, not a file nor under one), `missing` (how to get
+    a path that does not exist) and `check` (a function that raises UserError for a malformed value)."""
 
     def __init__(self, default, kind, help, choices=None, low=None, high=None, above=None, nullable=None, path=None,
-                 check=None):
+                 missing=None, check=None):
         self.default, self.kind, self.help = default, kind, help
         self.choices, self.low, self.high, self.above = choices, low, high, above
         self.nullable = default is None if nullable is None else nullable
-        self.path, self.check = path, check
+        self.path, self.missing, self.check = path, missing, check
 
     def replace(self, **changes):
         """A copy with some fields changed (an entry point's flag that shares a pipeline argument's range)."""
@@ -54,6 +54,23 @@ class Key:
         else:
             return ""
         return text + (" or none" if self.nullable and self.default is not None else "")
+
+
+def wants_help(argv):
+    """Whether the command line asks for an entry point's --help."""
+    return "-h" in argv or "--help" in argv
+
+
+def print_help(doc, title, keys, more=None):
+    """An entry point's --help: its docstring, then a line per flag (meaning, default, what it accepts), then `more`
+    (the flags it takes beyond `keys`). A key whose default is None says in its meaning what None does."""
+    print(doc + f"\n{title}:")
+    width = max(map(len, keys)) + 2
+    for key, spec in keys.items():
+        notes = "; ".join(n for n in (f"default {spec.default}" if spec.default is not None else "", spec.accepts()) if n)
+        print(f"  --{key:{width}s}{spec.help}" + (f" ({notes})" if notes else ""))
+    if more:
+        print(more)
 
 
 def flag(default, help, **kwargs):
@@ -277,7 +294,7 @@ ALIASES = {
 def _unknown(key, schema):
     close = [k for k in ALIASES.get(key, []) if k in schema][:1] or \
         difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see utils/config.py for the list of keys"
+    hint = f"; did you mean '{close[0]}'?" if close else "; --help lists the keys"
     return UserError(f"unknown config key '{key}'{hint}")
 
 
@@ -426,7 +443,7 @@ def check_value(key, value, spec, what="config key", paths=True):
                 (spec.above is not None and v <= spec.above):
             raise UserError(f"{label} must be {spec.accepts()}; got {v}")
     if spec.path and paths:
-        _check_path(label, value, spec.path)
+        _check_path(label, value, spec.path, spec.missing)
     if spec.check is not None:
         spec.check(value)
 
@@ -443,12 +460,12 @@ def _check_type(label, value, kind):
         raise UserError(f"{label} must be a finite number; got {value}")
 
 
-def _check_path(label, value, kind):
+def _check_path(label, value, kind, missing=None):
     path = os.path.expanduser(value)
     if kind == "out":
         check_output_dir(path, label)
     elif not os.path.exists(path):
-        raise UserError(f"{label}: '{value}' does not exist")
+        raise UserError(f"{label}: '{value}' does not exist" + (f"; {missing}" if missing else ""))
     elif kind == "file" and not os.path.isfile(path):
         raise UserError(f"{label}: '{value}' is a folder, not a file")
 
