@@ -531,33 +531,44 @@ EVAL_CAPTIONS = {
 }
 
 
-def eval_items(cfg, multiple, rank=0, world_size=1, split="test", seed=0, limit=0):
-    """Every item of cfg's data once, in a fixed order, for evaluation: this rank's share (items rank, rank +
-    world_size, ...) as (index, pixels, caption, meta); the first `limit` items (0: all). No flips and no held-out
-    pairs; MNIST formats read `split` and are captioned by EVAL_CAPTIONS; shards are read once in the listed order.
-    An unreadable item is an error (a skipped one would change the result)."""
-    fmt = detect_format(cfg)
-    if fmt == "wds":
+class EvalItems:
+    """Every item of cfg's data once, in a fixed order, for evaluation: iterating gives this rank's share (items
+    rank, rank + world_size, ...) as (index, pixels, caption, meta); the first `limit` items (0: all). No flips and no
+    held-out pairs; MNIST formats read `split` and are captioned by EVAL_CAPTIONS; shards are read once in the listed
+    order. An unreadable item is an error (a skipped one would change the result)."""
+
+    def __init__(self, cfg, multiple, rank=0, world_size=1, split="test", seed=0, limit=0):
+        self.cfg, self.multiple, self.rank, self.world_size, self.seed, self.limit = \
+            cfg, multiple, rank, world_size, seed, limit
+        self.format = detect_format(cfg)
+        self.base = None if self.format == "wds" else map_dataset(cfg, self.format, multiple,
+                                                                  EVAL_CAPTIONS.get(self.format), split=split,
+                                                                  no_flip=True)
+        # the items of all ranks (a progress bar's total); None for tar shards, streams of unknown length
+        self.total = None if self.base is None else min(len(self.base), limit) if limit else len(self.base)
+
+    def __iter__(self):
+        if self.base is not None:
+            for index in range(self.rank, self.total, self.world_size):
+                try:
+                    yield (index, *self.base.load(index, self.seed))
+                except Exception as e:
+                    raise UserError(f"cannot read {self.base.describe(index)}: {type(e).__name__}: {e}") from None
+            return
         from webdataset.tariterators import tarfile_samples
-        stream = WebDatasetStream(list_shards(cfg.data), 1, cfg.img_size, multiple, 0, 1, seed, vid_size=cfg.vid_size,
-                                  mix_aspect=bool(cfg.mix_aspect), caption_column=cfg.caption_column)
-        samples = tarfile_samples([{"url": s} for s in stream.shards])
-        for index, sample in enumerate(samples):
-            if limit and index >= limit:
+        cfg = self.cfg
+        stream = WebDatasetStream(list_shards(cfg.data), 1, cfg.img_size, self.multiple, 0, 1, self.seed,
+                                  vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
+                                  caption_column=cfg.caption_column)
+        for index, sample in enumerate(tarfile_samples([{"url": s} for s in stream.shards])):
+            if self.limit and index >= self.limit:
                 return
-            if index % world_size == rank:
+            if index % self.world_size == self.rank:
                 try:
                     yield (index, *stream._decode(sample, random.Random(index)))
                 except Exception as e:
                     raise UserError(f"cannot read {sample.get('__url__')}:{sample.get('__key__')}: "
                                     f"{type(e).__name__}: {e}") from None
-        return
-    base = map_dataset(cfg, fmt, multiple, EVAL_CAPTIONS.get(fmt), split=split, no_flip=True)
-    for index in range(rank, min(len(base), limit) if limit else len(base), world_size):
-        try:
-            yield (index, *base.load(index, seed))
-        except Exception as e:
-            raise UserError(f"cannot read {base.describe(index)}: {type(e).__name__}: {e}") from None
 
 
 class TrainData:

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import sample
-from dataset import eval_items
+from dataset import EvalItems
 from transformer_flow import Model
 from utils import distributed, recipe
 from utils.config import Key, load_config, print_help, wants_help
@@ -261,9 +261,9 @@ def likelihoods(pipe, cfg, info, prompts=None):
     if prompts is not None and pipe.text_encoder is None:
         raise UserError("--rank_prompts ranks prompts by log p(x | prompt): the model must be text-conditional")
     candidates = {}  # (fps, aspect) -> the candidates' text states, decorated as the items' captions are
-    items = eval_items(cfg, multiple, info.rank, info.world_size, cfg.split, cfg.seed, cfg.num_items)
+    items = EvalItems(cfg, multiple, info.rank, info.world_size, cfg.split, cfg.seed, cfg.num_items)
     indices, captions, nlls, scores, dims = [], [], [], [], None
-    bar = tqdm(desc="likelihood", unit="item", disable=info.rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=items.total, desc="likelihood", unit="item", disable=info.rank != 0, dynamic_ncols=True)
     for batch in batches(items, cfg.eval_batch_size):
         idx, pixels, caps, metas = zip(*batch)
         x = model_input(pipe, cfg, torch.stack(pixels), idx, noise)
@@ -278,7 +278,8 @@ def likelihoods(pipe, cfg, info, prompts=None):
             scores.append(rank_scores(pipe, x, candidates[metas[0]["fps"], metas[0]["aspect"]], cfg.eval_batch_size))
         indices += idx
         captions += caps
-        bar.update(len(batch) * info.world_size)
+        seen = len(batch) * info.world_size  # rank 0's share is the largest, so the count stops at the total
+        bar.update(seen if items.total is None else min(seen, items.total - bar.n))
     bar.close()
     if dims is None and info.rank == 0:
         raise UserError(f"no items in --data {cfg.data} (data_format {cfg.data_format})")

@@ -287,22 +287,28 @@ def test_bits_per_dim_equals_a_hand_computation_on_a_tiny_flow(tiny_pixel_flow, 
 
 def test_eval_items_reads_each_format_once_in_order(tiny_pixel_flow, tmp_path):
     import tarfile
-    from dataset import eval_items
+    from dataset import EvalItems
     shard = tmp_path / "shard.tar"
     with tarfile.open(shard, "w") as tar:
         for i in range(5):
             for ext in ("png", "txt"):
                 tar.add(os.path.join(tiny_pixel_flow["data"], f"{i}.{ext}"), arcname=f"{i:03d}.{ext}")
     cfg = load_config(tiny_pixel_flow["config"], {"data": tiny_pixel_flow["data"]})
-    folder = list(eval_items(cfg, 1))
+    folder = EvalItems(cfg, 1)
+    assert folder.total == 5
+    folder = list(folder)
     cfg.data = str(shard)
-    shards = list(eval_items(cfg, 1))
+    shards = EvalItems(cfg, 1)
+    assert shards.total is None  # a stream's length is unknown
+    shards = list(shards)
     assert [i for i, *_ in shards] == [i for i, *_ in folder] == list(range(5))
     for (_, a, cap_a, _), (_, b, cap_b, _) in zip(folder, shards):
         assert torch.equal(a, b) and cap_a == cap_b
-    assert [i for i, *_ in eval_items(cfg, 1, rank=1, world_size=2)] == [1, 3]
+    assert [i for i, *_ in EvalItems(cfg, 1, rank=1, world_size=2)] == [1, 3]
     cfg.data_format, cfg.img_size = "colour_mnist", 16
-    digits = list(eval_items(cfg, 1, rank=1, world_size=3, limit=9))
+    digits = EvalItems(cfg, 1, rank=1, world_size=3, limit=9)
+    assert digits.total == 9 and EvalItems(cfg, 1).total == 10000  # all ranks' items: the test split, or the limit
+    digits = list(digits)
     assert [i for i, *_ in digits] == [1, 4, 7]
     labels = load_mnist_arrays("test")[1]
     for i, pixels, caption, _ in digits:
