@@ -191,7 +191,10 @@ def test_help_lists_every_flag(entry, keys, flag, capsys):
     assert module.main([flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith(module.__doc__.splitlines()[0])
-    lines = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
-    assert [f"--{key}" for key in listed] == lines[:len(listed)]
+    lines = [line for line in out.splitlines() if line.startswith("  --")][:len(listed)]
+    assert [f"--{key}" for key in listed] == [line.split()[0] for line in lines]
+    for line, spec in zip(lines, listed.values()):  # each with its meaning, default and range
+        assert spec.help in line and (spec.default is None or f"default {spec.default}" in line)
+        assert spec.accepts() in line
     # a command's line continuation is printed as written (an unescaped one would join the lines mid-docstring)
     assert not re.search(r"\S {4,}--", module.__doc__)

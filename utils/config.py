@@ -67,7 +67,8 @@ def print_help(doc, title, keys, more=None):
     print(doc + f"\n{title}:")
     width = max(map(len, keys)) + 2
     for key, spec in keys.items():
-        notes = "; ".join(n for n in (f"default {spec.default}" if spec.default is not None else "", spec.accepts()) if n)
+        default = "" if spec.default is None else f"default {spec.default}"
+        notes = "; ".join(n for n in (default, spec.accepts()) if n)
         print(f"  --{key:{width}s}{spec.help}" + (f" ({notes})" if notes else ""))
     if more:
         print(more)
