@@ -11,11 +11,10 @@ esac
 launch=(python)
 [ "$NGPUS" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NGPUS")
 
-# require_files FILE...: one error line for the first that is missing.
-require_files() {
-    for f in "$@"; do
-        [ -e "$f" ] || { echo "error: $f not found (official checkpoints go in ckpts/; see README: Sampling)" >&2; exit 2; }
-    done
+# require_checkpoint FILE: one error line, saying where the official weights are, unless the checkpoint exists.
+require_checkpoint() {
+    [ -e "$1" ] || { echo "error: $1 not found (the official checkpoints are at huggingface.co/apple/starflow:" \
+        "download them into ckpts/)" >&2; exit 2; }
 }
 
 # require_config FILE: one error line unless the config YAML exists.

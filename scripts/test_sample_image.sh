@@ -13,7 +13,8 @@ require_image "$input_image"
 echo "caption: $caption | input image: $input_image | processes: $NGPUS"
 config=${CONFIG:-configs/starflow_3B_t2i_256x256.yaml}
 ckpt=${CKPT:-ckpts/starflow_3B_t2i_256x256.pth}
-require_files "$config" "$ckpt"
+require_config "$config"
+require_checkpoint "$ckpt"
 out=()
 [ -n "${OUTPUT_DIR:-}" ] && out=(--output_dir "$OUTPUT_DIR")
 NCCL_DEBUG=WARN "${launch[@]}" sample.py \

@@ -15,7 +15,8 @@ require_image "$input_image"
 echo "caption: $caption | input image: $input_image | frames: $target_length | processes: $NGPUS"
 config=${CONFIG:-configs/starflow-v_7B_t2v_caus_480p.yaml}
 ckpt=${CKPT:-ckpts/starflow-v_7B_t2v_caus_480p_v3.pth}
-require_files "$config" "$ckpt"
+require_config "$config"
+require_checkpoint "$ckpt"
 out=()
 [ -n "${OUTPUT_DIR:-}" ] && out=(--output_dir "$OUTPUT_DIR")
 NCCL_DEBUG=WARN "${launch[@]}" sample.py \

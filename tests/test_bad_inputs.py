@@ -289,6 +289,8 @@ LAUNCHER_ROWS = [
     ("test_sample_video.sh", ["a fox", "none", "abc"], {}, r"^error: TARGET_LENGTH must be a whole number >= 1"),
     ("test_sample_video.sh", ["a fox", "nope.png"], {}, r"^error: input image 'nope.png' not found"),
     ("test_sample_image.sh", ["a fox", "nope.png"], {}, r"^error: input image 'nope.png' not found"),
+    ("test_sample_image.sh", ["a fox"], {"CONFIG": "nope.yaml"}, r"^error: config nope.yaml not found"),
+    ("test_sample_video.sh", ["a fox"], {"CONFIG": "nope.yaml"}, r"^error: config nope.yaml not found"),
 ]
 
 

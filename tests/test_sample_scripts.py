@@ -89,5 +89,5 @@ def test_scripts_read_their_positional_arguments(script, args, echo, tmp_path):
     proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and echo in proc.stdout
-    assert proc.stderr.strip() == f"error: {tmp_path / 'missing.pth'} not found (official checkpoints go in ckpts/; " \
-                                  "see README: Sampling)"
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing.pth'} not found (the official checkpoints are at " \
+                                  "huggingface.co/apple/starflow: download them into ckpts/)"
