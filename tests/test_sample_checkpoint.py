@@ -51,7 +51,7 @@ class NotWeights:
 
 
 @pytest.mark.parametrize("content,match", [
-    (None, "not found"),
+    (None, "not found; the official checkpoints .* are at huggingface.co/apple/starflow"),
     (b"PK\x03\x04 truncated", "cannot read"),
     ("pickle", "holds more than tensors.*could run code"),
     ("list", "does not hold a state dict"),
@@ -67,6 +67,11 @@ def test_bad_files(tmp_path, content, match):
         path.write_bytes(content)
     with pytest.raises(UserError, match=match):
         load_state_dict_file(path)
+
+
+def test_missing_weights_of_another_kind_name_no_official_checkpoint(tmp_path):
+    with pytest.raises(UserError, match=r"fine-tuned VAE file '.*nope.safetensors' not found; check the path$"):
+        load_state_dict_file(tmp_path / "nope.safetensors", "fine-tuned VAE")
 
 
 def test_dcp_folder_points_to_conversion(tmp_path):

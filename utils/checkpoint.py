@@ -65,7 +65,8 @@ def load_state_dict_file(path, what="checkpoint"):
                         f"first, e.g. `python -m torch.distributed.checkpoint.format_utils dcp_to_torch {path} "
                         f"out.pth`")
     if not os.path.isfile(path):
-        raise UserError(f"{what} file '{path}' not found; check the path (official weights go in ckpts/)")
+        hint = OFFICIAL_WEIGHTS if what == "checkpoint" else "check the path"
+        raise UserError(f"{what} file '{path}' not found; {hint}")
     try:
         state = load_file(path) if path.endswith(".safetensors") else torch_load(path, what, mmap=True)
     except UserError:
