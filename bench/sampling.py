@@ -56,7 +56,7 @@ def bench_inputs(device):
 def demo_inputs(device, checkpoint):
     from utils import recipe
     from utils.pipeline import STARFlowPipeline
-    pipe = STARFlowPipeline.from_pretrained(Path(checkpoint) / "config.yaml", checkpoint, device=device)
+    pipe = STARFlowPipeline.from_pretrained(checkpoint, device=device)
     prompts = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4,
                                             ["red", "green", "blue", "white"] * 4)]
     y = torch.cat([pipe.encode_text([recipe.decorate_prompt(pipe.config, p) for p in prompts]),

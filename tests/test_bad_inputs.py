@@ -351,6 +351,10 @@ def test_pipeline_loading_arguments(tiny_t2i):
         load(overrides={"learning_rate": 1e-3})
     with pytest.raises(TypeError, match="checkpoint_path must be a path, got int"):
         STARFlowPipeline.from_pretrained(tiny_t2i["config"], 5)
+    folder = os.path.dirname(tiny_t2i["pth"])  # weights alone, no config.yaml beside them
+    with pytest.raises(ValueError, match=r"is not a checkpoint folder with a config.yaml; pass the YAML config and "
+                                         r"the checkpoint: from_pretrained\(config_path, checkpoint_path\)"):
+        STARFlowPipeline.from_pretrained(folder)
 
 
 def test_call_defaults_are_the_argument_table():

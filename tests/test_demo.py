@@ -48,7 +48,7 @@ def test_demo_config_matches_shipped_config(name):
 
 
 def test_shipped_checkpoint_draws_prompted_digits_and_colours_on_black():
-    pipe = STARFlowPipeline.from_pretrained(DEMO / "config.yaml", DEMO, device="cpu")
+    pipe = STARFlowPipeline.from_pretrained(DEMO, device="cpu")
     colours = [COLOUR_NAMES[d % len(COLOUR_NAMES)] for d in range(10)]
     prompts = [f"a {colour} {DIGIT_NAMES[d]}" for d, colour in enumerate(colours)]
     out = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
@@ -111,7 +111,7 @@ def test_shipped_video_checkpoint_moves_digits_as_prompted(tmp_path):
 
 def test_shipped_video_checkpoint_draws_prompted_digits_on_black():
     """Every digit, each moving one of the four ways: the frames show the prompted digit on a clean background."""
-    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO / "config.yaml", VIDEO_DEMO, device="cpu")
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO, device="cpu")
     directions = [DIRECTION_NAMES[d % len(DIRECTION_NAMES)] for d in range(10)]
     prompts = [f"a {DIGIT_NAMES[d]} moving {direction}" for d, direction in enumerate(directions)]
     out = pipe(prompts, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], output_type="np")

@@ -20,7 +20,7 @@ VIDEO_DEMO = ROOT / "checkpoints" / "demo_moving_mnist_t2v"
 
 @pytest.fixture(scope="module")
 def demo():
-    return STARFlowPipeline.from_pretrained(DEMO / "config.yaml", DEMO, device="cpu")
+    return STARFlowPipeline.from_pretrained(DEMO, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def make_clip(path, frames, size):
 
 
 def test_video_continuation_keeps_the_observed_frames(tmp_path):
-    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO / "config.yaml", VIDEO_DEMO, device="cpu")
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO, device="cpu")
     make_clip(tmp_path / "clip.mp4", 3, pipe.config.img_size)
     request = pipe.check_inputs(["a one moving right"], gen(2), num_samples=2, input_video=tmp_path / "clip.mp4")
     pipe.prepare_noise(request)  # the call draws the sample's noise first, then the clip's

@@ -139,9 +139,11 @@ class STARFlowPipeline:
         self.train_frames, self.train_fps = parse_vid_size(config.vid_size) if self.video else (1, 0)
 
     @classmethod
-    def from_pretrained(cls, config_path, checkpoint_path, device=None, dtype=None, overrides=None,
+    def from_pretrained(cls, config_path, checkpoint_path=None, device=None, dtype=None, overrides=None,
                         finetuned_vae=None, validate=None):
-        """Build from a YAML config and a .pth/.safetensors checkpoint. overrides: config keys (dict or CLI tokens).
+        """Build from a YAML config and a .pth/.safetensors checkpoint, or from a checkpoint folder alone that holds
+        its config.yaml (train.py's checkpoints/latest, the shipped demos). overrides: config keys (dict or CLI
+        tokens).
 
         device: 'auto'/None picks cuda, mps or cpu. dtype: model dtype, a torch dtype or its name ('float16'; default
         bfloat16 on CUDA, else float32). finetuned_vae: path (or id under logdir/vae/) of a decoder fine-tuned on
@@ -150,6 +152,12 @@ class STARFlowPipeline:
         """
         if not isinstance(config_path, (str, os.PathLike)):
             raise TypeError(f"config_path must be a path to a YAML config, got {type(config_path).__name__}")
+        if checkpoint_path is None:
+            folder, config_path = config_path, os.path.join(config_path, "config.yaml")
+            if not os.path.isfile(config_path):
+                raise UserError(f"'{folder}' is not a checkpoint folder with a config.yaml; pass the YAML config and "
+                                f"the checkpoint: from_pretrained(config_path, checkpoint_path)")
+            checkpoint_path = folder
         return cls.from_config(load_config(config_path, overrides), checkpoint_path, device, dtype, finetuned_vae,
                                validate)
 
