@@ -154,9 +154,12 @@ def parse_config(argv, extra_keys=None):
     for key in CLI_ONLY:  # saved configs carry train.py's unrelated defaults for these (4096 samples, batch 256)
         if key not in given:
             setattr(cfg, key, SAMPLE_KEYS[key].default)
-    for key in ("model_config_path", "checkpoint_path"):
-        if not getattr(cfg, key):
-            raise UserError(f"--{key} is required")
+    if not cfg.checkpoint_path:
+        raise UserError("--checkpoint_path is required: a train.py checkpoint folder (e.g. checkpoints/demo_mnist_t2i) "
+                        "or weights (.pth, .safetensors) with --model_config_path")
+    if not cfg.model_config_path:
+        raise UserError(f"--model_config_path is required: {cfg.checkpoint_path} is not a checkpoint folder with a "
+                        f"config.yaml")
     if cfg.jacobi == "1":  # the original sample.py's chunk settings
         for key, value in ORIGINAL_JACOBI.items():
             setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))

@@ -161,6 +161,8 @@ def bad_config(model, tmp_path, **changes):
     ("bad_length", "1 \\+ 4k frames, e.g. 5 or 9"),
     ("long_without_jacobi", "needs --jacobi 1"),
     ("missing_text_encoder", "text encoder folder .* does not exist"),
+    ("no_checkpoint", r"--checkpoint_path is required: a train.py checkpoint folder .* or weights"),
+    ("weights_without_config", r"--model_config_path is required: .*tiny_t2i.pth is not a checkpoint folder"),
 ])
 def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeypatch, case, match):
     bad_png = tmp_path / "broken.png"
@@ -182,6 +184,8 @@ def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeyp
         "bad_length": t2v + ["--target_length", "7"],
         "long_without_jacobi": t2v + ["--target_length", "9", "--jacobi", "0"],
         "missing_text_encoder": t2i + ["--text", str(tmp_path / "no_t5")],
+        "no_checkpoint": ["--caption", "x"],
+        "weights_without_config": t2i[2:],
     }[case]
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv, "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as e:
