@@ -193,6 +193,11 @@ def image_metrics(cfg, info, images, paths=None):
         a, b = stats_of(sides["images"]), stats_of(sides["ref"])
         check_comparable(a, b, sides["images"]["source"], cfg.ref)
         report["fid"] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+        counts = [c for c in (a["count"], b["count"]) if c]  # a statistics file may not say
+        if counts and min(counts) <= len(a["mu"]):  # the covariance of N images has rank N - 1 at most
+            report["fid_note"] = (f"{min(counts)} images are not more than the {len(a['mu'])} features: the "
+                                  f"covariance is singular and FID is biased upwards; compare it only with FIDs of as "
+                                  f"many images")
     if head is not None and main:
         feats = sides["images"]["features"]
         if head.shape[1] != feats.shape[1]:
@@ -363,6 +368,8 @@ def summary_lines(report):
     if "fid" in report:
         lines.append(f"FID {report['fid']:.4f} ({report['images']['count']} images vs {report['ref']['count'] or '?'} "
                      f"reference)")
+    if "fid_note" in report:
+        lines.append(f"note: {report['fid_note']}")
     if "inception_score" in report:
         r = report["inception_score"]
         lines.append(f"Inception Score {r['mean']:.4f} +- {r['std']:.4f} ({r['splits']} splits)")

@@ -6,9 +6,11 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.special
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,14 @@ def test_fid_equals_an_independent_numpy_computation_on_random_features():
     assert metrics.frechet_distance(*metrics.feature_stats(a), *metrics.feature_stats(a)) == pytest.approx(0, abs=1e-9)
 
 
+def test_fid_of_singular_covariances_is_finite_and_leaves_the_warning_to_the_report():
+    """Fewer images than features give singular covariances: scipy's sqrtm warns, evaluate.py's note says why."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+        fid = metrics.frechet_distance(np.zeros(3), np.diag([1.0, 0, 0]), np.zeros(3), np.diag([0, 1.0, 0]))
+    assert fid == pytest.approx(2.0)  # traces 1 + 1, no cross term
+
+
 def test_fid_of_a_folder_against_itself_is_zero_and_stats_files_round_trip(tiny_inception, tmp_path):
     a = write_images(tmp_path / "a", random_images(24, 0))
     b = write_images(tmp_path / "b", random_images(20, 1, shift=60))
@@ -109,6 +119,7 @@ def test_fid_of_a_folder_against_itself_is_zero_and_stats_files_round_trip(tiny_
     assert same["images"]["count"] == same["ref"]["count"] == 24
     assert json.load(open(os.path.join(a, "evaluate.json")))["fid"] == same["fid"]  # the report, beside the images
     assert same["inception"]["standard"] is False and same["settings"]["inception"] == tiny_inception
+    assert "fid_note" not in same  # 24 images, 16 features: a full-rank covariance
     apart = run_eval("--images", a, "--ref", b, "--inception", tiny_inception, "--save_stats", tmp_path / "b.npz",
                      "--report", tmp_path / "r.json")
     assert apart["fid"] > 0.01
@@ -116,6 +127,10 @@ def test_fid_of_a_folder_against_itself_is_zero_and_stats_files_round_trip(tiny_
     from_stats = run_eval("--images", a, "--ref", tmp_path / "b.npz", "--inception", tiny_inception,
                           "--report", tmp_path / "r2.json")
     assert from_stats["fid"] == pytest.approx(apart["fid"], rel=1e-12)
+    few = write_images(tmp_path / "few", random_images(12, 2))
+    singular = run_eval("--images", few, "--ref", b, "--inception", tiny_inception, "--report", tmp_path / "r3.json")
+    assert singular["fid_note"].startswith("12 images are not more than the 16 features: the covariance is singular")
+    assert "note: 12 images are not more" in "\n".join(evaluate.summary_lines(singular))
     net = metrics.InceptionV3(tiny_inception)
     feats_a = metrics.inception_features(net, metrics.list_images(a), progress=False)
     feats_b = metrics.inception_features(net, metrics.list_images(b), progress=False)

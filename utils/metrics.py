@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,10 +195,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), float64, the real part of scipy's sqrtm."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # a singular product: the usual small offset on the diagonal
-        offset = np.eye(len(sigma1)) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # a singular product (fewer images than features) is evaluate.py's note
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():  # the usual small offset on the diagonal
+            offset = np.eye(len(sigma1)) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
