@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 import sample
 from utils import recipe
+from utils.errors import InputWarning, run_cli
 from utils.image import load_image
 from utils.pipeline import STARFlowPipeline
 from utils.vae import load_vae
@@ -234,3 +236,23 @@ def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):
     torch.testing.assert_close(out.latents, twice)
     once = pipe("a corgi", generator=torch.Generator().manual_seed(3), output_type="latent", score_denoise_steps=1)
     torch.testing.assert_close(once.latents, pipe.model.score_denoise(x, y, pipe.config.noise_std))
+
+
+def test_a_prompt_past_txt_size_warns_once_what_it_loses(tiny_t2i, tmp_path, capsys):
+    """The text encoder keeps txt_size tokens (8 here); a longer prompt says what the model never sees."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], overrides={"mix_aspect": 0})
+    with warnings.catch_warnings():  # (mix_aspect 1 would add "in a 1:1 aspect ratio.", past 8 tokens)
+        warnings.simplefilter("error", InputWarning)
+        out = pipe("a cat", output_type="latent")
+    assert len(pipe.text_encoder.tokenizer(out.prompts[0]).input_ids) <= 8  # it fits: no warning above
+    with pytest.warns(InputWarning, match=r"reads the first 8 tokens \(txt_size\) of a prompt: 'a corgi dog .*' "
+                                          r"loses '.*camera"):
+        pipe("a corgi dog looks at the camera", num_samples=2, output_type="latent")
+    with warnings.catch_warnings():  # as outside pytest (pytest.ini silences the tiny models' cut prompts)
+        warnings.simplefilter("default", InputWarning)
+        run_cli(sample.main, ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"],
+                              "--caption", "a film still of a cat playing piano", "--num_samples", "3",
+                              "--sample_batch_size", "1", "--output_dir", str(tmp_path)])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len([line for line in warned if "'a film still of a cat" in line]) == 1  # one line for three batches
+    assert all(line.startswith("warning: the text encoder reads") for line in warned)  # (the null prompt's too)

