@@ -18,7 +18,7 @@ from dataset import TrainData
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
-from utils.checkpoint import load_model_weights
+from utils.checkpoint import FIT_HINT, load_model_weights
 from utils.config import SCHEMA, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
@@ -140,7 +140,11 @@ class Run:
         if cfg.resume_path:
             self.resume_kind, where = T.resolve_resume(cfg.resume_path)
             weights = os.path.join(where, "model.safetensors") if self.resume_kind == "state" else where
-            load_model_weights(self.model, weights, skip=DEPRECATED_KEYS.match)
+            saved = os.path.join(where, "config.yaml")
+            fix = (f"A resumed run keeps the model of its {saved}: drop the model flags you changed (channels, "
+                   f"layers_per_block, ...); a model of another shape is a new run, without --resume_path"
+                   ) if cfg.model_config_path == saved else FIT_HINT
+            load_model_weights(self.model, weights, skip=DEPRECATED_KEYS.match, fix=fix)
             self.resume_dir = where
         sharded = T.will_shard(info, cfg.fsdp)
         if cfg.fsdp and not sharded and self.main:

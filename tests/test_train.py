@@ -90,7 +90,7 @@ FULL = ["--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--acc"
         "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir):
+def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
     args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "2"]
     straight_dir, straight = run(args, tmp_path, "straight")
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]  # 2 epochs x (24 samples / 8 per step)
@@ -108,6 +108,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir):
             assert resumed[step][key] == straight[step][key], (step, key)
     a, b = weights(straight_dir), weights(stopped_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):  # a resumed run keeps its model: a model flag says so, not "pass the config"
+        train.main(["--resume_path", str(stopped_dir), "--channels", "16"])
+    assert "A resumed run keeps the model of its " + str(stopped_dir) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fsdp", [1, 0])

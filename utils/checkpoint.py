@@ -140,9 +140,13 @@ def save_weights(state, path, metadata=None):
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
 
 
-def load_model_weights(model, checkpoint, skip=None, assign=False):
+FIT_HINT = ("Pass the --model_config_path this checkpoint was trained with (layers_per_block, channels, "
+            "channel_size, txt_size, learnable_self_denoiser, ... must match)")
+
+
+def load_model_weights(model, checkpoint, skip=None, assign=False, fix=FIT_HINT):
     """Load STARFlow weights (a .pth/.safetensors path or a state dict read by load_state_dict_file) into `model`;
-    anything that doesn't fit is one UserError.
+    anything that doesn't fit is one UserError, ending in `fix`.
 
     skip: predicate on key names that the checkpoint may carry but the model rebuilds itself (deprecated buffers).
     assign: take the checkpoint's tensors as the parameters (for a model built on the meta device).
@@ -151,8 +155,6 @@ def load_model_weights(model, checkpoint, skip=None, assign=False):
     if skip is not None:
         state = {k: v for k, v in state.items() if not skip(k)}
     source = f"checkpoint '{checkpoint}'" if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
-    check_fit(model.state_dict(), state, source,
-              "Pass the --model_config_path this checkpoint was trained with (layers_per_block, channels, "
-              "channel_size, txt_size, learnable_self_denoiser, ... must match)")
+    check_fit(model.state_dict(), state, source, fix)
     model.load_state_dict(state, assign=assign)
     return model
