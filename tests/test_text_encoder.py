@@ -40,6 +40,29 @@ def test_offline_hub_id_names_model_and_fetch_command():
         load_text_encoder("google/flan-t5-xl", txt_size=128)
 
 
+@pytest.mark.parametrize("resolves", [True, False])
+def test_a_hub_id_without_network_reads_the_cache_only(monkeypatch, resolves):
+    """With no DNS (no network) a hub id goes straight to the local cache, not through the hub client's retries."""
+    import socket
+
+    from utils import checkpoint
+
+    def getaddrinfo(host, port):
+        if not resolves:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    class Recorder:
+        @staticmethod
+        def from_pretrained(name, **kwargs):
+            raise OSError(f"asked with {sorted(kwargs)}")
+
+    monkeypatch.setattr(checkpoint.hub_constants, "HF_HUB_OFFLINE", False)  # as outside the tests
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(UserError, match=r"asked with \[" + ("" if resolves else "'local_files_only'") + r"\]"):
+        checkpoint.from_pretrained(Recorder, "google/flan-t5-xl", "text encoder")
+
+
 @pytest.mark.parametrize("name,txt_size,match", [
     ("./no/such/folder", 8, "does not exist"),
     (None, 8, "no text encoder"),

@@ -2,8 +2,11 @@
 import os
 import pickle
 import re
+import socket
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
@@ -26,6 +29,15 @@ def fetch_hint(name, include=None):
             f"huggingface_hub), or point the config at a local folder that holds it")
 
 
+def hub_reachable():
+    """Whether the hub's host name resolves (False on a machine with no network, or no DNS)."""
+    try:
+        socket.getaddrinfo(urlparse(hub_constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
 def first_line(error):
     """The first line of an exception message, without a trailing period."""
     text = str(error).strip()
@@ -40,6 +52,8 @@ def from_pretrained(cls, name, what, include=None, **kwargs):
             raise UserError(f"{what} folder '{name}' does not exist; pass a folder written by save_pretrained "
                             f"or a Hugging Face hub id")
         name = path
+    elif not hub_constants.HF_HUB_OFFLINE and not hub_reachable():
+        kwargs["local_files_only"] = True  # the cache or one error now, not the hub client's 30 s of retries
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
