@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -21,11 +22,11 @@ from utils import training as T
 from utils.checkpoint import FIT_HINT, load_model_weights
 from utils.config import SCHEMA, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from utils.errors import UserError, run_cli
+from utils.errors import InputWarning, UserError, run_cli
 from utils.files import atomic_path, check_output_dir, make_dir, write_text
 from utils.image import make_grid, write_png, write_video
 from utils.pipeline import STARFlowPipeline
-from utils.text_encoder import load_text_encoder
+from utils.text_encoder import cut_off_message, load_text_encoder
 from utils.vae import load_vae
 
 
@@ -94,6 +95,7 @@ class Run:
         self.skipped_files = set(self.data.skipped_at_scan)
         self.secondary_pos = [0, 0]
         self.latent_cache, self.text_cache = {}, {}
+        self.captions_unchecked = self.main  # until a caption past txt_size is found (rank 0 tells)
         self.sample_captions = cfg.sample_captions.split("|") if cfg.sample_captions else None
         self.wandb_id = None
         self.saved_step = self.saved_path = None
@@ -227,13 +229,24 @@ class Run:
         texts = [recipe.decorate_prompt(cfg, caption, meta["fps"][i], meta["aspect"][i])
                  for i, caption in enumerate(captions)]
         if not cfg.cache_text:
+            self.warn_cut_off(texts)
             with self.autocast():
                 return self.text_encoder.encode(texts).float()
         new = sorted(set(t for t in texts if t not in self.text_cache))
         if new:
+            self.warn_cut_off(new)
             with self.autocast():
                 self.text_cache.update(zip(new, self.text_encoder.encode(new).float()))
         return torch.stack([self.text_cache[t] for t in texts])
+
+    def warn_cut_off(self, texts):
+        """Once per run, on rank 0: the first caption longer than the text encoder reads, and what it loses."""
+        if not self.captions_unchecked:
+            return
+        cut = next(((text, rest) for text, rest in zip(texts, self.text_encoder.cut_off(texts)) if rest), None)
+        if cut:
+            self.captions_unchecked = False
+            warnings.warn(InputWarning(cut_off_message(self.cfg.txt_size, *cut) + " (said once for all captions)"))
 
     def batches(self):
         """(epoch, micro-batch) pairs from the resume position onward; secondary batches mixed in by a seeded draw."""

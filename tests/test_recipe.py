@@ -42,7 +42,7 @@ def test_training_and_sampling_see_the_same_prompts(flags):
     video = cfg.vid_size is not None
     run = train.Run.__new__(train.Run)  # only encode_text's state: no data, no model
     run.cfg, run.info, run.text_encoder = cfg, type("Info", (), dict(rank=0, world_size=1))(), Recorder()
-    run.cuda = False
+    run.cuda, run.captions_unchecked = False, True
     meta = {"fps": [8.0 if video else 0.0] * 8, "aspect": ["16:9"] * 8}
     run.encode_text(["a cat"] * 8, meta, train.step_generator(0, 0))
     trained = set(run.text_encoder.texts)

