@@ -11,7 +11,6 @@ class UserError(ValueError):
     A ValueError, so Python callers of the pipeline can catch it as one."""
 
 
-
 class InputWarning(UserWarning):
     """Input that runs, but not wholly as given (a prompt longer than the text encoder reads); the CLIs print it as
     one `warning:` line."""
