@@ -187,6 +187,9 @@ def test_built_in_data_refuses_a_data_path_it_would_ignore(tmp_path, fmt):
         load_config(demo, ["--data", str(tmp_path)])
     assert load_config(demo, ["--data", str(tmp_path), "--data_format", "auto"]).data == str(tmp_path)
     assert load_config(demo).data_format == fmt  # the default data path is not a request
+    saved = tmp_path / "saved.yaml"  # a run's config from before the check: it still loads, to sample or resume
+    saved.write_text(f"data_format: {fmt}\ndata: {tmp_path}\n")
+    assert load_config(saved).data_format == fmt
 
 
 def test_holdout_is_dropped_by_a_later_data_format_and_refused_beside_its_own(tmp_path):

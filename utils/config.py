@@ -488,7 +488,7 @@ def _check(values, level):
     if values["min_lr"] > values["lr"]:
         raise UserError(f"config key 'min_lr' ({values['min_lr']}) is above 'lr' ({values['lr']}); the cosine "
                         f"schedule decays from lr down to min_lr")
-    if values["data_format"] in BUILT_IN_DATA and values["data"] != SCHEMA["data"].default:
+    if values["data_format"] in BUILT_IN_DATA and level.get("data") == 2:  # (a run's saved config may hold both)
         raise UserError(f"config keys disagree: data_format {values['data_format']} makes its own digits and reads no "
                         f"--data, but data is '{values['data']}'; pass --data_format auto to read it, or drop --data")
     if values["holdout"] and values["data_format"] != "colour_mnist":
