@@ -38,7 +38,8 @@ def check_aspect(value):
 SAMPLE_KEYS = {
     "checkpoint_path": Key(None, "str", "model weights: official .pth, our .safetensors or a train.py checkpoint "
                                         "folder (required)", path="exists", missing=OFFICIAL_WEIGHTS),
-    "caption": Key(None, "str", "a prompt, or a .txt file with one prompt per line (required)"),
+    "caption": Key(None, "str", "a prompt, or a .txt file with one prompt per line (required); '' samples "
+                                "unconditionally (the null prompt)", empty=True),
     "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
                                     "1 per line for a .txt", low=1),
     "sample_batch_size": Key(16, "int", "samples per forward pass on each rank", low=1),
@@ -98,7 +99,7 @@ GRID_CELLS = 64  # samples per grid file
 def read_captions(caption):
     """A prompt, or the lines of a .txt file (blank lines skipped) -> (captions, name for files)."""
     if caption is None:
-        raise UserError("--caption is required: a prompt or a .txt file with one prompt per line")
+        raise UserError("--caption is required: a prompt, a .txt file with one prompt per line, or '' (unconditional)")
     if os.sep in caption and os.path.exists(caption) and not caption.endswith(".txt"):
         raise UserError(f"--caption '{caption}' names a file or folder, not a prompt; a prompt file ends in .txt")
     if caption.endswith(".txt"):
@@ -106,7 +107,7 @@ def read_captions(caption):
         if not lines:
             raise UserError(f"caption file '{caption}' has no prompts")
         return lines, os.path.splitext(os.path.basename(caption))[0]
-    return [caption], caption
+    return [caption], caption or "unconditional"
 
 
 def slug(text, limit=80):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import sample
 from utils import recipe
+from utils.config import load_config
 from utils.errors import InputWarning, run_cli
 from utils.image import load_image
 from utils.pipeline import STARFlowPipeline
@@ -256,3 +257,17 @@ def test_a_prompt_past_txt_size_warns_once_what_it_loses(tiny_t2i, tmp_path, cap
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
     assert len([line for line in warned if "'a film still of a cat" in line]) == 1  # one line for three batches
     assert all(line.startswith("warning: the text encoder reads") for line in warned)  # (the null prompt's too)
+
+
+def test_an_empty_caption_samples_unconditionally(tiny_t2i, tmp_path):
+    """--caption '' is the null prompt (what caption dropout trained), not a missing flag; other text keys keep ''
+    as none."""
+    out = run(tiny_t2i, tmp_path, "--caption", "", "--cfg", 0, "--num_samples", 2, "--jacobi", 0)
+    assert meta(out / "unconditional_0001.png")["prompt"] == ""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    want = pipe("", num_samples=2, cfg=0, output_type="np",
+                generator=[torch.Generator().manual_seed(sample.SAMPLE_KEYS["seed"].default + i) for i in range(2)])
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(out / f"unconditional_{i:04d}.png")), want.images[i])
+    cfg = load_config(None, ["--caption", "", "--text", ""], extra_keys=sample.SAMPLE_KEYS)
+    assert cfg.caption == "" and cfg.text is None

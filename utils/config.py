@@ -23,11 +23,12 @@ class Key:
     `choices` (an enumeration), `low`/`high` (an inclusive range; each value of a list key), `above` (an exclusive
     lower bound), `nullable` (None is allowed; by default when the default is None), `path` ('file' or 'exists':
     must exist when given explicitly; 'out': a folder to write to, not a file nor under one), `missing` (how to get
-    a path that does not exist) and `check` (a function that raises UserError for a malformed value)."""
+    a path that does not exist), `check` (a function that raises UserError for a malformed value) and `empty` ('' is
+    a value, not None: the empty prompt)."""
 
     def __init__(self, default, kind, help, choices=None, low=None, high=None, above=None, nullable=None, path=None,
-                 missing=None, check=None):
-        self.default, self.kind, self.help = default, kind, help
+                 missing=None, check=None, empty=False):
+        self.default, self.kind, self.help, self.empty = default, kind, help, empty
         self.choices, self.low, self.high, self.above = choices, low, high, above
         self.nullable = default is None if nullable is None else nullable
         self.path, self.missing, self.check = path, missing, check
@@ -301,8 +302,10 @@ def _unknown(key, schema):
     return UserError(f"unknown config key '{key}'{hint}")
 
 
-def _convert(key, value, kind):
-    """Turn a YAML/CLI value into the key's type; 'None'/'null' give None."""
+def _convert(key, value, kind, empty=False):
+    """Turn a YAML/CLI value into the key's type; 'None'/'null' give None, and so does '' unless `empty`."""
+    if empty and value == "":
+        return value
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
         return None if kind not in ("ints", "floats") else []
     try:
@@ -410,10 +413,10 @@ def load_config(path=None, overrides=None, extra_keys=None):
         for k, v in _read_yaml(path).items():
             if k not in schema:
                 raise _unknown(k, schema)
-            values[k], level[k] = _convert(k, v, schema[k].kind), 1
+            values[k], level[k] = _convert(k, v, schema[k].kind, schema[k].empty), 1
         values["model_config_path"] = str(path)
     for k, v in explicit.items():
-        values[k], level[k] = _convert(k, v, schema[k].kind), 2
+        values[k], level[k] = _convert(k, v, schema[k].kind, schema[k].empty), 2
     for k in level:
         check_value(k, values[k], schema[k], paths=level[k] == 2)
     _check(values, level)
