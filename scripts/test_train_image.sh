@@ -13,12 +13,10 @@ source scripts/launch.sh
 require_count EPOCHS "$epochs"
 require_count BATCH "$batch"
 require_config "$config"
-text=$(minilm_path)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | epochs: $epochs | global batch: $batch | processes: $NGPUS"
 "${launch[@]}" train.py \
     --model_config_path "$config" \
-    --text "$text" \
     --epochs "$epochs" \
     --batch_size "$batch" \
     --wandb_name test_run \

@@ -45,13 +45,11 @@ os.replace(root + ".tmp", root)
 print(f"wrote {n} clips to {root}")
 PY
 fi
-text=$(minilm_path)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 echo "config: $config | data: $data | epochs: $epochs | global batch: $batch | processes: $NGPUS"
 "${launch[@]}" train.py \
     --model_config_path "$config" \
     --data "$data" \
-    --text "$text" \
     --epochs "$epochs" \
     --batch_size "$batch" \
     --wandb_name test_run \

