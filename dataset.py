@@ -21,9 +21,7 @@ from PIL import Image
 from utils.config import parse_vid_size
 from utils.errors import UserError
 from utils.files import read_text
-from utils.image import IMAGE_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
-
-VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
+from utils.image import IMAGE_EXTS, VIDEO_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
 
 
 def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):

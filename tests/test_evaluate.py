@@ -451,13 +451,18 @@ def test_each_bad_input_gets_one_clear_error(tiny_inception, tiny_t2i, tmp_path,
     good = write_images(tmp_path / "good", random_images(4, 6))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "clip_0000.mp4").write_bytes(b"")  # named only: the hint does not open it
     corrupt = write_images(tmp_path / "corrupt", random_images(3, 7))
     with open(os.path.join(corrupt, "img_001.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
     net = ["--inception", tiny_inception]
     cases = [
         (["--images", tmp_path / "missing", "--ref", good, *net], "image folder .*missing' not found"),
-        (["--images", tmp_path / "empty", "--ref", good, *net], "no images .* in folder .*empty"),
+        (["--images", tmp_path / "empty", "--ref", good, *net], "no images .* in folder .*empty'$"),
+        (["--images", tmp_path / "videos", "--ref", good, *net], r"holds 1 video\(s\), and the image metrics take "
+         r"frames: split each into PNGs first \(python scripts/extract_image_from_video.py .*clip_0000.mp4 "
+         r"frames/clip_0000\) and pass --images frames"),
         (["--images", corrupt, "--ref", good, *net], "cannot read image .*img_001.png"),
         (["--images", good, "--ref", tmp_path / "nope.npz", *net], "statistics file .*nope.npz' not found"),
         (["--images", good], "nothing to evaluate"),

