@@ -54,7 +54,7 @@ def list_images(folder):
              and not any(part.startswith(".") or part == "regenerated" for part in p.relative_to(root).parts[:-1])
              and not p.name.startswith(".") and not _is_grid(p)]
     if not paths:
-        videos = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and "grid" not in p.name]
+        videos = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and not _is_grid(p)]
         hint = (f"; it holds {len(videos)} video(s), and the image metrics take frames: split each into PNGs first "
                 f"(python scripts/extract_image_from_video.py {videos[0]} frames/{videos[0].stem}) and pass "
                 f"--images frames") if videos else ""
