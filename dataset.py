@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from utils.config import parse_vid_size
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.files import read_text
 from utils.image import IMAGE_EXTS, VIDEO_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
 
@@ -529,6 +529,9 @@ EVAL_CAPTIONS = {
 }
 
 
+UNREADABLE_FIX = "remove or replace the file: an evaluation reads every item"
+
+
 class EvalItems:
     """Every item of cfg's data once, in a fixed order, for evaluation: iterating gives this rank's share (items
     rank, rank + world_size, ...) as (index, pixels, caption, meta); the first `limit` items (0: all). No flips and no
@@ -551,7 +554,8 @@ class EvalItems:
                 try:
                     yield (index, *self.base.load(index, self.seed))
                 except Exception as e:
-                    raise UserError(f"cannot read {self.base.describe(index)}: {type(e).__name__}: {e}") from None
+                    raise UserError(f"cannot read {self.base.describe(index)}: {type(e).__name__}: {first_line(e)}; "
+                                    f"{UNREADABLE_FIX}") from None
             return
         from webdataset.tariterators import tarfile_samples
         cfg = self.cfg
@@ -566,7 +570,7 @@ class EvalItems:
                     yield (index, *stream._decode(sample, random.Random(index)))
                 except Exception as e:
                     raise UserError(f"cannot read {sample.get('__url__')}:{sample.get('__key__')}: "
-                                    f"{type(e).__name__}: {e}") from None
+                                    f"{type(e).__name__}: {first_line(e)}; {UNREADABLE_FIX}") from None
 
 
 class TrainData:

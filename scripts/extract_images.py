@@ -17,7 +17,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from utils.errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from utils.files import make_dir, read_text  # noqa: E402
 from utils.image import write_png, write_video  # noqa: E402
 
@@ -97,7 +97,7 @@ def read_frames(path):
             return np.stack([f[..., :3] for f in reader]), fps
         image = imageio.imread(path)
     except Exception as e:  # imageio's readers fail in many ways on a file that is not a picture
-        raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}; pass a grid PNG or MP4") from None
+        raise UserError(f"cannot read {path}: {first_line(e)}; pass a grid PNG or MP4") from None
     image = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
     return image[None], None
 

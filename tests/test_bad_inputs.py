@@ -241,12 +241,14 @@ def grid_files(tmp_path):
         (d / f"{name}.json").write_text(text)
     write_png(d / "plain.png", grid)  # no JSON beside it
     (d / "afile").write_text("x")
+    (d / "damaged.mp4").write_bytes(b"not a video")
     return d
 
 
 EXTRACT_ROWS = [
     ("missing_input", ["{d}/nope.png"], r"nope.png not found"),
     ("not_an_image", ["{d}/afile"], r"cannot read .*afile"),
+    ("damaged_video", ["{d}/damaged.mp4"], r"damaged.mp4: Could not load meta information; pass a grid PNG or MP4$"),
     ("corrupt_json", ["{d}/corrupt.png"], r"grid JSON .*corrupt.json is not valid JSON"),
     ("json_of_another_grid", ["{d}/other.png"], r"describes 4x4 cells of 64x64 px .* but the picture is 38x38 px"),
     ("json_ill_typed", ["{d}/typed.png"], r"grid JSON .*typed.json has no valid rows"),

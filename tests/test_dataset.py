@@ -138,6 +138,16 @@ def test_video_folder(tmp_path):
     assert np.allclose(steps, 40, atol=8)  # 8 fps source sampled at 4 fps: every 2nd frame
 
 
+def test_an_evaluation_stops_at_a_damaged_video_with_one_line(tmp_path):
+    root = make_video_folder(tmp_path / "vids", n=2, frames=12, fps=8)
+    (root / "clip9.mp4").write_bytes(b"not a video")
+    (root / "clip9.txt").write_text("clip 9")
+    items = dataset.EvalItems(cfg_for(root, vid_size="5:4", batch_size=2), 8)
+    with pytest.raises(UserError, match="clip9.mp4: .*; remove or replace the file") as error:
+        list(items)
+    assert "\n" not in str(error.value)  # not ffmpeg's whole log
+
+
 def test_sample_clip_indices():
     r = random.Random(0)
     assert dataset.sample_clip_indices(5, 8, 9, 4, r) == np.linspace(0, 4, 9).round().astype(int).tolist()

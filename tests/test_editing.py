@@ -172,6 +172,22 @@ def test_video_continuation_keeps_the_observed_frames(tmp_path):
     assert not torch.equal(out.noisy_latents[:, 3:], out.noisy_latents[:, 2:3].expand(-1, 2, -1, -1, -1))
 
 
+@pytest.mark.parametrize("case, match", [
+    ("one_frame", "target_length 1 leaves no frame to generate; ask for at least 2 frames"),
+    ("damaged", "cannot read input video .*; pass an MP4 file"),
+])
+def test_video_continuation_input_errors(tmp_path, case, match):
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO, device="cpu")
+    clip = tmp_path / "clip.mp4"
+    if case == "damaged":
+        clip.write_bytes(b"not a video")
+    else:
+        make_clip(clip, 3, pipe.config.img_size)
+    with pytest.raises(UserError, match=match) as error:
+        pipe("a one moving right", input_video=clip, target_length=1 if case == "one_frame" else None)
+    assert "\n" not in str(error.value)  # not ffmpeg's whole log
+
+
 def test_sample_cli_edit_inpaint_and_continue(demo, pictures, tmp_path):
     pictures[0].save(tmp_path / "seven.png")
     lower_half_mask(tmp_path / "mask.png")

@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.files import atomic_path
 
 # Where STARFlow's own weights come from, for a --checkpoint_path that does not exist
@@ -36,12 +36,6 @@ def hub_reachable():
         return True
     except OSError:
         return False
-
-
-def first_line(error):
-    """The first line of an exception message, without a trailing period."""
-    text = str(error).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
 
 
 def from_pretrained(cls, name, what, include=None, **kwargs):

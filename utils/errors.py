@@ -16,6 +16,12 @@ class InputWarning(UserWarning):
     one `warning:` line."""
 
 
+def first_line(error):
+    """The first line of an exception message, without a trailing period (ffmpeg's errors append its whole log)."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
 # File-system conditions that are the user's to fix, and what to tell them.
 DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",

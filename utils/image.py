@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.files import atomic_path
 
 ASPECT_RATIOS = ["1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21"]  # W:H, the trained buckets
@@ -141,7 +141,7 @@ def load_video(video, size, max_frames=None):
                 break
         reader.close()
     except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise UserError(f"cannot read input video '{video}': {e}; pass an MP4 file") from None
+        raise UserError(f"cannot read input video '{video}': {first_line(e)}; pass an MP4 file") from None
     if not frames:
         raise UserError(f"input video '{video}' has no frames")
     return torch.stack(frames)

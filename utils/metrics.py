@@ -28,8 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils.checkpoint import first_line, from_pretrained, load_state_dict_file
-from utils.errors import UserError
+from utils.checkpoint import from_pretrained, load_state_dict_file
+from utils.errors import UserError, first_line
 from utils.files import atomic_path
 from utils.image import IMAGE_EXTS, VIDEO_EXTS
 

@@ -255,6 +255,9 @@ class STARFlowPipeline:
             if input_image is not None or not self.video or not self.config.temporal_causal:
                 raise UserError("--input_video continues a clip: it needs a temporally causal video model "
                                 "(temporal_causal > 0) and no --input_image")
+            if num_frames == 1:
+                raise UserError("--input_video continues a clip, and target_length 1 leaves no frame to generate; "
+                                f"ask for at least {1 + self.vae.temporal_factor} frames")
             if not os.path.isfile(input_video):
                 raise UserError(f"input video '{input_video}' not found")
         video = self.video and num_frames > 1
