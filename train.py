@@ -397,7 +397,8 @@ class TrainLoop:
         self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
         self.first_captions, self.tick = None, time.time()
         self.micro_index = run.step * cfg.acc
-        self.reported = len(run.skipped_files)
+        self.reported = set()
+        self.report_skipped_files()  # those the folder scan dropped, before the first step
 
     def __call__(self):
         run, pending = self.run, []
@@ -418,6 +419,14 @@ class TrainLoop:
                 break
         self.finish()
 
+    def report_skipped_files(self):
+        """Name the unreadable files not named yet (the first five of them)."""
+        new = sorted(self.run.skipped_files - self.reported)
+        if new and self.run.main:
+            more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+            tqdm.write(f"skipped {len(new)} unreadable file(s): {', '.join(new[:5])}{more}")
+        self.reported.update(new)
+
     def after_step(self, m):
         """Log one optimizer step, then sample / stop / checkpoint as configured; True ends training."""
         run, cfg = self.run, self.run.cfg
@@ -432,10 +441,7 @@ class TrainLoop:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
             if self.wb:
                 self.wb.log(m, step=run.step)
-        if len(run.skipped_files) > self.reported and run.main:
-            new = sorted(run.skipped_files)[self.reported:]
-            tqdm.write(f"skipped {len(new)} unreadable file(s): {', '.join(new[:5])}")
-            self.reported = len(run.skipped_files)
+        self.report_skipped_files()
         if cfg.dry_run:
             path = run.sample(self.first_captions, "dry_run")
             if run.main:

@@ -159,22 +159,23 @@ def test_video_end_to_end(tmp_path, tiny_t5_dir):
     assert len(out.frames[0]) == 5
 
 
-@pytest.mark.parametrize("source", ["folder", "shards"])
+@pytest.mark.parametrize("source", ["folder", "folder_scanned", "shards"])
 def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, monkeypatch, source):
     from test_dataset import make_image_folder, make_shards
 
-    if source == "folder":
+    scan = ["--mix_aspect", "1"] if source == "folder_scanned" else []  # the bucket scan drops it before step 1
+    if source != "shards":
         data, bad = make_image_folder(tmp_path / "imgs", n=7, corrupt=1), "bad0.png"
     else:
         data, bad = str(make_shards(tmp_path / "shards", corrupt=True) / "data-{000..001}.tar"), "00001"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data", str(data), "--batch_size", "4", "--epochs", "2",
-                             "--epoch_length", "8", "--wandb", str(int(source == "folder"))], tmp_path)
+                             "--epoch_length", "8", "--wandb", str(int(source == "folder")), *scan], tmp_path)
     out = capsys.readouterr().out
-    assert sorted(m) == [1, 2, 3, 4]
+    assert sorted(m) == ([1, 2] if scan else [1, 2, 3, 4])  # dropped by the scan: 7 items, one batch of 4 an epoch
     assert "skipped 1 unreadable file," in out and bad in out
-    assert source == "shards" or list((run_dir / "wandb").glob("offline-run-*"))
+    assert source != "folder" or list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_t5_dir):
