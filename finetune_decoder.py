@@ -33,10 +33,9 @@ from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, make_dir, write_json
 from utils.image import make_grid, to_uint8, write_png
 from utils.metrics import InceptionV3, feature_stats, frechet_distance, inception_features
-from utils.vae import load_vae, load_vae_weights
+from utils.vae import FINETUNED_METADATA_KEY, load_vae, load_vae_weights
 
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
-METADATA_KEY = "starflow_finetuned_decoder"
 PROBE_STEP = 2**40  # noise key of the probe items, apart from every training step
 RFID_STEP = PROBE_STEP + 1  # noise key of the rFID items
 
@@ -79,7 +78,7 @@ def decoder_state(vae):
 
 def save_finetuned_decoder(vae, path, info):
     """Decoder weights as safetensors with `info` in the metadata, and the same info as readable JSON beside it."""
-    save_weights(decoder_state(vae), path, metadata={METADATA_KEY: json.dumps(info)})
+    save_weights(decoder_state(vae), path, metadata={FINETUNED_METADATA_KEY: json.dumps(info)})
     write_json(os.path.splitext(path)[0] + ".json", info)
 
 

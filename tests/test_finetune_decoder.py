@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import imageio.v2 as imageio
 import numpy as np
@@ -20,8 +21,9 @@ from dataset import load_mnist_arrays
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import LPIPS, TAP_CHANNELS, load_lpips
 from utils.distributed import DistInfo
-from utils.errors import UserError
+from utils.errors import InputWarning, UserError
 from utils.image import to_uint8
+from utils.pipeline import STARFlowPipeline
 from utils.vae import load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +94,7 @@ def noisy_decode_mse(vae_dir, decoder_file, pixels, noise_std):
 def decoder_info(path):
     """The info a decoder file carries in its safetensors metadata; its JSON twin must say the same."""
     with safe_open(path, "pt") as f:
-        info = json.loads(f.metadata()[FD.METADATA_KEY])
+        info = json.loads(f.metadata()[FD.FINETUNED_METADATA_KEY])
     assert json.load(open(os.path.splitext(path)[0] + ".json")) == info
     return info
 
@@ -285,6 +287,14 @@ def test_sample_py_decodes_with_the_finetuned_decoder(tiny_t2i, tiny_sd_vae_dir,
         base = to_uint8(load_vae(tiny_sd_vae_dir).decode(latents["noisy_latents"]))[0]
     image = np.asarray(Image.open(out / "a_dot_0000.png")).astype(int)
     assert np.abs(image - tuned).max() <= 1 and np.abs(image - base).max() > 8
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], finetuned_vae=run.out_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        pipe("a dot", output_type="latent")  # the decoder's own noise level (the config's): no warning
+    assert not [w for w in caught if "fine-tuned decoder" in str(w.message)]
+    with pytest.warns(InputWarning, match=r"learned latents of noise_std 0.3, but these carry 0.5; fine-tune one at "
+                                          r"0.5, or pass --finetuned_vae none"):
+        pipe("a dot", noise_std=0.5, output_type="latent")
 
 
 def test_bad_input_clear_errors(mnist_vae, tiny_sd_vae_dir, tmp_path):

@@ -25,7 +25,7 @@ from utils.errors import InputWarning, UserError
 from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
                          parse_aspect_ratio, to_uint8)
 from utils.text_encoder import cut_off_message, load_text_encoder
-from utils.vae import load_vae
+from utils.vae import finetuned_noise_std, load_vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 EDIT_BLOCKS = ("all", "deep")
@@ -136,6 +136,7 @@ class STARFlowPipeline:
         self.model, self.text_encoder, self.vae, self.config = model, text_encoder, vae, config
         self.device, self.dtype = torch.device(device), dtype
         self.finetuned_vae = finetuned_vae
+        self.finetuned_noise_std = finetuned_noise_std(finetuned_vae) if finetuned_vae else None
         self.video = config.vid_size is not None
         self.train_frames, self.train_fps = parse_vid_size(config.vid_size) if self.video else (1, 0)
 
@@ -284,6 +285,19 @@ class STARFlowPipeline:
                                 f"got {request.context}")
         return request
 
+    def choose_denoiser(self, denoiser, request):
+        """recipe.choose_denoiser for this model; warns when the fine-tuned decoder that replaces denoising was
+        trained at another noise level than the samples carry (it would leave noise in, or blur)."""
+        method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
+                                        bool(self.finetuned_vae))
+        trained = self.finetuned_noise_std
+        if method == "none" and trained is not None and not math.isclose(trained, request.noise_std, rel_tol=1e-3):
+            warnings.warn(InputWarning(
+                f"the fine-tuned decoder '{self.finetuned_vae}' learned latents of noise_std {trained:g}, but these "
+                f"carry {request.noise_std:g}; fine-tune one at {request.noise_std:g}, or pass --finetuned_vae none "
+                f"to denoise with the flow"))
+        return method
+
     def encode_prompt(self, request, aspect_ratio):
         """(decorated texts, y_cond, y): y adds the null prompt's rows when guidance is on."""
         texts = [recipe.decorate_prompt(self.config, cap, request.fps, aspect_ratio, request.noise_std)
@@ -400,8 +414,7 @@ class STARFlowPipeline:
                                     denoising_batch_size=denoising_batch_size,
                                     score_denoise_steps=score_denoise_steps, output_type=output_type,
                                     input_video=input_video)
-        method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
-                                        bool(self.finetuned_vae))
+        method = self.choose_denoiser(denoiser, request)
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
         noise = self.prepare_noise(request)
         cond_frames = None
@@ -456,8 +469,7 @@ class STARFlowPipeline:
         if blocks not in EDIT_BLOCKS:
             raise ValueError(f"blocks must be one of {', '.join(EDIT_BLOCKS)}, got {blocks!r}")
         source_cfg = request.cfg if source_cfg is None else float(source_cfg)
-        method = "none" if request.noise_std == 0 else recipe.choose_denoiser(
-            denoiser, self.model.learnable_self_denoiser is not None, bool(self.finetuned_vae))
+        method = "none" if request.noise_std == 0 else self.choose_denoiser(denoiser, request)
         x0 = self.encode_images(images, request)
         x = recipe.noise_augment(x0, request.noise_std, self._randn(x0.shape, request.generator).to(x0.device))
         sources = [source_prompt] * len(images) if source_prompt is None or isinstance(source_prompt, str) \
@@ -495,8 +507,7 @@ class STARFlowPipeline:
             raise ValueError("inpaint takes one picture (give a list of prompts for several samples)")
         if rounds < 0 or candidates < 1:
             raise ValueError(f"rounds must be >= 0 and candidates >= 1, got {rounds} and {candidates}")
-        method = recipe.choose_denoiser(denoiser, self.model.learnable_self_denoiser is not None,
-                                        bool(self.finetuned_vae))
+        method = self.choose_denoiser(denoiser, request)
         hole = self.latent_mask(load_mask(mask, images[0], request.size)).to(self.device)
         B = len(request.captions)
         x0 = self.encode_images(images, request).expand(B, -1, -1, -1)

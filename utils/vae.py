@@ -6,15 +6,18 @@ to normalised latents (B,C,h,w) or (B,T,C,h,w) and back, and exposes spatial_fac
 latent_channels.
 """
 import importlib
+import json
 import os
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from utils.checkpoint import check_fit, fetch_hint, from_pretrained, load_state_dict_file, looks_like_path
 from utils.errors import UserError
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")  # diffusers classes, imported on first use (pixel space needs none)
+FINETUNED_METADATA_KEY = "starflow_finetuned_decoder"  # the safetensors metadata of finetune_decoder.py's results
 
 
 class ImageVAE(nn.Module):
@@ -198,6 +201,18 @@ def load_vae(spec, device="cpu", dtype=torch.float32, finetuned=None, pixel_chan
     if temporal_scale != 1.0:
         raise UserError(f"VAE spec '{spec}': a ':{temporal_scale}' temporal scale only applies to Wan video VAEs")
     return ImageVAE(vae)
+
+
+def finetuned_noise_std(path):
+    """The noise_std that finetune_decoder.py fine-tuned a decoder file at; None for other files and folders."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    with safe_open(path, "pt") as f:
+        info = (f.metadata() or {}).get(FINETUNED_METADATA_KEY)
+    try:
+        return float(json.loads(info)["noise_std"])
+    except (TypeError, ValueError, KeyError):  # no metadata, or another tool's
+        return None
 
 
 def load_vae_weights(vae, path):
