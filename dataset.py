@@ -21,7 +21,8 @@ from PIL import Image
 from utils.config import parse_vid_size
 from utils.errors import UserError, first_line
 from utils.files import read_text
-from utils.image import IMAGE_EXTS, VIDEO_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb
+from utils.image import (IMAGE_EXTS, VIDEO_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb,
+                         upright_size)
 
 
 def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):
@@ -127,7 +128,7 @@ class FolderDataset(torch.utils.data.Dataset):
                         w, h = r.get_meta_data()["size"]
                 else:
                     with Image.open(path) as im:
-                        w, h = im.size
+                        w, h = upright_size(im)
             except Exception:
                 self.skipped_at_scan.append(str(path))
                 continue

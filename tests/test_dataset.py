@@ -127,6 +127,34 @@ def test_aspect_buckets(tmp_path):
     assert aspect_ratio_to_image_size(640, "16:9", 16) == (480, 848)
 
 
+def turned_photo(path, upright):
+    """`upright` (a PIL image) stored as a camera does: turned a quarter, with EXIF orientation 6 to undo it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def test_a_photo_with_exif_orientation_is_read_upright(tmp_path):
+    """Training data and input images are read as a viewer shows them, in pixels and in the aspect bucket."""
+    from utils.image import load_image, load_mask
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    upright = _image(30, 45, 0)  # portrait
+    upright.save(root / "plain.png")
+    turned_photo(root / "photo.png", upright)
+    for name in ("plain", "photo"):
+        (root / f"{name}.txt").write_text("a photo")
+    td = dataset.TrainData(cfg_for(root, mix_aspect=1, img_size=32), 0, 1, seed=0, multiple=8)
+    (x, _, meta), = all_batches(td)
+    assert meta["aspect"] == ["2:3", "2:3"] and torch.equal(x[0], x[1])
+    assert torch.equal(load_image(root / "photo.png", (48, 32)), load_image(upright, (48, 32)))
+    mask = np.zeros((45, 30), np.uint8)  # drawn on the picture as shown
+    mask[20:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert load_mask(tmp_path / "mask.png", root / "photo.png", (48, 32))[30:].all()
+
+
 def test_video_folder(tmp_path):
     root = make_video_folder(tmp_path / "vids", n=2, frames=12, fps=8)
     cfg = cfg_for(root, vid_size="5:4", batch_size=2)

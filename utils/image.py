@@ -12,7 +12,7 @@ import struct
 import imageio.v2 as imageio
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UserError, first_line
 from utils.files import atomic_path
@@ -70,9 +70,21 @@ def crop_resize(img, size, flip=False, resample=Image.Resampling.BICUBIC):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).clamp_(-1, 1)
 
 
+EXIF_ORIENTATION = 0x0112  # its values 5..8 store the picture turned by 90 degrees
+
+
+def upright_size(image):
+    """(w, h) of a PIL image as a viewer shows it: swapped when its EXIF orientation turns it by 90 degrees."""
+    w, h = image.size
+    return (h, w) if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
+
+
 def to_rgb(image):
-    """A PIL image of any mode as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as PNG loads it) is scaled by
+    """A PIL image of any mode as 8-bit RGB, upright (its EXIF orientation applied, as a viewer and diffusers'
+    load_image do: phone photos are stored turned). 16-bit greyscale (modes I;16*, and I as PNG loads it) is scaled by
     255/65535 and float greyscale (F) in [0, 1] by 255: PIL's own convert clips them at 255 (mid-grey turns white)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # (exif_transpose would copy an upright picture too)
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         grey = np.asarray(image).astype(np.float64)
         if image.mode == "F":
