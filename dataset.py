@@ -113,6 +113,12 @@ class FolderDataset(torch.utils.data.Dataset):
             self.items.append((path, caption))
         if not self.items:
             kind = "video (" + ", ".join(sorted(VIDEO_EXTS)) + ")" if self.video else "image"
+            other_kind, other_exts = ("image", IMAGE_EXTS) if self.video else ("video", VIDEO_EXTS)
+            other = sum(1 for p in self.root.rglob("*") if p.suffix.lower() in other_exts)
+            if other and not self.uncaptioned:  # no file of this kind: the config reads the other kind of data
+                reads = "videos (it has vid_size)" if self.video else "images (it has no vid_size)"
+                raise UserError(f"no {kind} files in {self.root}, but {other} {other_kind} file(s): this config "
+                                f"reads {reads}; train a config made for {other_kind}s on them")
             raise UserError(f"no captioned {kind} files in {self.root}: put a .txt caption next to each file "
                             "or list them in captions.jsonl")
         self.buckets = self._scan_buckets() if mix_aspect else ["1:1"] * len(self.items)

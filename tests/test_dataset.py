@@ -270,6 +270,22 @@ def test_bad_data_paths(tmp_path, data, message):
         dataset.TrainData(cfg_for(tmp_path / data, epoch_length=8), 0, 1, 0, 8)
 
 
+@pytest.mark.parametrize("kind", ["videos", "images"])
+def test_a_folder_of_the_other_kind_of_data_says_so(tmp_path, kind):
+    """Captioned videos given to an image config (and images to a video config) are not 'uncaptioned'."""
+    if kind == "videos":
+        root, cfg = make_video_folder(tmp_path / "data"), {}
+        match = r"no image files in .*data, but 2 video file\(s\): this config reads images \(it has no vid_size\)"
+    else:
+        root, cfg = make_image_folder(tmp_path / "data", n=3), {"vid_size": "5:4"}
+        match = r"no video \(.*\) files in .*data, but 3 image file\(s\): this config reads videos"
+    with pytest.raises(UserError, match=match):
+        dataset.TrainData(cfg_for(root, **cfg), 0, 1, 0, 8)
+    (root / "extra.png" if kind == "videos" else root / "extra.mp4").write_bytes(b"")  # uncaptioned: the old hint
+    with pytest.raises(UserError, match="put a .txt caption next to each file"):
+        dataset.TrainData(cfg_for(root, **cfg), 0, 1, 0, 8)
+
+
 def test_too_little_data(tmp_path):
     root = make_image_folder(tmp_path / "imgs", n=2)
     with pytest.raises(UserError, match="fewer than one global batch"):
