@@ -79,6 +79,20 @@ def test_jacobi_matches_sequential(tiny_t2i, device):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 
+def test_pipe_to_equals_loading_on_that_device_in_that_dtype(tiny_t2i, device):
+    """pipe.to(device, dtype), as in diffusers: the samples of a pipeline loaded there; None keeps a setting."""
+    want = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], device=device, dtype="bfloat16")
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], device="cpu")
+    assert pipe.to(device, "bfloat16") is pipe and pipe.to() is pipe
+    assert (pipe.device, pipe.dtype) == (device, torch.bfloat16)
+    assert {(p.device, p.dtype) for p in pipe.model.parameters()} == {(device, torch.bfloat16)}
+    assert {p.device for p in [*pipe.vae.parameters(), *pipe.text_encoder.parameters()]} == {device}
+    kwargs = dict(num_samples=2, cfg=2.0, output_type="latent")
+    torch.testing.assert_close(pipe("a corgi", generator=torch.Generator().manual_seed(1), **kwargs).latents,
+                               want("a corgi", generator=torch.Generator().manual_seed(1), **kwargs).latents,
+                               atol=0, rtol=0)
+
+
 def read_video(path):
     reader = imageio.get_reader(path)
     frames = [f for f in reader]

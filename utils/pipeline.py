@@ -195,6 +195,19 @@ class STARFlowPipeline:
         pipe.model = model.to(device, dtype).eval().requires_grad_(False)
         return pipe
 
+    def to(self, device=None, dtype=None):
+        """Move the pipeline, as diffusers' pipe.to: the flow to `device` in `dtype` (None keeps it; names and
+        'auto' as in from_pretrained), the text encoder in that dtype on CUDA and float32 elsewhere, the VAE as
+        loaded (float32). Returns the pipeline."""
+        device = self.device if device is None else pick_device(device)
+        dtype = self.dtype if dtype is None else resolve_dtype(dtype, device)
+        self.model.to(device, dtype)
+        self.vae.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device, dtype if device.type == "cuda" else torch.float32)
+        self.device, self.dtype = device, dtype
+        return self
+
     # ------------------------------------------------------------------------------------------- geometry
     def pixel_size(self, aspect_ratio=None):
         """(H, W) in pixels: area img_size^2, sides multiples of the VAE factor times the patch size."""
