@@ -103,7 +103,7 @@ class FolderDataset(torch.utils.data.Dataset):
             rel = path.relative_to(self.root).as_posix()
             sidecar = path.with_suffix(".txt")
             try:
-                caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else jsonl.get(rel)
+                caption = sidecar.read_text(encoding="utf-8-sig").strip() if sidecar.is_file() else jsonl.get(rel)
             except (UnicodeDecodeError, OSError):  # not UTF-8 text: skipped and reported like an unreadable image
                 self.skipped_at_scan.append(str(sidecar))
                 continue
@@ -426,7 +426,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     def _decode(self, sample, rng):
         caption = None
         if "txt" in sample:
-            caption = sample["txt"].decode("utf-8").strip()
+            caption = sample["txt"].decode("utf-8-sig").strip()
         elif "json" in sample:
             caption = _caption_from_json(json.loads(sample["json"]), self.caption_column)
         if caption is None:

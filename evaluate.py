@@ -28,7 +28,7 @@ from transformer_flow import Model
 from utils import distributed, recipe
 from utils.config import Key, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
-from utils.files import write_json
+from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
 from utils.metrics import (LEVEL, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score, dequantize,
                            feature_stats, frechet_distance, inception_features, inception_score, list_images,
@@ -317,8 +317,7 @@ def _kind(item):
 def read_prompts(path):
     if not os.path.isfile(path):
         raise UserError(f"prompt file '{path}' not found (one candidate prompt per line)")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
     if len(prompts) < 2:
         raise UserError(f"prompt file '{path}' needs at least two candidate prompts, one per line")
     return prompts

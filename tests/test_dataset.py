@@ -286,6 +286,28 @@ def test_a_folder_of_the_other_kind_of_data_says_so(tmp_path, kind):
         dataset.TrainData(cfg_for(root, **cfg), 0, 1, 0, 8)
 
 
+def test_captions_saved_with_a_byte_order_mark_read_as_text(tmp_path):
+    """Windows editors may put U+FEFF first in UTF-8 files: in a .txt caption, captions.jsonl or a shard."""
+    bom = "\ufeff"
+    for jsonl in (False, True):
+        root = make_image_folder(tmp_path / f"imgs{int(jsonl)}", n=2, jsonl=jsonl)
+        sidecar = root / ("captions.jsonl" if jsonl else "img0.txt")
+        sidecar.write_text(bom + sidecar.read_text(), encoding="utf-8")
+        (_, captions, _), = all_batches(dataset.TrainData(cfg_for(root), 0, 1, seed=0, multiple=8))
+        assert sorted(captions) == ["picture 0", "picture 1"]
+    with tarfile.open(tmp_path / "bom.tar", "w") as tar:
+        for k in range(2):
+            buf = io.BytesIO()
+            _image(36, 36, k).save(buf, format="PNG")
+            for ext, payload in (("png", buf.getvalue()), ("txt", (bom + f"picture {k}").encode())):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (_, captions, _), = all_batches(dataset.TrainData(cfg_for(tmp_path / "bom.tar", epoch_length=2), 0, 1, seed=0,
+                                                      multiple=8))
+    assert sorted(captions) == ["picture 0", "picture 1"]
+
+
 def test_too_little_data(tmp_path):
     root = make_image_folder(tmp_path / "imgs", n=2)
     with pytest.raises(UserError, match="fewer than one global batch"):

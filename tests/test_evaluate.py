@@ -457,7 +457,10 @@ def test_each_bad_input_gets_one_clear_error(tiny_inception, tiny_t2i, tmp_path,
     with open(os.path.join(corrupt, "img_001.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
     net = ["--inception", tiny_inception]
+    (tmp_path / "latin1.txt").write_bytes("a r\xe9d seven\na blue one\n".encode("latin-1"))
+    model = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"]]
     cases = [
+        ([*model, "--rank_prompts", tmp_path / "latin1.txt"], "prompt file .*latin1.txt' is not UTF-8 text"),
         (["--images", tmp_path / "missing", "--ref", good, *net], "image folder .*missing' not found"),
         (["--images", tmp_path / "empty", "--ref", good, *net], "no images .* in folder .*empty'$"),
         (["--images", tmp_path / "videos", "--ref", good, *net], r"holds 1 video\(s\), and the image metrics take "

@@ -273,6 +273,13 @@ def test_a_prompt_past_txt_size_warns_once_what_it_loses(tiny_t2i, tmp_path, cap
     assert all(line.startswith("warning: the text encoder reads") for line in warned)  # (the null prompt's too)
 
 
+def test_a_prompt_file_saved_with_a_byte_order_mark(tiny_t2i, tmp_path):
+    """A BOM (U+FEFF) that a Windows editor put first is not part of the first prompt."""
+    (tmp_path / "prompts.txt").write_text("\ufeffa cat\na dog\n", encoding="utf-8")
+    out = run(tiny_t2i, tmp_path / "out", "--caption", tmp_path / "prompts.txt", "--jacobi", 0)
+    assert [meta(out / f"prompts_{i:04d}.png")["prompt"] for i in range(2)] == ["a cat", "a dog"]
+
+
 def test_an_empty_caption_samples_unconditionally(tiny_t2i, tmp_path):
     """--caption '' is the null prompt (what caption dropout trained), not a missing flag; other text keys keep ''
     as none."""

@@ -71,9 +71,10 @@ def write_json(path, data):
 
 
 def read_text(path, what="file"):
-    """A UTF-8 text file's contents; one UserError for a missing, unreadable or non-UTF-8 file."""
+    """A UTF-8 text file's contents, without the byte-order mark some Windows editors put first; one UserError for
+    a missing, unreadable or non-UTF-8 file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
