@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
@@ -580,6 +581,13 @@ class EvalItems:
                                     f"{type(e).__name__}: {first_line(e)}; {UNREADABLE_FIX}") from None
 
 
+def leave_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM, which a terminal or a cluster sends to every process of a job:
+    the training process checkpoints first, then shuts them down (a worker killed first would end it)."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 class TrainData:
     """Batches for one rank: iterate `epoch(e, start)`; steps_per_epoch global batches per epoch."""
 
@@ -598,7 +606,7 @@ class TrainData:
                                 "(per bucket); lower --batch_size or add data")
             self.loader = torch.utils.data.DataLoader(
                 SkipUnreadable(base), batch_sampler=self.sampler, collate_fn=collate,
-                num_workers=cfg.num_workers, persistent_workers=False)
+                num_workers=cfg.num_workers, persistent_workers=False, worker_init_fn=leave_stop_signals)
         elif fmt == "wds":
             if cfg.epoch_length < self.global_batch:
                 raise UserError("tar shards stream endlessly: set --epoch_length (samples per epoch) >= batch size")
@@ -607,7 +615,8 @@ class TrainData:
                                             world_size, seed, vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
                                             no_flip=bool(cfg.no_flip), caption_column=cfg.caption_column)
             self.steps_per_epoch = cfg.epoch_length // self.global_batch
-            self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers)
+            self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers,
+                                                      worker_init_fn=leave_stop_signals)
         else:
             raise UserError(f"unknown data_format '{fmt}': use auto, folder, wds, video, mnist, colour_mnist "
                             "or moving_mnist")

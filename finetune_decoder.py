@@ -354,39 +354,46 @@ def finetune(cfg, info):
     metrics_file = (T.open_metrics(os.path.join(run.run_dir, "metrics.jsonl"), run.step)
                     if run.main and not cfg.dry_run else None)
     bar = tqdm(total=run.total, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="decoder")
-    while run.step < run.total:
-        epoch, start = divmod(run.step, run.data.steps_per_epoch)
-        for pixels, _, _ in run.data.epoch(epoch, start):
-            m = run.train_step(pixels)
-            bar.update(1)
-            if metrics_file:
-                metrics_file.write(json.dumps(dict(m, step=run.step)) + "\n")
-                metrics_file.flush()
-            if run.step % cfg.log_every == 0 or run.step == 1:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in m.items()})
-                if wb:
-                    wb.log(m, step=run.step)
-            if cfg.dry_run and run.main:
-                print(f"dry run: one step ({', '.join(f'{k} {v:.4g}' for k, v in m.items())}); nothing saved")
-            if cfg.dry_run or run.step >= run.total:
+    stopped_by = 0
+    with T.StopSignals(announce=run.main) as stop:
+        while run.step < run.total and not stopped_by:
+            epoch, start = divmod(run.step, run.data.steps_per_epoch)
+            for pixels, _, _ in run.data.epoch(epoch, start):
+                m = run.train_step(pixels)
+                bar.update(1)
+                if metrics_file:
+                    metrics_file.write(json.dumps(dict(m, step=run.step)) + "\n")
+                    metrics_file.flush()
+                if run.step % cfg.log_every == 0 or run.step == 1:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in m.items()})
+                    if wb:
+                        wb.log(m, step=run.step)
+                if cfg.dry_run and run.main:
+                    print(f"dry run: one step ({', '.join(f'{k} {v:.4g}' for k, v in m.items())}); nothing saved")
+                if cfg.dry_run or run.step >= run.total:
+                    break
+                stopped_by = stop.requested(info.device)  # by every rank at every step: a collective
+                if stopped_by:
+                    break
+                if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
+                    run.save()
+            if cfg.dry_run:
                 break
-            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
-                run.save()
-        if cfg.dry_run:
-            break
-    bar.close()
-    if not cfg.dry_run:
-        run.save()
-        if run.main:
-            print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
-                  f"{run.scores['probe_mse']:.5g} (fine-tuned, step {run.step}); wrote {run.out_path}")
-            if run.rfid:
-                print(f"rFID ({cfg.rfid_samples} items): {run.scores['rfid_base']:.4f} (base decoder) -> "
-                      f"{run.scores['rfid']:.4f} (fine-tuned)")
+        bar.close()
+        if not cfg.dry_run:
+            run.save()
+            if run.main:
+                print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
+                      f"{run.scores['probe_mse']:.5g} (fine-tuned, step {run.step}); wrote {run.out_path}")
+                if run.rfid:
+                    print(f"rFID ({cfg.rfid_samples} items): {run.scores['rfid_base']:.4f} (base decoder) -> "
+                          f"{run.scores['rfid']:.4f} (fine-tuned)")
     if wb:
         wb.finish()
     if metrics_file:
         metrics_file.close()
+    if stopped_by:
+        T.exit_stopped(stopped_by, run.step, f"python finetune_decoder.py --resume_path {run.run_dir}", run.main)
     return run
 
 

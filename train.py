@@ -395,7 +395,7 @@ class TrainLoop:
         total = cfg.epochs * run.steps_per_epoch
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
         self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
-        self.first_captions, self.tick = None, time.time()
+        self.first_captions, self.tick, self.stopped_by = None, time.time(), 0
         self.micro_index = run.step * cfg.acc
         self.reported = set()
         self.report_skipped_files()  # those the folder scan dropped, before the first step
@@ -403,21 +403,24 @@ class TrainLoop:
     def __call__(self):
         run, pending = self.run, []
         run.model.train()
-        for batch in run.batches():
-            if batch is None:  # epoch end
+        with T.StopSignals(announce=run.main) as self.stop:
+            for batch in run.batches():
+                if batch is None:  # epoch end
+                    pending = []
+                    self.end_epoch()
+                    continue
+                pending.append(batch)
+                self.first_captions = self.first_captions or batch[1]
+                if len(pending) < run.cfg.acc:
+                    continue
+                metrics = run.optimizer_step(pending, self.micro_index)
+                self.micro_index += len(pending)
                 pending = []
-                self.end_epoch()
-                continue
-            pending.append(batch)
-            self.first_captions = self.first_captions or batch[1]
-            if len(pending) < run.cfg.acc:
-                continue
-            metrics = run.optimizer_step(pending, self.micro_index)
-            self.micro_index += len(pending)
-            pending = []
-            if self.after_step(metrics):
-                break
-        self.finish()
+                if self.after_step(metrics):
+                    break
+            self.finish()
+        if self.stopped_by:
+            T.exit_stopped(self.stopped_by, run.step, f"python train.py --resume_path {run.run_dir}", run.main)
 
     def report_skipped_files(self):
         """Name the unreadable files not named yet (the first five of them)."""
@@ -450,6 +453,9 @@ class TrainLoop:
         if cfg.sample_every and run.step % cfg.sample_every == 0:
             self.log_sample(f"step_{run.step:07d}")
         if cfg.max_steps and run.step >= cfg.max_steps:
+            return True
+        self.stopped_by = self.stop.requested(run.info.device)  # by every rank at every step: a collective
+        if self.stopped_by:
             return True
         if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
             run.save()

@@ -260,6 +260,16 @@ EXTRACT_ROWS = [
 ]
 
 
+def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
+    """Ctrl-C while sampling or loading: one line and the shell's status 130, not a traceback."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted)
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+
+
 @pytest.mark.parametrize("case,args,pattern", EXTRACT_ROWS, ids=[r[0] for r in EXTRACT_ROWS])
 def test_extract_images_bad_input(grid_files, tmp_path, capsys, case, args, pattern):
     if case in ("corrupt_json", "json_of_another_grid", "json_ill_typed"):

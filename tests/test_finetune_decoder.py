@@ -2,6 +2,7 @@
 torchrun == one process, sample.py decodes with the result; LPIPS weight loading and errors; the discriminator."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -196,24 +197,31 @@ def test_lpips_missing_weights_one_clear_error(mnist_vae, tmp_path, monkeypatch,
     assert err.startswith("error: LPIPS weights incomplete") and "--lpips 0" in err and "\n" not in err
 
 
-def test_interrupted_run_resumes_exactly(mnist_vae, lpips_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["crash", "signal"])
+def test_interrupted_run_resumes_exactly(mnist_vae, lpips_dir, tmp_path, monkeypatch, stop):
+    """A crash in step 3 resumes from the step-2 checkpoint; Ctrl-C (SIGINT) during step 3 finishes the step,
+    checkpoints it and exits 130. Either way the resumed run equals the uninterrupted one."""
     flags = ["--data_format", "mnist", "--img_size", 32, "--batch_size", 4, "--max_steps", 4, "--ckpt_every", 2,
              "--lr", 1e-3, "--noise_std", 0.3, "--lpips", 0.5, "--lpips_weights", lpips_dir, "--gan_weight", 0.1,
              "--gan_start", 1]
     straight = finetune(tmp_path / "a", mnist_vae, *flags)
     train_step = FD.Finetune.train_step
 
-    def crash_at_step_3(self, pixels):
-        if self.step == 3:
+    def stop_in_step_3(self, pixels):
+        if self.step == 2 and stop == "crash":
             raise KeyboardInterrupt
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
         return train_step(self, pixels)
 
-    monkeypatch.setattr(FD.Finetune, "train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(FD.Finetune, "train_step", stop_in_step_3)
+    with pytest.raises(KeyboardInterrupt if stop == "crash" else SystemExit) as error:
         finetune(tmp_path / "b", mnist_vae, *flags)
     monkeypatch.undo()
+    assert stop == "crash" or error.value.code == 128 + signal.SIGINT
     run_dir = tmp_path / "b" / "vae" / os.path.basename(straight.run_dir)
-    assert os.path.realpath(run_dir / "checkpoints" / "latest").endswith("step_0000002")
+    saved = "step_0000002" if stop == "crash" else "step_0000003"
+    assert os.path.realpath(run_dir / "checkpoints" / "latest").endswith(saved)
     resumed = FD.finetune(FD.parse_config(["--resume_path", str(run_dir)]), CPU)
     assert resumed.step == 4
     files = [(load_file(r.out_path), load_file(os.path.join(r.run_dir, "checkpoints", "latest", "model.safetensors")))

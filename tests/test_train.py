@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -114,6 +116,97 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
     with pytest.raises(SystemExit):  # a resumed run keeps its model: a model flag says so, not "pass the config"
         train.main(["--resume_path", str(stopped_dir), "--channels", "16"])
     assert "A resumed run keeps the model of its " + str(stopped_dir) in capsys.readouterr().err
+
+
+@pytest.fixture
+def sigterm_guard():
+    """Under SIGTERM's default action a missing handler would end pytest itself: fail the test instead."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached the test: train.py did not catch it")
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_signal_checkpoints_its_step_and_the_run_resumes_exactly(tmp_path, tiny_t5_dir, monkeypatch,
+                                                                        capsys, sigterm_guard):
+    """SIGTERM (a cluster's preemption notice) during step 4 of 6, mid-epoch and mid-accumulation: the step
+    finishes, is checkpointed, and the run exits 143; resumed, it ends with the uninterrupted run's weights."""
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0"]
+    straight_dir, straight = run(args, tmp_path, "straight")
+    optimizer_step = train.Run.optimizer_step
+
+    def signal_in_step_4(self, *batches):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # as torchrun passes on the one a cluster sent it too
+        return optimizer_step(self, *batches)
+
+    monkeypatch.setattr(train.Run, "optimizer_step", signal_in_step_4)
+    with pytest.raises(SystemExit) as exit_info:
+        run(args, tmp_path, "stopped")
+    monkeypatch.undo()
+    stopped_dir = tmp_path / "stopped" / "t"
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert err.count("SIGTERM: stopping after this step, with a checkpoint to resume from") == 1
+    assert f"stopped by SIGTERM at step 4; resume it exactly with: python train.py --resume_path {stopped_dir}" in err
+    assert os.path.realpath(stopped_dir / "checkpoints" / "latest").endswith("step_0000004")
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the handler is put back
+    train.main(["--resume_path", str(stopped_dir)])
+    assert sorted(metrics(stopped_dir)) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    a, b = weights(straight_dir), weights(stopped_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers(tmp_path, tiny_t5_dir):
+    """A cluster signals every process of the job, DataLoader workers included: they must outlive the checkpoint."""
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1000", "--num_workers", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--logdir", str(tmp_path), "--dataset", "t"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(metrics(tmp_path / "t")) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = max(metrics(tmp_path / "t"))
+    assert f"stopped by SIGTERM at step {last};" in err
+    assert os.path.realpath(tmp_path / "t" / "checkpoints" / "latest").endswith(f"step_{last:07d}")
+
+
+DRIVER = """import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+optimizer_step = train.Run.optimizer_step
+def signal_rank_1_in_step_2(self, *batches):
+    if self.step == 1 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return optimizer_step(self, *batches)
+train.Run.optimizer_step = signal_rank_1_in_step_2
+train.main()
+"""
+
+
+def test_a_stop_signal_to_one_rank_stops_all_at_the_same_step(tmp_path, tiny_t5_dir):
+    """Under torchrun with FSDP, SIGTERM to rank 1 alone: the ranks agree on the step, save it together (a
+    collective: a rank that went on would hang the other) and exit."""
+    (tmp_path / "driver.py").write_text(DRIVER.format(root=ROOT))
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--fsdp", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "driver.py"), *args, "--logdir", str(tmp_path), "--dataset", "t"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "stopped by SIGTERM at step 2; resume it exactly" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert sorted(metrics(tmp_path / "t")) == [1, 2]
+    assert os.path.realpath(tmp_path / "t" / "checkpoints" / "latest").endswith("step_0000002")
 
 
 @pytest.mark.parametrize("fsdp", [1, 0])

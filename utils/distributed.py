@@ -96,6 +96,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def max_over_ranks(value, device):
+    """The largest of an int over ranks (the value itself without a process group)."""
+    if not is_dist():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_reduce_mean(tensor):
     """Average a tensor over ranks in place (identity without a process group)."""
     if is_dist():

@@ -59,13 +59,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main, *args, cleanup=None):
     """Runs a command-line entry point: a UserError, or a full disk or missing permission, prints one `error:` line
-    and exits with status 2; an InputWarning prints one `warning:` line."""
+    and exits with status 2 (Ctrl-C: 130); an InputWarning prints one `warning:` line."""
     try:
         with warnings.catch_warnings():  # restores the printer on the way out
             warnings.showwarning = _show_warning
             return main(*args)
     except UserError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints first): no traceback
+        _fail("interrupted (Ctrl-C)", status=130)
     except Exception as e:  # a full disk can surface from deep inside torch, safetensors or ffmpeg
         found = disk_error(e)
         if found is None:
@@ -76,14 +78,14 @@ def run_cli(main, *args, cleanup=None):
             cleanup()
 
 
-def _fail(error):
-    """Close the progress bars the failure left open (so the error starts a line of its own), print it, exit 2."""
+def _fail(error, status=2):
+    """Close the progress bars the failure left open (so the error starts a line of its own), print it, exit."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):

@@ -7,6 +7,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import uuid
 
 import numpy as np
@@ -17,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from utils.checkpoint import save_weights, torch_load
 from utils.config import load_config, save_config
+from utils.distributed import max_over_ranks
 from utils.errors import UserError, disk_error
 from utils.files import make_dir, write_text
 
@@ -268,3 +272,48 @@ def broadcast_int(value, device):
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, 0)
     return int(t.item())
+
+
+class StopSignals:
+    """`with StopSignals(announce) as stop:` turns SIGINT and SIGTERM (Ctrl-C, a cluster's preemption notice) into
+    a request that the loop checks after each step, `stop.requested(device)`, to save a checkpoint and exit. A
+    second Ctrl-C acts as before (it stops at once); a second SIGTERM does not, since a cluster sends one to every
+    process and torchrun passes its own on (a cluster's SIGKILL ends the grace period anyway)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce=True):
+        self.announce, self.received, self.previous = announce, 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _catch(self, signum, frame):
+        if self.received == signum:  # the same request again
+            return
+        self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self.previous[signum])
+        if self.announce:
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint to resume "
+                  f"from{again}", file=sys.stderr, flush=True)
+
+    def requested(self, device):
+        """The signal any rank received (0: none), the same on every rank, so that all stop at the same step."""
+        return max_over_ranks(self.received, device)
+
+
+def exit_stopped(signum, step, resume, main=True):
+    """After the checkpoint of a run stopped by a signal: say (on rank 0) how to resume it, and exit with the
+    status the signal would have given."""
+    if main:
+        print(f"stopped by {signal.Signals(signum).name} at step {step}; resume it exactly with: {resume}",
+              file=sys.stderr)
+    sys.exit(128 + signum)
