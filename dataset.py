@@ -581,11 +581,26 @@ class EvalItems:
                                     f"{type(e).__name__}: {first_line(e)}; {UNREADABLE_FIX}") from None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def leave_stop_signals(worker_id):
     """DataLoader workers ignore SIGINT and SIGTERM, which a terminal or a cluster sends to every process of a job:
-    the training process checkpoints first, then shuts them down (a worker killed first would end it)."""
-    for stop in (signal.SIGINT, signal.SIGTERM):
+    the training process checkpoints first, then shuts them down (a worker killed first would end it). They start
+    with the two blocked (start_workers), so one that comes before this runs is dropped here, not fatal."""
+    for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader):
+    """iter(loader), its worker processes started with SIGINT and SIGTERM blocked (held for this process until
+    they are up)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class TrainData:
@@ -625,7 +640,7 @@ class TrainData:
     def epoch(self, epoch, start=0):
         """This rank's batches of `epoch`, beginning at global batch `start` (for exact resume)."""
         self.sampler.set_position(epoch, start)
-        it = iter(self.loader)
+        it = start_workers(self.loader)
         if self.format == "wds":  # a stream: replay and drop the batches already trained on
             for _ in range(start):
                 next(it)

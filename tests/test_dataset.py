@@ -1,7 +1,9 @@
 """dataset.py on tiny generated data: folders, captions.jsonl, videos, tar shards, MNIST, buckets, corrupt files."""
 import io
 import json
+import os
 import random
+import signal
 import tarfile
 
 import imageio
@@ -306,6 +308,20 @@ def test_captions_saved_with_a_byte_order_mark_read_as_text(tmp_path):
     (_, captions, _), = all_batches(dataset.TrainData(cfg_for(tmp_path / "bom.tar", epoch_length=2), 0, 1, seed=0,
                                                       multiple=8))
     assert sorted(captions) == ["picture 0", "picture 1"]
+
+
+def signal_then_leave_stop_signals(worker_id):
+    os.kill(os.getpid(), signal.SIGTERM)  # a job-wide SIGTERM that arrives while the worker starts
+    dataset.leave_stop_signals(worker_id)
+
+
+def test_a_loader_worker_outlives_a_stop_signal_that_comes_while_it_starts():
+    """Workers start with SIGINT/SIGTERM blocked, so they never die before the training process checkpoints (a
+    dead worker ends the run: torch raises in the training process)."""
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=1,
+                                         worker_init_fn=signal_then_leave_stop_signals)
+    assert [batch.tolist() for batch in dataset.start_workers(loader)] == [[0, 1], [2, 3]]
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked here
 
 
 def test_too_little_data(tmp_path):
