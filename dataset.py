@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from utils.errors import UserError, first_line
 from utils.files import read_text
 from utils.image import (IMAGE_EXTS, VIDEO_EXTS, aspect_ratio_to_image_size, crop_resize, nearest_bucket, to_rgb,
                          upright_size)
+from utils.training import leave_stop_signals, start_workers
 
 
 def sample_clip_indices(total, src_fps, num_frames, out_fps, rng):
@@ -579,28 +579,6 @@ class EvalItems:
                 except Exception as e:
                     raise UserError(f"cannot read {sample.get('__url__')}:{sample.get('__key__')}: "
                                     f"{type(e).__name__}: {first_line(e)}; {UNREADABLE_FIX}") from None
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def leave_stop_signals(worker_id):
-    """DataLoader workers ignore SIGINT and SIGTERM, which a terminal or a cluster sends to every process of a job:
-    the training process checkpoints first, then shuts them down (a worker killed first would end it). They start
-    with the two blocked (start_workers), so one that comes before this runs is dropped here, not fatal."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def start_workers(loader):
-    """iter(loader), its worker processes started with SIGINT and SIGTERM blocked (held for this process until
-    they are up)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class TrainData:

@@ -16,6 +16,7 @@ import dataset
 from utils.config import load_config
 from utils.errors import UserError
 from utils.image import aspect_ratio_to_image_size
+from utils.training import leave_stop_signals, start_workers
 
 
 def _image(w, h, seed):
@@ -312,7 +313,7 @@ def test_captions_saved_with_a_byte_order_mark_read_as_text(tmp_path):
 
 def signal_then_leave_stop_signals(worker_id):
     os.kill(os.getpid(), signal.SIGTERM)  # a job-wide SIGTERM that arrives while the worker starts
-    dataset.leave_stop_signals(worker_id)
+    leave_stop_signals(worker_id)
 
 
 def test_a_loader_worker_outlives_a_stop_signal_that_comes_while_it_starts():
@@ -320,7 +321,7 @@ def test_a_loader_worker_outlives_a_stop_signal_that_comes_while_it_starts():
     dead worker ends the run: torch raises in the training process)."""
     loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=1,
                                          worker_init_fn=signal_then_leave_stop_signals)
-    assert [batch.tolist() for batch in dataset.start_workers(loader)] == [[0, 1], [2, 3]]
+    assert [batch.tolist() for batch in start_workers(loader)] == [[0, 1], [2, 3]]
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked here
 
 

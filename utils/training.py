@@ -274,20 +274,44 @@ def broadcast_int(value, device):
     return int(t.item())
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CAN_BLOCK_SIGNALS = hasattr(signal, "pthread_sigmask")  # POSIX; not on Windows
+
+
+def leave_stop_signals(worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM, which a terminal or a cluster sends to every process of a job:
+    the training process checkpoints first, then shuts them down (a worker killed first would end it). They start
+    with the two blocked (start_workers), so one that comes before this runs is dropped here, not fatal."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    if CAN_BLOCK_SIGNALS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader):
+    """iter(loader), its worker processes started with SIGINT and SIGTERM blocked (held for this process until
+    they are up)."""
+    if not CAN_BLOCK_SIGNALS:
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class StopSignals:
     """`with StopSignals(announce) as stop:` turns SIGINT and SIGTERM (Ctrl-C, a cluster's preemption notice) into
     a request that the loop checks after each step, `stop.requested(device)`, to save a checkpoint and exit. A
     second Ctrl-C acts as before (it stops at once); a second SIGTERM does not, since a cluster sends one to every
     process and torchrun passes its own on (a cluster's SIGKILL ends the grace period anyway)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self, announce=True):
         self.announce, self.received, self.previous = announce, 0, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+            self.previous = {s: signal.signal(s, self._catch) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
