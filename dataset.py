@@ -75,11 +75,12 @@ class FolderDataset(torch.utils.data.Dataset):
     """Images or videos under `root` (recursive), captioned by a sidecar .txt or a captions.jsonl in root.
 
     captions.jsonl lines: {"file": "relative/path.jpg", "caption": "..."} (or the key named by caption_column).
-    Files without a caption are left out and counted in `uncaptioned`.
+    Files without a caption are left out and counted in `uncaptioned`; with captioned=False (an unconditional
+    model) they are read with the caption ''.
     """
 
     def __init__(self, root, img_size, multiple, vid_size=None, mix_aspect=False, no_flip=True,
-                 caption_column="caption"):
+                 caption_column="caption", captioned=True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"data folder not found: {self.root} (pass --data with a folder of captioned images, "
@@ -108,10 +109,10 @@ class FolderDataset(torch.utils.data.Dataset):
             except (UnicodeDecodeError, OSError):  # not UTF-8 text: skipped and reported like an unreadable image
                 self.skipped_at_scan.append(str(sidecar))
                 continue
-            if caption is None:
+            if caption is None and captioned:
                 self.uncaptioned += 1
                 continue
-            self.items.append((path, caption))
+            self.items.append((path, caption or ""))
         if not self.items:
             kind = "video (" + ", ".join(sorted(VIDEO_EXTS)) + ")" if self.video else "image"
             other_kind, other_exts = ("image", IMAGE_EXTS) if self.video else ("video", VIDEO_EXTS)
@@ -396,13 +397,13 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards, batch_size, img_size, multiple, rank, world_size, seed, vid_size=None,
-                 mix_aspect=False, no_flip=True, caption_column="caption"):
+                 mix_aspect=False, no_flip=True, caption_column="caption", captioned=True):
         self.shards, self.batch_size = shards, batch_size
         self.img_size, self.multiple, self.mix_aspect, self.no_flip = img_size, multiple, mix_aspect, no_flip
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.video = vid_size is not None
         self.num_frames, self.fps = parse_vid_size(vid_size) if self.video else (1, 0.0)
-        self.caption_column = caption_column
+        self.caption_column, self.captioned = caption_column, captioned
 
     def set_position(self, epoch, start=0):
         self.epoch = epoch
@@ -430,8 +431,9 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             caption = sample["txt"].decode("utf-8-sig").strip()
         elif "json" in sample:
             caption = _caption_from_json(json.loads(sample["json"]), self.caption_column)
-        if caption is None:
+        if caption is None and self.captioned:
             raise ValueError("no caption (.txt or .json)")
+        caption = caption or ""
         exts = VIDEO_EXTS if self.video else IMAGE_EXTS
         key = next((k for k in sample if "." + k.rsplit(".", 1)[-1].lower() in exts), None)
         if key is None:
@@ -524,7 +526,7 @@ def map_dataset(cfg, fmt, multiple, caption_fn=None, holdout=(), split="train", 
                             split=split)
     return FolderDataset(cfg.data, cfg.img_size, multiple, vid_size=cfg.vid_size if fmt == "video" else None,
                          mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip if no_flip is None else no_flip),
-                         caption_column=cfg.caption_column)
+                         caption_column=cfg.caption_column, captioned=cfg.txt_size > 0)
 
 
 # Evaluation captions of the MNIST formats: the first training template, so that a caption names its label exactly
@@ -569,7 +571,7 @@ class EvalItems:
         cfg = self.cfg
         stream = WebDatasetStream(list_shards(cfg.data), 1, cfg.img_size, self.multiple, 0, 1, self.seed,
                                   vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
-                                  caption_column=cfg.caption_column)
+                                  caption_column=cfg.caption_column, captioned=cfg.txt_size > 0)
         for index, sample in enumerate(tarfile_samples([{"url": s} for s in stream.shards])):
             if self.limit and index >= self.limit:
                 return
@@ -606,7 +608,8 @@ class TrainData:
             self.skipped_at_scan = []
             self.sampler = WebDatasetStream(list_shards(cfg.data), per_rank, cfg.img_size, multiple, rank,
                                             world_size, seed, vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
-                                            no_flip=bool(cfg.no_flip), caption_column=cfg.caption_column)
+                                            no_flip=bool(cfg.no_flip), caption_column=cfg.caption_column,
+                                            captioned=cfg.txt_size > 0)
             self.steps_per_epoch = cfg.epoch_length // self.global_batch
             self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers,
                                                       worker_init_fn=leave_stop_signals)

@@ -119,6 +119,9 @@ class Run:
                 T.shard_frozen(self.text_encoder.model, self.info)
         elif cfg.txt_size:
             raise UserError("txt_size > 0 needs a text encoder: set --text (a hub id or folder), or --txt_size 0")
+        if not cfg.txt_size and any(c > 0 for c in cfg.cfg or []):  # else the first sample grid would fail
+            raise UserError(f"an unconditional model (txt_size 0) has no guidance, but cfg is "
+                            f"{' '.join(f'{c:g}' for c in cfg.cfg)}; set --cfg 0 (its samples and saved config use it)")
 
     def setup_secondary(self):
         cfg = self.cfg

@@ -71,8 +71,10 @@ def make_shards(root, n_shards=2, per_shard=4, corrupt=False):
 
 
 def cfg_for(data, **kw):
-    """A config reading `data` (None: the built-in data_format in kw reads no path)."""
-    values = dict(img_size=16, batch_size=2, num_workers=0, no_flip=1, **({} if data is None else {"data": str(data)}))
+    """A config reading `data` (None: the built-in data_format in kw reads no path), of a text-conditional model
+    (txt_size 8: files need captions) unless kw says txt_size=0."""
+    values = dict(img_size=16, batch_size=2, num_workers=0, no_flip=1, txt_size=8,
+                  **({} if data is None else {"data": str(data)}))
     values.update(kw)
     return load_config(None, values)
 
@@ -323,6 +325,28 @@ def test_a_loader_worker_outlives_a_stop_signal_that_comes_while_it_starts():
                                          worker_init_fn=signal_then_leave_stop_signals)
     assert [batch.tolist() for batch in start_workers(loader)] == [[0, 1], [2, 3]]
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked here
+
+
+def test_an_unconditional_model_reads_files_without_captions(tmp_path):
+    """txt_size 0 (no text conditioning): a folder or shards of bare images train, each with the caption ''."""
+    root = make_image_folder(tmp_path / "imgs", n=4)
+    (root / "img0.txt").unlink()
+    (root / "img1.txt").unlink()
+    (_, captions, _), = all_batches(dataset.TrainData(cfg_for(root), 0, 1, seed=0, multiple=8))
+    assert sorted(captions) == ["picture 2", "picture 3"]  # a text-conditional model leaves the bare files out
+    (_, captions, _), = all_batches(dataset.TrainData(cfg_for(root, batch_size=4, txt_size=0), 0, 1, seed=0,
+                                                      multiple=8))
+    assert sorted(captions) == ["", "", "picture 2", "picture 3"]
+    with tarfile.open(tmp_path / "bare.tar", "w") as tar:
+        for k in range(2):
+            buf = io.BytesIO()
+            _image(36, 36, k).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{k:04d}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    shards = cfg_for(tmp_path / "bare.tar", epoch_length=2, txt_size=0)
+    (x, captions, _), = all_batches(dataset.TrainData(shards, 0, 1, seed=0, multiple=8))
+    assert captions == ["", ""] and x.shape == (2, 3, 16, 16)
 
 
 def test_too_little_data(tmp_path):

@@ -252,6 +252,26 @@ def test_video_end_to_end(tmp_path, tiny_t5_dir):
     assert len(out.frames[0]) == 5
 
 
+def test_an_unconditional_model_trains_on_bare_images(tmp_path, capsys):
+    """txt_size 0: a folder without captions trains; guidance is refused at the start (not at the first sample
+    grid), and a prompt given to the result warns that it changes nothing."""
+    from test_dataset import make_image_folder
+    from utils.pipeline import STARFlowPipeline
+
+    data = make_image_folder(tmp_path / "imgs", n=8)
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    args = TINY + ["--txt_size", "0", "--data", str(data), "--batch_size", "4", "--epochs", "1"]
+    with pytest.raises(SystemExit):
+        run(args + ["--cfg", "2"], tmp_path, "guided")
+    assert "an unconditional model (txt_size 0) has no guidance, but cfg is 2; set --cfg 0" in capsys.readouterr().err
+    run_dir, m = run(args + ["--cfg", "0"], tmp_path)
+    assert sorted(m) == [1, 2]
+    pipe = STARFlowPipeline.from_pretrained(str(run_dir / "checkpoints" / "latest"))
+    with pytest.warns(InputWarning, match="this model is unconditional .*sample it with --caption ''"):
+        pipe("a cat", output_type="latent")
+
+
 @pytest.mark.parametrize("source", ["folder", "folder_scanned", "shards"])
 def test_corrupt_image_is_skipped_and_reported(tmp_path, tiny_t5_dir, capsys, monkeypatch, source):
     from test_dataset import make_image_folder, make_shards

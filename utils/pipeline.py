@@ -315,6 +315,9 @@ class STARFlowPipeline:
         """(decorated texts, y_cond, y): y adds the null prompt's rows when guidance is on."""
         texts = [recipe.decorate_prompt(self.config, cap, request.fps, aspect_ratio, request.noise_std)
                  for cap in request.captions]
+        if self.text_encoder is None and any(request.captions):
+            warnings.warn(InputWarning("this model is unconditional (no `text:` encoder): a prompt changes nothing "
+                                       "but the file names; sample it with --caption ''"))
         y_cond = self.encode_text(texts)
         y = y_cond
         if request.cfg > 0:
