@@ -121,6 +121,8 @@ class FolderDataset(torch.utils.data.Dataset):
                 reads = "videos (it has vid_size)" if self.video else "images (it has no vid_size)"
                 raise UserError(f"no {kind} files in {self.root}, but {other} {other_kind} file(s): this config "
                                 f"reads {reads}; train a config made for {other_kind}s on them")
+            if not captioned:
+                raise UserError(f"no {kind} files in {self.root}")
             raise UserError(f"no captioned {kind} files in {self.root}: put a .txt caption next to each file "
                             "or list them in captions.jsonl")
         self.buckets = self._scan_buckets() if mix_aspect else ["1:1"] * len(self.items)

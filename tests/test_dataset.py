@@ -337,6 +337,9 @@ def test_an_unconditional_model_reads_files_without_captions(tmp_path):
     (_, captions, _), = all_batches(dataset.TrainData(cfg_for(root, batch_size=4, txt_size=0), 0, 1, seed=0,
                                                       multiple=8))
     assert sorted(captions) == ["", "", "picture 2", "picture 3"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files in .*empty$"):  # not a word about captions
+        dataset.TrainData(cfg_for(tmp_path / "empty", txt_size=0), 0, 1, seed=0, multiple=8)
     with tarfile.open(tmp_path / "bare.tar", "w") as tar:
         for k in range(2):
             buf = io.BytesIO()
