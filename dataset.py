@@ -517,8 +517,9 @@ def detect_format(cfg):
 MAP_FORMATS = ("folder", "video", "mnist", "colour_mnist", "moving_mnist")
 
 
-def map_dataset(cfg, fmt, multiple, caption_fn=None, holdout=(), split="train", no_flip=None):
-    """The indexed dataset of a folder or MNIST format (items by load(index, seed))."""
+def map_dataset(cfg, fmt, multiple, caption_fn=None, holdout=(), split="train", no_flip=None, captioned=True):
+    """The indexed dataset of a folder or MNIST format (items by load(index, seed)); captioned: folder files need a
+    caption (the data of a text-conditional model)."""
     if fmt == "moving_mnist":
         if not cfg.vid_size:
             raise UserError("data_format moving_mnist makes video clips: set vid_size, e.g. '6:6'")
@@ -528,7 +529,7 @@ def map_dataset(cfg, fmt, multiple, caption_fn=None, holdout=(), split="train", 
                             split=split)
     return FolderDataset(cfg.data, cfg.img_size, multiple, vid_size=cfg.vid_size if fmt == "video" else None,
                          mix_aspect=bool(cfg.mix_aspect), no_flip=bool(cfg.no_flip if no_flip is None else no_flip),
-                         caption_column=cfg.caption_column, captioned=cfg.txt_size > 0)
+                         caption_column=cfg.caption_column, captioned=captioned)
 
 
 # Evaluation captions of the MNIST formats: the first training template, so that a caption names its label exactly
@@ -556,7 +557,7 @@ class EvalItems:
         self.format = detect_format(cfg)
         self.base = None if self.format == "wds" else map_dataset(cfg, self.format, multiple,
                                                                   EVAL_CAPTIONS.get(self.format), split=split,
-                                                                  no_flip=True)
+                                                                  no_flip=True, captioned=cfg.txt_size > 0)
         # the items of all ranks (a progress bar's total); None for tar shards, streams of unknown length
         self.total = None if self.base is None else min(len(self.base), limit) if limit else len(self.base)
 
@@ -588,12 +589,14 @@ class EvalItems:
 class TrainData:
     """Batches for one rank: iterate `epoch(e, start)`; steps_per_epoch global batches per epoch."""
 
-    def __init__(self, cfg, rank, world_size, seed, multiple, caption_fn=None):
+    def __init__(self, cfg, rank, world_size, seed, multiple, caption_fn=None, captioned=None):
+        captioned = cfg.txt_size > 0 if captioned is None else captioned  # None: as the model needs
         fmt = detect_format(cfg)
         self.global_batch = cfg.batch_size // cfg.acc
         per_rank = self.global_batch // world_size
         if fmt in MAP_FORMATS:
-            base = map_dataset(cfg, fmt, multiple, caption_fn, holdout=parse_holdout(cfg.holdout))
+            base = map_dataset(cfg, fmt, multiple, caption_fn, holdout=parse_holdout(cfg.holdout),
+                               captioned=captioned)
             self.skipped_at_scan = base.skipped_at_scan
             self.sampler = GlobalBatchSampler(base.buckets, self.global_batch, rank, world_size, seed,
                                               max_batches=cfg.epoch_length // self.global_batch)
@@ -611,7 +614,7 @@ class TrainData:
             self.sampler = WebDatasetStream(list_shards(cfg.data), per_rank, cfg.img_size, multiple, rank,
                                             world_size, seed, vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
                                             no_flip=bool(cfg.no_flip), caption_column=cfg.caption_column,
-                                            captioned=cfg.txt_size > 0)
+                                            captioned=captioned)
             self.steps_per_epoch = cfg.epoch_length // self.global_batch
             self.loader = torch.utils.data.DataLoader(self.sampler, batch_size=None, num_workers=cfg.num_workers,
                                                       worker_init_fn=leave_stop_signals)

@@ -237,7 +237,8 @@ class Finetune:
             self.optimizers["disc"] = T.make_optimizer(list(self.disc.parameters()), cfg.lr, cfg.weight_decay,
                                                        betas=(0.9, 0.999))
 
-        self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor)
+        self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor,
+                              captioned=False)  # a decoder learns from pixels alone: bare files will do
         total = cfg.epochs * self.data.steps_per_epoch
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total
         warmup = T.warmup_steps(cfg.warmup_steps, self.data.steps_per_epoch, self.total)

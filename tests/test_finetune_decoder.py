@@ -305,6 +305,18 @@ def test_sample_py_decodes_with_the_finetuned_decoder(tiny_t2i, tiny_sd_vae_dir,
         pipe("a dot", noise_std=0.5, output_type="latent")
 
 
+def test_a_folder_of_bare_images_fine_tunes(mnist_vae, tmp_path):
+    """A decoder learns from pixels alone: no captions needed, even under a text-conditional config (txt_size)."""
+    from test_dataset import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n=4)
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    run = finetune(tmp_path, mnist_vae, "--data", data, "--txt_size", 8, "--img_size", 32, "--batch_size", 2,
+                   "--max_steps", 2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0)
+    assert run.step == 2 and os.path.isfile(run.out_path)
+
+
 def test_bad_input_clear_errors(mnist_vae, tiny_sd_vae_dir, tmp_path):
     with pytest.raises(UserError, match="needs a VAE"):
         finetune(tmp_path, "none", "--data_format", "mnist")
