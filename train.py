@@ -129,7 +129,8 @@ class Run:
             return None
         overrides = dict(cfg.to_dict(), data=cfg.secondary_dataset, img_size=cfg.secondary_img_size,
                          vid_size=cfg.secondary_vid_size, batch_size=cfg.secondary_batch_size, data_format="auto")
-        overrides.pop("model_config_path")
+        for key in ("model_config_path", "holdout"):  # the holdout pairs are colour MNIST's, not a folder's
+            overrides.pop(key)
         sec_cfg = load_config(None, overrides)
         if sec_cfg.batch_size % (self.info.world_size * cfg.acc):
             raise UserError(f"secondary_batch_size {sec_cfg.batch_size} is not divisible by world_size x acc")

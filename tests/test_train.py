@@ -298,14 +298,16 @@ def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_t5_dir):
     assert [plain[s]["loss"] for s in plain] == pytest.approx([ckpt[s]["loss"] for s in ckpt], rel=1e-6)
 
 
-def test_secondary_data_is_mixed_in(tmp_path, tiny_t5_dir, monkeypatch):
+@pytest.mark.parametrize("main", [["mnist"], ["colour_mnist", "--holdout", "7:red"]])
+def test_secondary_data_is_mixed_in(tmp_path, tiny_t5_dir, monkeypatch, main):
+    """A folder mixed into MNIST batches; the main data's holdout pairs stay with it (the folder has none)."""
     from test_dataset import make_image_folder
 
     data = make_image_folder(tmp_path / "imgs", n=8)
     calls = []
     original = train.Run.secondary_batch
     monkeypatch.setattr(train.Run, "secondary_batch", lambda self: calls.append(1) or original(self))
-    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4", "--epochs", "1",
+    run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", *main, "--batch_size", "4", "--epochs", "1",
                              "--epoch_length", "24", "--secondary_dataset", str(data), "--secondary_ratio", "0.5",
                              "--secondary_batch_size", "4", "--secondary_img_size", "16"], tmp_path)
     assert sorted(m) == list(range(1, 7)) and 0 < len(calls) < 6
