@@ -112,7 +112,8 @@ def generate(pipe, cfg, argv, info):
         out = sample.sample_round(pipe, cfg, mine + padding, aspect)
         denoiser = out.denoiser
         sample.write_samples(out, mine, stem_of, info.rank, aspect, sample.sample_settings(cfg, denoiser),
-                             lambda c, s, a: sample.regen_command(argv, c, s, a, folder))
+                             lambda c, s, a: sample.regen_command(argv, c, s, a, folder,
+                                                                                 cfg.checkpoint_path))
     distributed.barrier()
     settings = dict(sample.sample_settings(cfg, denoiser), caption=cfg.caption, prompts=len(captions),
                     num_samples=len(items), seed=cfg.seed, aspect_ratio=cfg.aspect_ratio, folder=folder)

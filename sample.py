@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import OFFICIAL_WEIGHTS, save_weights
+from utils.checkpoint import OFFICIAL_WEIGHTS, current_checkpoint, save_weights
 from utils.config import SCHEMA, Compat, Key, flag, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
@@ -114,11 +114,12 @@ def slug(text, limit=80):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "samples"
 
 
-def regen_command(argv, caption, seed, aspect, out_dir):
+def regen_command(argv, caption, seed, aspect, out_dir, checkpoint):
     """The command line that regenerates one sample: this run's flags with this prompt, seed and aspect, 1 sample,
-    written to <out_dir>/regenerated (so it cannot overwrite this run's files). Flags that are not sample.py's
-    (evaluate.py --generate passes its own) are left out."""
-    replaced = {"caption", "seed", "num_samples", "sample_batch_size", "aspect_ratio", "output_dir"}
+    the checkpoint it came from (a step folder, not a run's moving latest), written to <out_dir>/regenerated (so it
+    cannot overwrite this run's files). Flags that are not sample.py's (evaluate.py --generate passes its own) are
+    left out."""
+    replaced = {"caption", "seed", "num_samples", "sample_batch_size", "aspect_ratio", "output_dir", "checkpoint_path"}
     kept, skip = [], False
     for tok in argv:
         if tok.startswith("--"):
@@ -126,8 +127,8 @@ def regen_command(argv, caption, seed, aspect, out_dir):
             skip = name in replaced or name not in SCHEMA and name not in SAMPLE_KEYS
         if not skip:
             kept.append(tok)
-    new = ["--caption", caption, "--seed", str(seed), "--aspect_ratio", aspect, "--num_samples", "1",
-           "--sample_batch_size", "1", "--output_dir", os.path.join(out_dir, "regenerated")]
+    new = ["--checkpoint_path", checkpoint, "--caption", caption, "--seed", str(seed), "--aspect_ratio", aspect,
+           "--num_samples", "1", "--sample_batch_size", "1", "--output_dir", os.path.join(out_dir, "regenerated")]
     return "python sample.py " + " ".join(shlex.quote(t) for t in kept + new)
 
 
@@ -148,9 +149,11 @@ def parse_config(argv, extra_keys=None):
     entry point that samples too (evaluate.py)."""
     keys = dict(SAMPLE_KEYS, **(extra_keys or {}))
     cfg = load_config(None, argv, extra_keys=keys)
-    beside = cfg.checkpoint_path and os.path.join(cfg.checkpoint_path, "config.yaml")
+    checkpoint = cfg.checkpoint_path and current_checkpoint(cfg.checkpoint_path)
+    beside = checkpoint and os.path.join(checkpoint, "config.yaml")
     if not cfg.model_config_path and beside and os.path.isfile(beside):  # a train.py checkpoint folder
         cfg = load_config(beside, argv, extra_keys=keys)
+    cfg.checkpoint_path = checkpoint
     given = {tok[2:].partition("=")[0].replace("-", "_") for tok in argv if tok.startswith("--")}
     for key in CLI_ONLY:  # saved configs carry train.py's unrelated defaults for these (4096 samples, batch 256)
         if key not in given:
@@ -299,7 +302,8 @@ def main(argv=None):
         out = sample_round(pipe, cfg, mine + padding, aspect)
         write_samples(out, mine, lambda index: os.path.join(out_dir, f"{prefix}_{index:04d}"), rank, aspect,
                       sample_settings(cfg, out.denoiser),
-                      lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir))
+                      lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir,
+                                                                               cfg.checkpoint_path))
         if cfg.save_latents and mine:
             save_weights({"latents": out.latents[:len(mine)], "noisy_latents": out.noisy_latents[:len(mine)]},
                          os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))

@@ -209,6 +209,25 @@ def test_a_stop_signal_to_one_rank_stops_all_at_the_same_step(tmp_path, tiny_t5_
     assert os.path.realpath(tmp_path / "t" / "checkpoints" / "latest").endswith("step_0000002")
 
 
+def test_sampling_a_run_folder_records_the_step_it_used(tmp_path, tiny_t5_dir):
+    """sample.py --checkpoint_path <run folder> (as --resume_path takes it) samples checkpoints/latest; the JSON and
+    its regeneration command name that step's folder, which stays put while latest moves on."""
+    import sample
+    from utils.pipeline import STARFlowPipeline
+
+    args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "1",
+                   "--epoch_length", "16"]
+    run_dir, _ = run(args, tmp_path)
+    out = tmp_path / "samples"
+    assert sample.main(["--checkpoint_path", str(run_dir), "--caption", "a red seven", "--num_samples", "1",
+                        "--output_dir", str(out)]) == 0
+    info = json.loads((out / "a_red_seven_0000.json").read_text())
+    step = os.path.realpath(run_dir / "checkpoints" / "latest")
+    assert step.endswith("step_0000002") and info["checkpoint_path"] == step
+    assert f"--checkpoint_path {step} " in info["command"] and str(run_dir) + " " not in info["command"]
+    assert STARFlowPipeline.from_pretrained(str(run_dir)).config.txt_size == 8
+
+
 @pytest.mark.parametrize("fsdp", [1, 0])
 def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
     args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp),

@@ -62,6 +62,16 @@ WRAPPER_KEYS = ("model", "state_dict", "module", "model_state_dict")
 KEY_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
+def current_checkpoint(path):
+    """A train.py run folder, or its checkpoints/latest, -> the step folder `latest` points to now (so a sample
+    records the weights it came from: latest moves on while training goes on); other paths unchanged."""
+    name = os.path.basename(os.path.normpath(path))
+    for latest in (os.path.join(path, "checkpoints", "latest"), path if name == "latest" else None):
+        if latest and os.path.isfile(os.path.join(latest, "model.safetensors")):
+            return os.path.realpath(latest)
+    return path
+
+
 def load_state_dict_file(path, what="checkpoint"):
     """Read a flat tensor dict from .safetensors or a weights-only .pth; unwrap 'model'/'state_dict' nesting and
     'module.'/'_orig_mod.' prefixes (DDP / torch.compile)."""

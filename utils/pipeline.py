@@ -18,7 +18,7 @@ from PIL import Image
 
 from transformer_flow import DEPRECATED_KEYS
 from utils import recipe
-from utils.checkpoint import load_model_weights, load_state_dict_file
+from utils.checkpoint import current_checkpoint, load_model_weights, load_state_dict_file
 from utils.config import Key, check_value, load_config, parse_vid_size
 from utils.distributed import pick_device
 from utils.errors import InputWarning, UserError
@@ -155,7 +155,8 @@ class STARFlowPipeline:
         if not isinstance(config_path, (str, os.PathLike)):
             raise TypeError(f"config_path must be a path to a YAML config, got {type(config_path).__name__}")
         if checkpoint_path is None:
-            folder, config_path = config_path, os.path.join(config_path, "config.yaml")
+            folder = current_checkpoint(config_path)
+            config_path = os.path.join(folder, "config.yaml")
             if not os.path.isfile(config_path):
                 raise UserError(f"'{folder}' is not a checkpoint folder with a config.yaml; pass the YAML config and "
                                 f"the checkpoint: from_pretrained(config_path, checkpoint_path)")
