@@ -99,8 +99,7 @@ def generate(pipe, cfg, argv, info):
     num = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * info.world_size)
     if num <= 0:
         raise UserError("--num_samples must be positive")
-    folder = cfg.images or cfg.output_dir or os.path.join(
-        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
+    folder = cfg.images or sample.output_dir(cfg)
     os.makedirs(folder, exist_ok=True)
     prefix = sample.slug(name)
     stem_of = lambda index: os.path.join(folder, f"{prefix}_{index:04d}")  # noqa: E731

@@ -232,8 +232,15 @@ def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
 
 
 def output_dir(cfg):
-    return cfg.output_dir or os.path.join(
-        cfg.logdir, os.path.splitext(os.path.basename(os.path.normpath(cfg.checkpoint_path)))[0])
+    """--output_dir, else <logdir>/<checkpoint name>: a weights file's stem, a folder's name, and <run>_<step> for a
+    train.py step folder (the runs of a logdir have step folders of the same names)."""
+    if cfg.output_dir:
+        return cfg.output_dir
+    path = os.path.normpath(cfg.checkpoint_path)
+    name, parent = os.path.splitext(os.path.basename(path))[0], os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints" and name.startswith("step_"):
+        name = f"{os.path.basename(os.path.dirname(parent))}_{name}"
+    return os.path.join(cfg.logdir, name)
 
 
 def check_request(pipe, cfg, captions, num_samples):

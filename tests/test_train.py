@@ -225,6 +225,8 @@ def test_sampling_a_run_folder_records_the_step_it_used(tmp_path, tiny_t5_dir):
     step = os.path.realpath(run_dir / "checkpoints" / "latest")
     assert step.endswith("step_0000002") and info["checkpoint_path"] == step
     assert f"--checkpoint_path {step} " in info["command"] and str(run_dir) + " " not in info["command"]
+    assert sample.main(["--checkpoint_path", str(run_dir), "--caption", "a red seven", "--num_samples", "1"]) == 0
+    assert (tmp_path / "run" / "t_step_0000002" / "a_red_seven_0000.png").is_file()  # <logdir>/<run>_<step>
     assert STARFlowPipeline.from_pretrained(str(run_dir)).config.txt_size == 8
 
 
