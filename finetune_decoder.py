@@ -206,6 +206,7 @@ class Finetune:
         self.run_dir = os.path.join(cfg.logdir, "vae", name)
         self.out_path = os.path.join(cfg.logdir, "vae", name + ".safetensors")
         check_output_dir(self.run_dir, "run folder")
+        T.check_run_folder_free(self.run_dir, cfg.resume_path, "finetune_decoder.py")
         kind, where = T.resolve_resume(cfg.resume_path) if cfg.resume_path else (None, None)
         state = T.load_training_state(where) if kind == "state" else None
         if state is not None and (state["vae"], state["noise_std"]) != (cfg.vae, cfg.noise_std):

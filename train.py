@@ -72,6 +72,7 @@ class Run:
         self.seed = T.broadcast_int(seed, info.device)
         self.run_dir = os.path.join(cfg.logdir, job_name(cfg))
         check_output_dir(self.run_dir, "run folder")
+        T.check_run_folder_free(self.run_dir, cfg.resume_path)
         self.setup_encoders()
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
         if cfg.vid_size and self.vae.temporal_factor > 1:

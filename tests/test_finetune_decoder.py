@@ -312,9 +312,12 @@ def test_a_folder_of_bare_images_fine_tunes(mnist_vae, tmp_path):
     data = make_image_folder(tmp_path / "imgs", n=4)
     for caption in data.glob("*.txt"):
         caption.unlink()
-    run = finetune(tmp_path, mnist_vae, "--data", data, "--txt_size", 8, "--img_size", 32, "--batch_size", 2,
-                   "--max_steps", 2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0)
+    flags = ["--data", data, "--txt_size", 8, "--img_size", 32, "--batch_size", 2, "--max_steps", 2,
+             "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0]
+    run = finetune(tmp_path, mnist_vae, *flags)
     assert run.step == 2 and os.path.isfile(run.out_path)
+    with pytest.raises(UserError, match="already holds a run .*python finetune_decoder.py --resume_path"):
+        finetune(tmp_path, mnist_vae, *flags)  # the same command again would replace that run
 
 
 def test_bad_input_clear_errors(mnist_vae, tiny_sd_vae_dir, tmp_path):

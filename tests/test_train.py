@@ -113,6 +113,10 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
             assert resumed[step][key] == straight[step][key], (step, key)
     a, b = weights(straight_dir), weights(stopped_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):  # the first command again is a new run: it may not replace this one
+        run(args, tmp_path, "stopped")
+    assert f"run folder {stopped_dir} already holds a run" in capsys.readouterr().err
+    assert sorted(metrics(stopped_dir)) == [1, 2, 3, 4, 5, 6]  # untouched
     with pytest.raises(SystemExit):  # a resumed run keeps its model: a model flag says so, not "pass the config"
         train.main(["--resume_path", str(stopped_dir), "--channels", "16"])
     assert "A resumed run keeps the model of its " + str(stopped_dir) in capsys.readouterr().err

@@ -241,6 +241,22 @@ def resolve_resume(path):
                     "or a run folder holding checkpoints/latest) nor a weights file")
 
 
+def check_run_folder_free(run_dir, resume_path, entry="train.py"):
+    """A new run may not start in a run folder that holds another's checkpoints (it would replace them, and cut
+    its metrics.jsonl back); resuming that run, from any of its checkpoints, may."""
+    try:
+        kind, held = resolve_resume(run_dir)
+    except UserError:
+        return  # no checkpoint there
+    if resume_path:
+        kind, where = resolve_resume(resume_path)
+        if kind == "state" and where.startswith(os.path.realpath(run_dir) + os.sep):
+            return
+    raise UserError(f"run folder {run_dir} already holds a run (checkpoint {held}); continue it with python "
+                    f"{entry} --resume_path {run_dir}, or start a new run in another folder (--wandb_name NAME or "
+                    f"--logdir DIR)")
+
+
 def resume_config(resume_path, overrides, extra_keys=None):
     """Config of a run being resumed: its saved config.yaml, updated by explicit overrides."""
     kind, where = resolve_resume(resume_path)
