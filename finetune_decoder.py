@@ -189,7 +189,7 @@ def parse_config(argv):
     """CLI tokens -> Config (with this script's keys); resuming a run restores its saved config under the CLI."""
     cfg = load_config(None, argv, extra_keys=EXTRA_KEYS)
     if cfg.resume_path and not cfg.model_config_path:
-        return T.resume_config(cfg.resume_path, argv, EXTRA_KEYS) or cfg
+        return T.resume_config(cfg.resume_path, argv, EXTRA_KEYS, run_depth=2) or cfg  # <logdir>/vae/<run>
     return cfg
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import OFFICIAL_WEIGHTS, current_checkpoint, save_weights
-from utils.config import SCHEMA, Compat, Key, flag, load_config, print_help, wants_help
+from utils.config import SCHEMA, Compat, Key, flag, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, check_image, make_grid, parse_aspect_ratio, write_png, write_video
@@ -154,7 +154,7 @@ def parse_config(argv, extra_keys=None):
     if not cfg.model_config_path and beside and os.path.isfile(beside):  # a train.py checkpoint folder
         cfg = load_config(beside, argv, extra_keys=keys)
     cfg.checkpoint_path = checkpoint
-    given = {tok[2:].partition("=")[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+    given = given_keys(argv)
     for key in CLI_ONLY:  # saved configs carry train.py's unrelated defaults for these (4096 samples, batch 256)
         if key not in given:
             setattr(cfg, key, SAMPLE_KEYS[key].default)

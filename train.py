@@ -98,6 +98,7 @@ class Run:
         self.latent_cache, self.text_cache = {}, {}
         self.captions_unchecked = self.main  # until a caption past txt_size is found (rank 0 tells)
         self.sample_captions = cfg.sample_captions.split("|") if cfg.sample_captions else None
+        self.data_captions = None  # the first batch's: the sample prompts otherwise (saved, so a resume keeps them)
         self.wandb_id = None
         self.saved_step = self.saved_path = None
         self.resume()
@@ -185,6 +186,7 @@ class Run:
         self.secondary_pos = list(state.get("secondary_pos", [0, 0]))
         self.skipped_files |= set(state.get("skipped_files", []))
         self.wandb_id = state.get("wandb_id")
+        self.data_captions = state.get("data_captions")
         T.set_rng_state(state["rng"])
         if self.main:
             print(f"resumed from {self.resume_dir} at step {self.step} (epoch {self.epoch})")
@@ -337,6 +339,7 @@ class Run:
     def save(self):
         extra = {"epoch": self.epoch, "skipped_steps": self.skipped_steps, "secondary_pos": self.secondary_pos,
                  "skipped_files": sorted(self.skipped_files), "wandb_id": self.wandb_id,
+                 "data_captions": self.data_captions,
                  "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
         path = T.save_checkpoint(self.run_dir, self.step, self.train_model, self.optimizers, self.cfg, extra,
                                  self.main)
@@ -345,11 +348,15 @@ class Run:
         return path
 
     @torch.no_grad()
-    def sample(self, captions, tag):
+    def sample(self, tag):
         """A grid of samples from the current weights (every rank takes part: the model may be sharded)."""
         cfg = self.cfg
         n = cfg.train_samples
-        captions = (self.sample_captions or captions)
+        captions = self.sample_captions or self.data_captions
+        if not captions:  # a checkpoint from before data_captions were saved, resumed at an epoch end
+            if self.main:
+                tqdm.write(f"no sample grid {tag}: no captions seen since the resume (--sample_captions gives some)")
+            return None
         captions = [captions[i % len(captions)] for i in range(n)]
         self.model.eval()
         pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, self.info.device, torch.float32)
@@ -400,7 +407,7 @@ class TrainLoop:
         total = cfg.epochs * run.steps_per_epoch
         stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
         self.bar = tqdm(total=stop_at, initial=run.step, disable=not run.main, dynamic_ncols=True, desc="train")
-        self.first_captions, self.tick, self.stopped_by = None, time.time(), 0
+        self.tick, self.stopped_by = time.time(), 0
         self.micro_index = run.step * cfg.acc
         self.reported = set()
         self.report_skipped_files()  # those the folder scan dropped, before the first step
@@ -415,7 +422,7 @@ class TrainLoop:
                     self.end_epoch()
                     continue
                 pending.append(batch)
-                self.first_captions = self.first_captions or batch[1]
+                run.data_captions = run.data_captions or batch[1]
                 if len(pending) < run.cfg.acc:
                     continue
                 metrics = run.optimizer_step(pending, self.micro_index)
@@ -451,7 +458,7 @@ class TrainLoop:
                 self.wb.log(m, step=run.step)
         self.report_skipped_files()
         if cfg.dry_run:
-            path = run.sample(self.first_captions, "dry_run")
+            path = run.sample("dry_run")
             if run.main:
                 print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {path}")
             return True
@@ -477,7 +484,7 @@ class TrainLoop:
             save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
 
     def log_sample(self, tag):
-        path = self.run.sample(self.first_captions, tag)
+        path = self.run.sample(tag)
         if path and self.run.main:
             tqdm.write(f"sample grid: {path}")
             if self.wb:

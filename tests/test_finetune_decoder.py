@@ -2,6 +2,7 @@
 torchrun == one process, sample.py decodes with the result; LPIPS weight loading and errors; the discriminator."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,8 +223,13 @@ def test_interrupted_run_resumes_exactly(mnist_vae, lpips_dir, tmp_path, monkeyp
     run_dir = tmp_path / "b" / "vae" / os.path.basename(straight.run_dir)
     saved = "step_0000002" if stop == "crash" else "step_0000003"
     assert os.path.realpath(run_dir / "checkpoints" / "latest").endswith(saved)
+    if stop == "signal":  # and the run folder moved elsewhere: it goes on there, not where its config says
+        moved = tmp_path / "c" / "vae" / run_dir.name
+        shutil.copytree(run_dir, moved, symlinks=True)
+        run_dir = moved
     resumed = FD.finetune(FD.parse_config(["--resume_path", str(run_dir)]), CPU)
-    assert resumed.step == 4
+    assert resumed.step == 4 and resumed.run_dir == str(run_dir)
+    assert resumed.out_path == str(run_dir) + ".safetensors"
     files = [(load_file(r.out_path), load_file(os.path.join(r.run_dir, "checkpoints", "latest", "model.safetensors")))
              for r in (straight, resumed)]
     for x, y in zip(*files):  # the decoder file, then the full checkpoint (decoder + discriminator)

@@ -122,6 +122,26 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
     assert "A resumed run keeps the model of its " + str(stopped_dir) in capsys.readouterr().err
 
 
+def test_a_run_stopped_at_an_epoch_end_and_moved_resumes_where_it_is(tmp_path, tiny_t5_dir):
+    """--max_steps at an epoch's last step, the run folder copied elsewhere, then resumed: it goes on in the copy
+    (not the folder its config names), draws the same sample grid as the uninterrupted run at the next epoch end
+    (the sample prompts are saved), and ends with its weights."""
+    import shutil
+
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--sample_freq", "1", "--train_samples", "2"]
+    straight_dir, _ = run(args, tmp_path, "straight")
+    first_dir, _ = run(args + ["--max_steps", "3"], tmp_path, "first")  # 3 steps an epoch: it stops at the end
+    moved = tmp_path / "elsewhere" / "t"
+    shutil.copytree(first_dir, moved, symlinks=True)
+    train.main(["--resume_path", str(moved), "--max_steps", "0"])
+    assert os.path.realpath(moved / "checkpoints" / "latest").endswith("step_0000006")
+    assert os.path.realpath(first_dir / "checkpoints" / "latest").endswith("step_0000003")  # untouched
+    grid = "samples/epoch_0002.png"
+    assert (moved / grid).read_bytes() == (straight_dir / grid).read_bytes()
+    a, b = weights(straight_dir), weights(moved)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture
 def sigterm_guard():
     """Under SIGTERM's default action a missing handler would end pytest itself: fail the test instead."""

@@ -62,6 +62,11 @@ def wants_help(argv):
     return "-h" in argv or "--help" in argv
 
 
+def given_keys(argv):
+    """The config keys a command line sets (--key value, --key=value, --some-key)."""
+    return {tok[2:].partition("=")[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+
+
 def print_help(doc, title, keys, more=None):
     """An entry point's --help: its docstring, then a line per flag (meaning, default, what it accepts), then `more`
     (the flags it takes beyond `keys`). A key whose default is None says in its meaning what None does."""

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from utils.checkpoint import save_weights, torch_load
-from utils.config import load_config, save_config
+from utils.config import given_keys, load_config, save_config
 from utils.distributed import max_over_ranks
 from utils.errors import UserError, disk_error
 from utils.files import make_dir, write_text
@@ -257,12 +257,20 @@ def check_run_folder_free(run_dir, resume_path, entry="train.py"):
                     f"--logdir DIR)")
 
 
-def resume_config(resume_path, overrides, extra_keys=None):
-    """Config of a run being resumed: its saved config.yaml, updated by explicit overrides."""
+def resume_config(resume_path, argv, extra_keys=None, run_depth=1):
+    """Config of a run being resumed: its saved config.yaml, updated by the command line. Unless --logdir is given,
+    its logdir is the folder that holds the run folder now (run_depth levels up: <logdir>[/vae]/<run>), so a run
+    that was moved or copied goes on where it is, not where it was made."""
     kind, where = resolve_resume(resume_path)
     if kind != "state":
         return None
-    return load_config(os.path.join(where, "config.yaml"), overrides, extra_keys=extra_keys)
+    cfg = load_config(os.path.join(where, "config.yaml"), argv, extra_keys=extra_keys)
+    if "logdir" not in given_keys(argv):
+        logdir = os.path.dirname(os.path.dirname(where))  # the run folder of <run>/checkpoints/step_N
+        for _ in range(run_depth):
+            logdir = os.path.dirname(logdir)
+        cfg.logdir = logdir
+    return cfg
 
 
 def load_training_state(folder):
