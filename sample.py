@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import OFFICIAL_WEIGHTS, current_checkpoint, save_weights
-from utils.config import SCHEMA, Compat, Key, flag, given_keys, load_config, print_help, wants_help
+from utils.config import SCHEMA, Compat, Key, flag, given_keys, guidance_scale, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, check_image, make_grid, parse_aspect_ratio, write_png, write_video
@@ -181,7 +181,7 @@ def sample_mode(cfg):
 
 def sample_settings(cfg, denoiser):
     """What every sample's JSON records about how it was drawn (and from which pictures)."""
-    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=cfg.cfg[0] if cfg.cfg else 0.0, jacobi=cfg.jacobi,
+    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=guidance_scale(cfg), jacobi=cfg.jacobi,
                     jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
                     jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
                     context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
@@ -198,7 +198,7 @@ def sample_settings(cfg, denoiser):
 
 def sample_round(pipe, cfg, batch, aspect):
     """One pass of the pipeline over a batch of (caption, seed, index), each sample with its own seed."""
-    common = dict(cfg=cfg.cfg[0] if cfg.cfg else 0.0, generator=[torch.Generator().manual_seed(s) for _, s, _ in batch],
+    common = dict(cfg=guidance_scale(cfg), generator=[torch.Generator().manual_seed(s) for _, s, _ in batch],
                   aspect_ratio=aspect, noise_std=cfg.target_noise_std,
                   denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=JACOBI_MODES[cfg.jacobi],
                   jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,

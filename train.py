@@ -20,7 +20,7 @@ from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
 from utils.checkpoint import FIT_HINT, load_model_weights
-from utils.config import SCHEMA, load_config, print_help, save_config, wants_help
+from utils.config import SCHEMA, guidance_scale, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import InputWarning, UserError, run_cli
 from utils.files import atomic_path, check_output_dir, make_dir, write_text
@@ -361,7 +361,7 @@ class Run:
         self.model.eval()
         pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, self.info.device, torch.float32)
         with self.autocast():
-            out = pipe(captions, num_samples=1, cfg=cfg.cfg[0] if cfg.cfg else 0.0,
+            out = pipe(captions, num_samples=1, cfg=guidance_scale(cfg),
                        generator=torch.Generator().manual_seed(self.seed))
         self.model.train()
         if not self.main:

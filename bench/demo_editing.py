@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, MNISTDataset  # noqa: E402
 from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, ink, load_demo, train_classifier,  # noqa: E402
                           write_report)
+from utils.config import guidance_scale  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png  # noqa: E402
 
@@ -108,7 +109,7 @@ def inpainting(pipe, net, args, mask_path):
 def reconstruction(pipe, sources, prompts, args):
     """Largest pixel error of an edit to the source's own prompt with no added noise (cfg 0 and the config's)."""
     errors = {}
-    for cfg in (0.0, pipe.config.cfg[0] if pipe.config.cfg else 0.0):
+    for cfg in (0.0, guidance_scale(pipe.config)):
         back = batched(lambda chunk, s: pipe.edit(sources[s:s + len(chunk)], chunk, source_prompt=chunk, cfg=cfg,
                                                   noise_std=0, generator=gens(args.seed, len(chunk))), prompts,
                        args.batch)

@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
 from utils import recipe  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import guidance_scale, load_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.image import write_png  # noqa: E402
@@ -303,7 +303,7 @@ def run(args):
     torch.set_num_threads(args.threads)
     config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     holdout = parse_holdout(config.holdout)
-    scales = args.cfg if args.cfg is not None else [config.cfg[0] if config.cfg else 0.0]
+    scales = args.cfg if args.cfg is not None else [guidance_scale(config)]
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "img_size": config.img_size, "holdout": config.holdout,
               "per_combo": args.per_combo}

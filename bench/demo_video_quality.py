@@ -28,7 +28,7 @@ from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, moving_digit_size
 from dataset import MovingMNISTDataset  # noqa: E402
 from demo_quality import (add_common_args, denoising, load_demo, pixel_noise, print_noise,  # noqa: E402
                           print_pair_table, to_uint8_scale, train_classifier, write_report)
-from utils.config import parse_vid_size  # noqa: E402
+from utils.config import guidance_scale, parse_vid_size  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png, write_video  # noqa: E402
 
@@ -142,7 +142,7 @@ def main(argv=None):
 def run(args):
     torch.set_num_threads(args.threads)
     config, pipe = load_demo(args.checkpoint_path, "moving_mnist")
-    cfg = args.cfg if args.cfg is not None else (config.cfg[0] if config.cfg else 0.0)
+    cfg = args.cfg if args.cfg is not None else guidance_scale(config)
     digit_size = moving_digit_size(config.img_size)
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "vid_size": config.vid_size, "img_size": config.img_size,

@@ -52,7 +52,7 @@ import sample  # noqa: E402
 from train import Run  # noqa: E402
 from transformer_flow import DEPRECATED_KEYS, Model, RMSNorm  # noqa: E402
 from utils import training as T  # noqa: E402
-from utils.config import load_config, model_kwargs  # noqa: E402
+from utils.config import guidance_scale, load_config, model_kwargs  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json, write_text  # noqa: E402
@@ -531,7 +531,7 @@ def sample_7b(ctx, report):
     tokens, tokens_81 = frames * lh * lw, pipe.latent_frames(81) * lh * lw
     extrapolated = r["seconds"] * tokens_81 / tokens
     report.add("3", "7B ours, 17 frames 480p, Jacobi block 32, th 1e-3", True,
-               f"{r['seconds']:.1f} s for {w}x{h} ({frames} latent frames, {tokens} tokens, cfg {cfg.cfg[0]:g}; flow "
+               f"{r['seconds']:.1f} s for {w}x{h} ({frames} latent frames, {tokens} tokens, cfg {guidance_scale(cfg):g}; flow "
                f"decode {r['decode_seconds']:.1f} s, learned denoiser the rest), {r['calls']} network calls, peak "
                f"{gib(r['peak_gib'])}; 81 frames ({tokens_81} tokens) extrapolated by token count: about "
                f"{extrapolated:.0f} s, an extrapolation, not a measurement (attention over the longer context costs "

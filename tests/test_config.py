@@ -93,6 +93,7 @@ def test_unknown_key_suggests_closest(tmp_path, where):
     (["--batch_size", "0"], "batch_size"),
     (["--vid_size", "81"], "frames:fps"),
     (["--lr", "1", "2"], "one value"),
+    (["--cfg", "2", "4"], "'cfg' takes one guidance scale, got 2 4; run once per scale"),  # (was: 4 ignored)
     (["stray"], "unexpected"),
 ])
 def test_bad_values(overrides, message):

@@ -108,6 +108,18 @@ def parse_vid_size(vid_size, key="vid_size"):
     return frames, fps
 
 
+def check_one_scale(scales):
+    """`cfg` is a list only because the original's YAML files write it as one: a second value would be ignored."""
+    if len(scales) > 1:
+        raise UserError(f"config key 'cfg' takes one guidance scale, got {' '.join(f'{c:g}' for c in scales)}; "
+                        "run once per scale to compare them")
+
+
+def guidance_scale(cfg):
+    """The config's guidance scale; 0 where it sets none."""
+    return cfg.cfg[0] if cfg.cfg else 0.0
+
+
 DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
@@ -234,7 +246,8 @@ SCHEMA = {
     "wandb_name": Key(None, "str", "run-name suffix; 'a+b' gives {dataset}-a-{value of key b}"),
     "save_every": Key(20, "int", "also keep a numbered copy of the weights every N epochs", low=0),
     "sample_freq": Key(1, "int", "save a sample grid every N epochs (0 = never)", low=0),
-    "cfg": Key([0.0], "floats", "guidance scale for training-time samples (sample.py has its own)", low=0),
+    "cfg": Key([0.0], "floats", "guidance scale for training-time samples (sample.py has its own)", low=0,
+               check=check_one_scale),
     "num_samples": Key(4096, "int", "unused by train.py", low=1),
     "sample_batch_size": Key(256, "int", "unused by train.py", low=1),
     # keys added by this train.py

@@ -19,7 +19,7 @@ from PIL import Image
 from transformer_flow import DEPRECATED_KEYS
 from utils import recipe
 from utils.checkpoint import current_checkpoint, load_model_weights, load_state_dict_file
-from utils.config import Key, check_value, load_config, parse_vid_size
+from utils.config import Key, check_value, guidance_scale, load_config, parse_vid_size
 from utils.distributed import pick_device
 from utils.errors import InputWarning, UserError
 from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
@@ -282,7 +282,7 @@ class STARFlowPipeline:
         shape = (len(captions), T, c.channel_size, h // f, w // f) if video else \
             (len(captions), c.channel_size, h // f, w // f)
         cfg = s["cfg"]
-        request = _Request(captions=captions, cfg=(c.cfg[0] if c.cfg else 0.0) if cfg is None else float(cfg),
+        request = _Request(captions=captions, cfg=guidance_scale(c) if cfg is None else float(cfg),
                            generator=generator if generator is not None else torch.Generator().manual_seed(0),
                            noise_std=c.noise_std if s["noise_std"] is None else s["noise_std"], video=video,
                            fps=int(fps) if float(fps).is_integer() else fps, size=(h, w), latent_shape=shape)
