@@ -1,6 +1,6 @@
 """Train STARFlow / STARFlow-V: exact NLL of noise-augmented latents, one process, DDP or FSDP2 under torchrun.
 
-    python train.py --model_config_path configs/tiny_image.yaml --text <MiniLM folder> --epochs 1
+    python train.py --model_config_path configs/tiny_image.yaml --epochs 1
     torchrun --standalone --nproc_per_node 8 train.py --model_config_path configs/starflow_3B_t2i_256x256.yaml \\
         --data /data/shards/train-{0000..0999}.tar --epoch_length 1000000
 """
