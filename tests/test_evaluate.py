@@ -425,6 +425,40 @@ def test_generate_then_score_and_torchrun_two_ranks_match_one_process(tiny_t2i, 
                                   np.asarray(Image.open(tmp_path / "two" / name)))
 
 
+def test_generate_rerun_reuses_finished_samples_of_the_same_request(tiny_t2i, tiny_inception, tmp_path):
+    """A rerun of an interrupted --generate draws only the rounds it did not finish, and the same FID; any change
+    to what a sample depends on (a setting, the weights file) draws everything again; a change to what is scored
+    does not."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(open(tiny_t2i["safetensors"], "rb").read())
+    ref = write_images(tmp_path / "ref", random_images(8, 4))
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = tmp_path / "samples"
+    flags = ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", weights, "--generate", 1,
+             "--caption", tmp_path / "prompts.txt", "--num_samples", 3, "--sample_batch_size", 2, "--cfg", 0,
+             "--ref", ref, "--inception", tiny_inception, "--images", out, "--seed", 3, "--jacobi", 0]
+    pngs = [out / f"prompts_{i:04d}.png" for i in range(6)]
+
+    def state():
+        return [(p.stat().st_mtime_ns, p.read_bytes()) for p in pngs]
+
+    first = run_eval(*flags)
+    assert first["generate"]["reused"] == 0
+    before = state()
+    os.remove(out / "prompts_0004.json")  # interrupted in the last round (2 samples a round): its JSON not written
+    second = run_eval(*flags)
+    assert second["generate"]["reused"] == 4 and second["fid"] == first["fid"]
+    after = state()
+    assert after[:4] == before[:4]  # not written again
+    assert [a[0] != b[0] and a[1] == b[1] for a, b in zip(after[4:], before[4:])] == [True, True]  # drawn again
+    assert run_eval(*flags, "--eval_batch_size", 3)["generate"]["reused"] == 6  # only the scoring changed
+    assert run_eval(*flags, "--attn_temp", 0.9)["generate"]["reused"] == 0
+    assert run_eval(*flags, "--attn_temp", 0.9)["generate"]["reused"] == 6
+    stamp = weights.stat()
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # the weights file, written again
+    assert run_eval(*flags, "--attn_temp", 0.9)["generate"]["reused"] == 0
+
+
 def test_finetune_decoder_reports_rfid_at_every_checkpoint(tiny_sd_vae_dir, tiny_inception, tmp_path):
     from utils.distributed import DistInfo
     flags = ["--vae", tiny_sd_vae_dir, "--logdir", tmp_path, "--num_workers", 0, "--wandb", 0, "--train_seed", 0,

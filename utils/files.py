@@ -70,6 +70,22 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def file_stamp(path):
+    """[name, size, mtime_ns] of a file, or of every file under a folder (names relative to it): a file that is
+    rewritten, replaced or copied anew gets another stamp."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    stamps = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            stamps.append([os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
 def read_text(path, what="file"):
     """A UTF-8 text file's contents, without the byte-order mark some Windows editors put first; one UserError for
     a missing, unreadable or non-UTF-8 file."""
