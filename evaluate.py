@@ -11,8 +11,6 @@ a dataset and zero-shot classification by likelihood, log p(x | prompt), which a
 
 The protocols are in utils/metrics.py and the README. Every number and setting goes into a JSON report.
 """
-import hashlib
-import json
 import math
 import os
 import random
@@ -30,12 +28,12 @@ from transformer_flow import Model
 from utils import distributed, recipe
 from utils.config import Key, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
-from utils.files import file_stamp, read_text, write_json
+from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
 from utils.metrics import (LEVEL, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score, dequantize,
                            feature_stats, frechet_distance, inception_features, inception_score, list_images,
                            load_is_head, load_stats, mean_and_stderr, quantize, save_stats, sidecar)
-from utils.pipeline import STARFlowPipeline, resolve_finetuned_vae
+from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
 
 EVAL_KEYS = {
@@ -92,31 +90,9 @@ def parse_config(argv):
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-# Keys that do not change a generated sample (what is scored, where files go, how data for --bpd is read): a rerun
-# that differs only in them reuses the samples of the first.
-NOT_SAMPLING = set(EVAL_KEYS) | {"logdir", "output_dir", "num_workers", "data", "data_format", "holdout",
-                                 "caption_column"}
-
-
-def generation_request(cfg, captions, info):
-    """A digest of everything a generated sample depends on: the config, the prompts, the ranks (Jacobi decides
-    convergence per batch) and the weights files as they are on disk now (a retrained checkpoint is another)."""
-    weights = [file_stamp(p) for p in (cfg.checkpoint_path, resolve_finetuned_vae(cfg.finetuned_vae, cfg.logdir)) if p]
-    config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SAMPLING}
-    text = json.dumps(dict(config=config, captions=captions, weights=weights, world_size=info.world_size),
-                      sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def finished_sample(stem, request):
-    """The JSON of a sample that a run of the same request finished (the PNG is written before it), else None."""
-    try:
-        with open(stem + ".json", encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and info.get("request") == request and os.path.isfile(stem + ".png") \
-        else None
+# Keys that do not change a generated sample (what is scored, how data for --bpd is read): a rerun that differs
+# only in them reuses the samples of the first.
+NOT_SAMPLING = set(EVAL_KEYS) | {"data", "data_format", "holdout", "caption_column"}
 
 
 def generate(pipe, cfg, argv, info):
@@ -134,16 +110,12 @@ def generate(pipe, cfg, argv, info):
     prefix = sample.slug(name)
     stem_of = lambda index: os.path.join(folder, f"{prefix}_{index:04d}")  # noqa: E731
     items, rounds = sample.plan(captions, num, cfg.seed, cfg.sample_batch_size, info.world_size, info.rank)
-    request = generation_request(cfg, captions, info)
-    finished = [[finished_sample(stem_of(i), request) for _, _, i in mine] for mine, _ in rounds]
-    # a round is skipped only where every rank finished its share, so the ranks still run each batch together
-    todo = [k for k, done in enumerate(finished) if distributed.max_over_ranks(int(None in done), info.device)]
-    per_round = cfg.sample_batch_size * info.world_size
-    reused = len(items) - sum(len(items[k * per_round:(k + 1) * per_round]) for k in todo)
+    request = sample.sampling_request(cfg, captions, info.world_size, ignore=NOT_SAMPLING)
+    todo, reused, denoiser = sample.rounds_to_draw(rounds, stem_of, request, items,
+                                                   cfg.sample_batch_size * info.world_size, info.device)
     if reused and info.rank == 0:
         print(f"reusing {reused} of {len(items)} samples in {folder} that this command drew before it was "
               f"interrupted (delete them to draw them again)")
-    denoiser = next((done[0]["denoiser"] for k, done in enumerate(finished) if k not in todo and done), None)
     for k in tqdm(todo, desc=f"sampling {len(items) - reused}", disable=info.rank != 0):
         mine, padding = rounds[k]
         aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \

@@ -6,6 +6,7 @@
 Config values (YAML) stand unless a flag is given; any config key can also be given as a flag. Writes one PNG (or
 MP4) per sample plus a grid, each with a JSON beside it holding the prompt, seed and settings.
 """
+import hashlib
 import json
 import os
 import random
@@ -23,9 +24,9 @@ from utils import distributed
 from utils.checkpoint import OFFICIAL_WEIGHTS, current_checkpoint, save_weights
 from utils.config import SCHEMA, Compat, Key, flag, given_keys, guidance_scale, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
-from utils.files import check_output_dir, read_text, write_json
+from utils.files import check_output_dir, file_stamp, read_text, write_json
 from utils.image import ASPECT_RATIOS, check_image, make_grid, parse_aspect_ratio, write_png, write_video
-from utils.pipeline import ARGUMENTS, DTYPES, STARFlowPipeline
+from utils.pipeline import ARGUMENTS, DTYPES, STARFlowPipeline, resolve_finetuned_vae
 
 
 def check_aspect(value):
@@ -231,6 +232,50 @@ def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
             **settings, command=command_of(caption, seed, aspect)))
 
 
+# Keys that say where files go and how they are read: a rerun that differs only in them goes on with the samples
+# of the first.
+NOT_SAMPLING = {"logdir", "output_dir", "num_workers"}
+
+
+def sampling_request(cfg, captions, world_size, ignore=()):
+    """A digest of everything a sample depends on: the config (but NOT_SAMPLING and `ignore`), the prompts, the
+    rank count (Jacobi decides convergence per batch) and the files read as they are on disk now: the checkpoint,
+    a fine-tuned decoder, input pictures (a retrained checkpoint is another request)."""
+    files = (cfg.checkpoint_path, resolve_finetuned_vae(cfg.finetuned_vae, cfg.logdir), cfg.input_image,
+             cfg.edit_image, cfg.mask, cfg.input_video)
+    config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SAMPLING and k not in ignore}
+    text = json.dumps(dict(config=config, captions=captions, files=[file_stamp(f) for f in files if f],
+                           world_size=world_size), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def sample_json(stem):
+    """The JSON beside a sample, or None where it is missing or unreadable."""
+    try:
+        with open(stem + ".json", encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def finished_sample(stem, request):
+    """The JSON of a sample that a run of the same request finished (its picture is written before it), else None."""
+    info = sample_json(stem)
+    drawn = os.path.isfile(stem + ".png") or os.path.isfile(stem + ".mp4")
+    return info if info is not None and info.get("request") == request and drawn else None
+
+
+def rounds_to_draw(rounds, stem_of, request, items, per_round, device):
+    """The rounds that an earlier run of the same request did not finish (a round is skipped only where every rank
+    finished its share, so the ranks still run each batch together); how many samples are reused; their denoiser."""
+    finished = [[finished_sample(stem_of(i), request) for _, _, i in mine] for mine, _ in rounds]
+    todo = [k for k, done in enumerate(finished) if distributed.max_over_ranks(int(None in done), device)]
+    reused = len(items) - sum(len(items[k * per_round:(k + 1) * per_round]) for k in todo)
+    denoiser = next((done[0]["denoiser"] for k, done in enumerate(finished) if k not in todo and done), None)
+    return todo, reused, denoiser
+
+
 def output_dir(cfg):
     """--output_dir, else <logdir>/<checkpoint name>: a weights file's stem, a folder's name, and <run>_<step> for a
     train.py step folder (the runs of a logdir have step folders of the same names)."""
@@ -269,12 +314,20 @@ def output_names(prefix, items):
     return [f"{prefix}_{i:04d}" for _, _, i in items] + grids + [f"{prefix}_latents_{i:04d}" for _, _, i in items]
 
 
-def free_prefix(out_dir, prefix, items):
-    """`prefix`, or prefix-2, prefix-3, ...: the first whose files are not in out_dir yet, so a second run into the
-    same folder never overwrites the first (names within a run are unique: they carry the sample index)."""
-    present = {os.path.splitext(n)[0] for n in os.listdir(out_dir)} if os.path.isdir(out_dir) else set()
+def free_prefix(out_dir, prefix, items, request):
+    """`prefix`, or prefix-2, prefix-3, ...: the first whose files are not in out_dir yet, or whose samples an
+    earlier run of the same request drew (an interrupted one, which this run finishes). A run never overwrites
+    another's files (names within a run are unique: they carry the sample index)."""
+    names = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    present = {os.path.splitext(n)[0] for n in names}
+
+    def same_request(candidate):
+        stems = [f"{candidate}_{i:04d}" for _, _, i in items if f"{candidate}_{i:04d}.json" in names]
+        return bool(stems) and all((sample_json(os.path.join(out_dir, st)) or {}).get("request") == request
+                                   for st in stems)
+
     candidate, k = prefix, 1
-    while present.intersection(output_names(candidate, items)):
+    while present.intersection(output_names(candidate, items)) and not same_request(candidate):
         k += 1
         candidate = f"{prefix}-{k}"
     return candidate
@@ -299,21 +352,28 @@ def main(argv=None):
     pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=dist_info.device, dtype=cfg.dtype,
                                         validate=lambda p: check_request(p, cfg, captions, num_samples))
     items, rounds = plan(captions, num_samples, cfg.seed, cfg.sample_batch_size, world, rank)
-    prefix = distributed.broadcast_object(free_prefix(out_dir, slug(name), items) if distributed.is_main() else None)
-    if prefix != slug(name) and distributed.is_main():
+    request = sampling_request(cfg, captions, world)
+    prefix = distributed.broadcast_object(free_prefix(out_dir, slug(name), items, request)
+                                          if distributed.is_main() else None)
+    stem_of = lambda index: os.path.join(out_dir, f"{prefix}_{index:04d}")  # noqa: E731
+    todo, reused, _ = rounds_to_draw(rounds, stem_of, request, items, cfg.sample_batch_size * world, dist_info.device)
+    if distributed.is_main() and reused:
+        print(f"note: {out_dir} holds {reused} of the {len(items)} samples of this command, drawn by an earlier run "
+              f"of it; drawing the other {len(items) - reused} (delete them to draw them all again)")
+    elif distributed.is_main() and prefix != slug(name):
         print(f"note: {out_dir} already holds {slug(name)}_* files from an earlier run; this run writes {prefix}_* "
               f"(nothing is overwritten)")
-    for k, (mine, padding) in enumerate(tqdm(rounds, desc=f"sampling {len(items)}", disable=not distributed.is_main())):
+    for k in tqdm(todo, desc=f"sampling {len(items) - reused}", disable=not distributed.is_main()):
+        mine, padding = rounds[k]
         aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \
             else cfg.aspect_ratio
         out = sample_round(pipe, cfg, mine + padding, aspect)
-        write_samples(out, mine, lambda index: os.path.join(out_dir, f"{prefix}_{index:04d}"), rank, aspect,
-                      sample_settings(cfg, out.denoiser),
-                      lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir,
-                                                                               cfg.checkpoint_path))
-        if cfg.save_latents and mine:
+        if cfg.save_latents and mine:  # before the samples, whose JSON marks the round as finished
             save_weights({"latents": out.latents[:len(mine)], "noisy_latents": out.noisy_latents[:len(mine)]},
                          os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))
+        write_samples(out, mine, stem_of, rank, aspect, dict(sample_settings(cfg, out.denoiser), request=request),
+                      lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir,
+                                                                               cfg.checkpoint_path))
     distributed.barrier()
     if distributed.is_main():
         write_grids(out_dir, prefix, items, video=pipe.video and (cfg.target_length or pipe.train_frames) > 1)

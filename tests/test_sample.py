@@ -51,6 +51,32 @@ def test_t2i_writes_pngs_grid_and_json(tiny_t2i, tmp_path, aspect, size):
     assert Image.open(out / "a_blue_square_grid.png").size == (3 * (size[0] + 2) + 2, size[1] + 4)
 
 
+def test_a_rerun_finishes_an_interrupted_run_and_another_request_numbers_on(tiny_t2i, tmp_path, capsys):
+    """The same command again draws only the rounds its interrupted run did not finish, into the same names (the
+    others are not written again); once all are drawn it draws none; any other setting is another run (-2)."""
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    flags = ("--caption", tmp_path / "p.txt", "--num_samples", 2, "--sample_batch_size", 2, "--jacobi", 0)
+    out = run(tiny_t2i, tmp_path / "out", *flags)
+    files = sorted(os.listdir(out))
+    first = {n: ((out / n).stat().st_mtime_ns, (out / n).read_bytes()) for n in files}
+    os.remove(out / "p_0003.json")  # interrupted in the second round, before this sample's JSON
+    capsys.readouterr()
+    run(tiny_t2i, out, *flags)
+    assert "holds 2 of the 4 samples of this command" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == files
+    again = {n: ((out / n).stat().st_mtime_ns, (out / n).read_bytes()) for n in files}
+    for i in range(4):
+        name = f"p_{i:04d}.png"
+        assert again[name][1] == first[name][1]
+        assert (again[name][0] == first[name][0]) == (i < 2)  # the first round is not drawn again
+    assert again["p_grid.png"][1] == first["p_grid.png"][1]
+    run(tiny_t2i, out, *flags)
+    assert "holds 4 of the 4 samples" in capsys.readouterr().out
+    assert all((out / f"p_{i:04d}.png").stat().st_mtime_ns == again[f"p_{i:04d}.png"][0] for i in range(4))
+    run(tiny_t2i, out, *flags, "--attn_temp", 0.9)
+    assert "this run writes p-2_*" in capsys.readouterr().out and len(os.listdir(out)) == 2 * len(files)
+
+
 @pytest.mark.parametrize("jacobi, tolerance", [("0", 1), ("auto", 8)])
 def test_same_seed_same_image_and_regeneration(tiny_t2i, tmp_path, jacobi, tolerance):
     """Token-by-token decoding regenerates a sample alone exactly (up to float rounding); Jacobi schedules decide
