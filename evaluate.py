@@ -432,7 +432,7 @@ def main(argv=None):
 
 
 def cli():
-    run_cli(main, cleanup=distributed.cleanup)
+    run_cli(main, cleanup=distributed.cleanup, on_interrupt=sample.GO_ON)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
             **settings, command=command_of(caption, seed, aspect)))
 
 
+GO_ON = "the same command again goes on where this run stopped"
 # Keys that say where files go and how they are read: a rerun that differs only in them goes on with the samples
 # of the first.
 NOT_SAMPLING = {"logdir", "output_dir", "num_workers"}
@@ -402,7 +403,7 @@ def write_grids(out_dir, prefix, items, video):
 
 
 def cli():
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, on_interrupt=GO_ON))
 
 
 if __name__ == "__main__":

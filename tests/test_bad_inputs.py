@@ -270,6 +270,19 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
+@pytest.mark.parametrize("entry", [sample, evaluate])
+def test_ctrl_c_while_sampling_says_the_same_command_goes_on(entry, monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "main", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.cli()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C); the same command again goes on where this run " \
+                                      "stopped\n"
+
+
 @pytest.mark.parametrize("case,args,pattern", EXTRACT_ROWS, ids=[r[0] for r in EXTRACT_ROWS])
 def test_extract_images_bad_input(grid_files, tmp_path, capsys, case, args, pattern):
     if case in ("corrupt_json", "json_of_another_grid", "json_ill_typed"):

@@ -57,9 +57,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def run_cli(main, *args, cleanup=None):
+def run_cli(main, *args, cleanup=None, on_interrupt=None):
     """Runs a command-line entry point: a UserError, or a full disk or missing permission, prints one `error:` line
-    and exits with status 2 (Ctrl-C: 130); an InputWarning prints one `warning:` line."""
+    and exits with status 2 (Ctrl-C: 130, with `on_interrupt`, what to do next); an InputWarning prints one
+    `warning:` line."""
     try:
         with warnings.catch_warnings():  # restores the printer on the way out
             warnings.showwarning = _show_warning
@@ -67,7 +68,7 @@ def run_cli(main, *args, cleanup=None):
     except UserError as e:
         _fail(e)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints first): no traceback
-        _fail("interrupted (Ctrl-C)", status=130)
+        _fail("interrupted (Ctrl-C)" + (f"; {on_interrupt}" if on_interrupt else ""), status=130)
     except Exception as e:  # a full disk can surface from deep inside torch, safetensors or ffmpeg
         found = disk_error(e)
         if found is None:
