@@ -26,7 +26,7 @@ import sample
 from dataset import EvalItems
 from transformer_flow import Model
 from utils import distributed, recipe
-from utils.config import Key, load_config, print_help, wants_help
+from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
@@ -432,7 +432,8 @@ def main(argv=None):
 
 
 def cli():
-    run_cli(main, cleanup=distributed.cleanup, on_interrupt=sample.GO_ON)
+    generating = "generate" in given_keys(sys.argv[1:])  # what it drew is kept; scores are computed again
+    run_cli(main, cleanup=distributed.cleanup, on_interrupt=sample.GO_ON if generating else None)
 
 
 if __name__ == "__main__":

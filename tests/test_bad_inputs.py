@@ -270,17 +270,20 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(capsys):
     assert exit_info.value.code == 130 and capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
 
 
-@pytest.mark.parametrize("entry", [sample, evaluate])
-def test_ctrl_c_while_sampling_says_the_same_command_goes_on(entry, monkeypatch, capsys):
+@pytest.mark.parametrize("entry,argv,then", [
+    (sample, [], "; the same command again goes on where this run stopped"),
+    (evaluate, ["--generate", "1"], "; the same command again goes on where this run stopped"),
+    (evaluate, ["--images", "x"], ""),  # nothing to go on with: scores are computed again
+])
+def test_ctrl_c_while_sampling_says_the_same_command_goes_on(entry, argv, then, monkeypatch, capsys):
     def interrupted(argv=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(entry, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["x.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         entry.cli()
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err == "error: interrupted (Ctrl-C); the same command again goes on where this run " \
-                                      "stopped\n"
+    assert exit_info.value.code == 130 and capsys.readouterr().err == f"error: interrupted (Ctrl-C){then}\n"
 
 
 @pytest.mark.parametrize("case,args,pattern", EXTRACT_ROWS, ids=[r[0] for r in EXTRACT_ROWS])
