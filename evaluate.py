@@ -26,6 +26,7 @@ import sample
 from dataset import EvalItems
 from transformer_flow import Model
 from utils import distributed, recipe
+from utils.checkpoint import checkpoint_weights
 from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
@@ -415,6 +416,7 @@ def main(argv=None):
         pipe = STARFlowPipeline.from_config(cfg, cfg.checkpoint_path, device=info.device,
                                             dtype=sample.DTYPES.get(cfg.dtype))
         report["model"] = {"checkpoint_path": cfg.checkpoint_path, "model_config_path": cfg.model_config_path,
+                           "weights": checkpoint_weights(cfg.checkpoint_path, cfg.ema_weights),
                            "dtype": str(pipe.dtype).replace("torch.", ""), "device": str(info.device),
                            "config": cfg.to_dict()}
     images, paths = cfg.images, None

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import OFFICIAL_WEIGHTS, current_checkpoint, save_weights
+from utils.checkpoint import EMA_WEIGHTS, OFFICIAL_WEIGHTS, checkpoint_weights, current_checkpoint, save_weights
 from utils.config import SCHEMA, Compat, Key, flag, given_keys, guidance_scale, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, file_stamp, read_text, write_json
@@ -187,7 +187,8 @@ def sample_settings(cfg, denoiser):
                     jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
                     context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
                     noise_std=cfg.target_noise_std or cfg.noise_std, model_config_path=cfg.model_config_path,
-                    checkpoint_path=cfg.checkpoint_path)
+                    checkpoint_path=cfg.checkpoint_path, weights=checkpoint_weights(cfg.checkpoint_path,
+                                                                                    cfg.ema_weights))
     if settings["mode"] == "edit":
         settings.update(source_image=cfg.edit_image, source_caption=cfg.source_caption, source_cfg=cfg.source_cfg,
                         edit_refresh=cfg.edit_refresh, edit_blocks=cfg.edit_blocks)
@@ -347,6 +348,9 @@ def main(argv=None):
     dist_info = distributed.init_distributed(cfg.device)
     rank, world = dist_info.rank, dist_info.world_size
     num_samples = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * world)
+    if checkpoint_weights(cfg.checkpoint_path, cfg.ema_weights) != cfg.checkpoint_path and distributed.is_main():
+        print(f"note: sampling the moving average of the weights ({EMA_WEIGHTS}; --ema_weights 0 samples the "
+              f"trained weights)")
     if cfg.aspect_ratio not in ("1:1", None) and not cfg.mix_aspect and distributed.is_main():
         print(f"note: this config has mix_aspect 0 (trained on squares only); sampling {cfg.aspect_ratio} anyway")
 

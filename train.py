@@ -19,7 +19,7 @@ from dataset import TrainData
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
-from utils.checkpoint import FIT_HINT, load_model_weights
+from utils.checkpoint import EMA_WEIGHTS, FIT_HINT, load_model_weights
 from utils.config import SCHEMA, guidance_scale, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import InputWarning, UserError, run_cli
@@ -161,6 +161,7 @@ class Run:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.flow_params = [p for n, p in named if not n.startswith("learnable_self_denoiser")]
         self.denoiser_params = [p for n, p in named if n.startswith("learnable_self_denoiser")]
+        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None  # from the loaded weights
         self.optimizers = {"model": T.make_optimizer(self.flow_params, cfg.lr, cfg.weight_decay)}
         if self.denoiser_params:
             self.optimizers["denoiser"] = torch.optim.AdamW(self.denoiser_params, lr=cfg.denoiser_lr,
@@ -188,6 +189,12 @@ class Run:
         self.wandb_id = state.get("wandb_id")
         self.data_captions = state.get("data_captions")
         T.set_rng_state(state["rng"])
+        average = os.path.join(self.resume_dir, EMA_WEIGHTS)
+        if self.ema is not None and os.path.isfile(average):
+            self.ema.load(average)
+        elif self.ema is not None and self.main:
+            print(f"note: {self.resume_dir} has no {EMA_WEIGHTS} (a run without ema_decay); the moving average "
+                  f"starts from the resumed weights")
         if self.main:
             print(f"resumed from {self.resume_dir} at step {self.step} (epoch {self.epoch})")
 
@@ -326,6 +333,8 @@ class Run:
         else:
             for opt in self.optimizers.values():
                 opt.step()
+            if self.ema is not None:
+                self.ema.update()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         lr = self.schedules["model"].lr
@@ -342,7 +351,7 @@ class Run:
                  "data_captions": self.data_captions,
                  "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
         path = T.save_checkpoint(self.run_dir, self.step, self.train_model, self.optimizers, self.cfg, extra,
-                                 self.main)
+                                 self.main, self.ema)
         barrier()
         self.saved_step, self.saved_path = self.step, path
         return path
@@ -481,7 +490,10 @@ class TrainLoop:
             self.log_sample(f"epoch_{run.epoch:04d}")
         path = run.save()
         if run.main and cfg.save_every and done % cfg.save_every == 0:
-            save_weights_copy(path, os.path.join(run.run_dir, f"model_epoch{run.epoch:04d}.safetensors"))
+            copies = {"model": "model.safetensors", **({"ema": EMA_WEIGHTS} if run.ema is not None else {})}
+            for kind, name in copies.items():
+                save_weights_copy(os.path.join(path, name),
+                                  os.path.join(run.run_dir, f"{kind}_epoch{run.epoch:04d}.safetensors"))
 
     def log_sample(self, tag):
         path = self.run.sample(tag)
@@ -497,7 +509,8 @@ class TrainLoop:
         if not run.cfg.dry_run:
             path = run.save() if run.saved_step != run.step else run.saved_path
             if run.main:
-                print(f"saved {path}/model.safetensors (step {run.step})")
+                average = f" and {EMA_WEIGHTS}" if run.ema is not None else ""
+                print(f"saved {path}/model.safetensors{average} (step {run.step})")
         report_skips(run)
         if self.wb:
             self.wb.finish()
@@ -511,10 +524,10 @@ def train(cfg, info):
     return run
 
 
-def save_weights_copy(checkpoint_dir, dest):
-    """Keep a numbered copy of a checkpoint's weights (copied to a temp name, then renamed)."""
+def save_weights_copy(weights, dest):
+    """Keep a numbered copy of a checkpoint's weights file (copied to a temp name, then renamed)."""
     with atomic_path(dest) as tmp:
-        shutil.copyfile(os.path.join(checkpoint_dir, "model.safetensors"), tmp)
+        shutil.copyfile(weights, tmp)
 
 
 def report_skips(run):

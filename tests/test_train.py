@@ -47,8 +47,8 @@ def metrics(run_dir):
     return {r["step"]: r for r in rows}
 
 
-def weights(run_dir):
-    return load_state_dict_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+def weights(run_dir, name="model.safetensors"):
+    return load_state_dict_file(run_dir / "checkpoints" / "latest" / name)
 
 
 def test_loss_decreases_on_mnist(tmp_path, tiny_t5_dir):
@@ -89,10 +89,11 @@ def test_clean_target_denoiser_learns_beside_an_unchanged_flow(tmp_path, tiny_t5
     assert out.denoiser == "learned"
 
 
-# Flow, denoiser, accumulation, label drop, clipping and the latent-norm penalty all carry state across steps.
+# Flow, denoiser, accumulation, label drop, clipping, the latent-norm penalty and the moving average of the
+# weights all carry state across steps.
 FULL = ["--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--acc", "2", "--drop_label", "0.3",
-        "--grad_clip", "1", "--latent_norm_regularization", "1e-3", "--data_format", "colour_mnist",
-        "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
+        "--grad_clip", "1", "--latent_norm_regularization", "1e-3", "--ema_decay", "0.5", "--data_format",
+        "colour_mnist", "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
@@ -111,8 +112,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
     for step in range(1, 7):
         for key in ("loss", "loss_denoiser", "grad_norm", "lr"):
             assert resumed[step][key] == straight[step][key], (step, key)
-    a, b = weights(straight_dir), weights(stopped_dir)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = weights(straight_dir, name), weights(stopped_dir, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit):  # the first command again is a new run: it may not replace this one
         run(args, tmp_path, "stopped")
     assert f"run folder {stopped_dir} already holds a run" in capsys.readouterr().err
@@ -254,27 +256,56 @@ def test_sampling_a_run_folder_records_the_step_it_used(tmp_path, tiny_t5_dir):
     assert STARFlowPipeline.from_pretrained(str(run_dir)).config.txt_size == 8
 
 
+def test_a_run_with_a_moving_average_samples_it_unless_told_otherwise(tmp_path, tiny_t5_dir):
+    """ema_decay > 0: each checkpoint (and each numbered copy) holds ema.safetensors beside the weights; sample.py
+    and from_pretrained sample it by default (the JSON names it), and the trained weights with ema_weights 0."""
+    import sample
+    from utils.pipeline import STARFlowPipeline
+
+    args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "1",
+                   "--epoch_length", "16", "--ema_decay", "0.9", "--save_every", "1"]
+    run_dir, _ = run(args, tmp_path)
+    step = run_dir / "checkpoints" / "latest"
+    assert (run_dir / "ema_epoch0001.safetensors").read_bytes() == (step / "ema.safetensors").read_bytes()
+    for flags, name in (([], "ema.safetensors"), (["--ema_weights", "0"], "model.safetensors")):
+        expected = load_state_dict_file(step / name)
+        pipe = STARFlowPipeline.from_pretrained(str(run_dir), overrides=flags)
+        assert all(torch.equal(v, expected[k]) for k, v in pipe.model.state_dict().items() if k in expected)
+        out = tmp_path / ("samples" + "".join(flags))
+        assert sample.main(["--checkpoint_path", str(run_dir), "--caption", "a red seven", "--num_samples", "1",
+                            "--output_dir", str(out), *flags]) == 0
+        recorded = json.loads((out / "a_red_seven_0000.json").read_text())["weights"]
+        assert recorded == (os.path.join(os.path.realpath(step), name) if not flags else os.path.realpath(step))
+    assert (tmp_path / "samples" / "a_red_seven_0000.png").read_bytes() != \
+        (tmp_path / "samples--ema_weights0" / "a_red_seven_0000.png").read_bytes()
+
+
 @pytest.mark.parametrize("fsdp", [1, 0])
 def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
+    """2-rank FSDP2 or DDP, stopped after step 2 and resumed under torchrun, equals one process run straight:
+    losses, weights and their moving average (sharded like the weights under FSDP2)."""
     args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp),
                           "--fsdp_text_encoder", str(fsdp)]
     single_dir, single = run(args, tmp_path, "single")
     logdir = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), *args, "--logdir", str(logdir), "--dataset", "t"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("FSDP2" if fsdp else "DDP") in proc.stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                os.path.join(ROOT, "train.py")]
+    for flags in ([*args, "--logdir", str(logdir), "--dataset", "t", "--max_steps", "2"],
+                  ["--resume_path", str(logdir / "t"), "--max_steps", "0"]):
+        proc = subprocess.run(torchrun + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("FSDP2" if fsdp else "DDP") in proc.stdout
     double = metrics(logdir / "t")
     assert sorted(double) == sorted(single) == [1, 2, 3]
     for step in single:
         for key in ("loss", "loss_denoiser", "grad_norm"):
             assert double[step][key] == pytest.approx(single[step][key], rel=1e-5, abs=1e-5), (step, key)
-    a, b = weights(single_dir), weights(logdir / "t")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = weights(single_dir, name), weights(logdir / "t", name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
 
 
 def test_video_end_to_end(tmp_path, tiny_t5_dir):
@@ -400,14 +431,36 @@ def test_grad_skip_really_skips(tmp_path, tiny_t5_dir, capsys):
 
     run_dir, m = run(TINY + ["--text", tiny_t5_dir, "--data_format", "mnist", "--batch_size", "4", "--epochs", "1",
                              "--epoch_length", "12", "--grad_skip", "1", "--grad_clip", "1e-9",
-                             "--grad_skip_after", "0"], tmp_path)
+                             "--grad_skip_after", "0", "--ema_decay", "0.9"], tmp_path)
     assert [m[s]["skipped"] for s in sorted(m)] == [1, 1, 1]
     assert "3 optimizer steps with a non-finite or too large gradient" in capsys.readouterr().out
     cfg = load_config(run_dir / "config.yaml")
     torch.manual_seed(cfg.train_seed)
     initial = Model(**model_kwargs(cfg, 16, 32)).state_dict()
-    final = weights(run_dir)
+    final, average = weights(run_dir), weights(run_dir, "ema.safetensors")
     assert all(torch.equal(final[k], initial[k]) for k in final)  # not even weight decay moved them
+    assert all(torch.equal(average[k], initial[k]) for k in final)  # nor the average: no step, no update
+
+
+def test_moving_average_of_the_weights():
+    """EMA: average = decay * average + (1 - decay) * parameter after each update, from the weights it starts
+    with; its full state is the model's with the parameters replaced (resuming it: the resume tests)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.register_buffer("kept", torch.arange(3.0))
+    ema = T.EMA(model, 0.75)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for n, p in model.named_parameters():
+            expected[n] = 0.75 * expected[n] + 0.25 * p.detach()
+    state = ema.full_state(model.state_dict(), is_main=True)
+    assert state.keys() == model.state_dict().keys() and torch.equal(state["kept"], torch.arange(3.0))
+    for n in expected:
+        torch.testing.assert_close(state[n], expected[n], rtol=0, atol=1e-6)
+        assert not torch.equal(state[n], dict(model.named_parameters())[n])
 
 
 def test_schedule_and_skip_rules():

@@ -72,6 +72,16 @@ def current_checkpoint(path):
     return path
 
 
+EMA_WEIGHTS = "ema.safetensors"  # beside model.safetensors in a checkpoint of a run with ema_decay > 0
+
+
+def checkpoint_weights(path, ema=True):
+    """The weights a checkpoint path stands for: a train.py checkpoint folder's moving average where `ema` and it
+    has one, else the path itself (load_state_dict_file reads a folder's model.safetensors)."""
+    average = os.path.join(path, EMA_WEIGHTS)
+    return average if ema and os.path.isfile(average) else path
+
+
 def load_state_dict_file(path, what="checkpoint"):
     """Read a flat tensor dict from .safetensors or a weights-only .pth; unwrap 'model'/'state_dict' nesting and
     'module.'/'_orig_mod.' prefixes (DDP / torch.compile)."""

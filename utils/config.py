@@ -120,6 +120,12 @@ def guidance_scale(cfg):
     return cfg.cfg[0] if cfg.cfg else 0.0
 
 
+def check_ema_decay(decay):
+    if decay >= 1:
+        raise UserError(f"config key 'ema_decay' must be below 1, got {decay:g}: at 1 the average keeps the initial "
+                        "weights; DiT's is 0.9999")
+
+
 DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
@@ -265,6 +271,11 @@ SCHEMA = {
     "grad_skip_after": Key(100, "int", "grad_skip applies from this optimizer step on (early norms are large)", low=0),
     "denoiser_lr": Key(1e-4, "float", "peak learning rate of the learnable self-denoiser", above=0),
     "weight_decay": Key(1e-4, "float", "AdamW weight decay", low=0),
+    "ema_decay": Key(0.0, "float", "also keep an exponential moving average of the weights, updated after every "
+                                   "optimizer step with this decay (e.g. 0.9999), saved as ema.safetensors in each "
+                                   "checkpoint; 0 = none, as the original", low=0, check=check_ema_decay),
+    "ema_weights": flag(1, "sample a train.py checkpoint folder with its moving average of the weights "
+                           "(ema.safetensors) where it has one; 0 = its trained weights"),
     "cache_latents": flag(0, "encode each training item once with the VAE and reuse the latents"),
     "cache_text": flag(0, "keep the text embedding of each distinct prompt in memory (small caption sets)"),
     "wandb": flag(1, "log to wandb on rank 0 (offline when there is no API key); 0 = off"),
@@ -309,7 +320,8 @@ ALIASES = {
     "precision": ["dtype"], "mixed_precision": ["dtype"], "data_dir": ["data"], "dataset_path": ["data"],
     "train_data": ["data"], "text_encoder": ["text"], "vae_path": ["vae"], "image": ["input_image"],
     "init_image": ["input_image"], "temperature": ["attn_temp"], "jacobi_threshold": ["jacobi_th"],
-    "workers": ["num_workers"], "wd": ["weight_decay"],
+    "workers": ["num_workers"], "wd": ["weight_decay"], "ema": ["ema_decay", "ema_weights"],
+    "use_ema": ["ema_weights"],
 }
 
 

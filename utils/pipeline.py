@@ -18,7 +18,7 @@ from PIL import Image
 
 from transformer_flow import DEPRECATED_KEYS
 from utils import recipe
-from utils.checkpoint import current_checkpoint, load_model_weights, load_state_dict_file
+from utils.checkpoint import checkpoint_weights, current_checkpoint, load_model_weights, load_state_dict_file
 from utils.config import Key, check_value, guidance_scale, load_config, parse_vid_size
 from utils.distributed import pick_device
 from utils.errors import InputWarning, UserError
@@ -171,7 +171,8 @@ class STARFlowPipeline:
             raise TypeError(f"checkpoint_path must be a path, got {type(checkpoint_path).__name__}")
         device = pick_device(device or config.device)
         dtype = resolve_dtype(dtype, device)
-        weights = load_state_dict_file(checkpoint_path)  # first: a bad path fails before minutes of loading
+        weights_path = checkpoint_weights(checkpoint_path, config.ema_weights)
+        weights = load_state_dict_file(weights_path)  # first: a bad path fails before minutes of loading
         finetuned = resolve_finetuned_vae(finetuned_vae if finetuned_vae is not None else config.finetuned_vae,
                                           config.logdir)
         vae = load_vae(config.vae, device, finetuned=finetuned, pixel_channels=config.channel_size)

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from utils.checkpoint import save_weights, torch_load
+from utils.checkpoint import EMA_WEIGHTS, load_state_dict_file, save_weights, torch_load
 from utils.config import given_keys, load_config, save_config
 from utils.distributed import max_over_ranks
 from utils.errors import UserError, disk_error
@@ -146,6 +147,47 @@ def should_skip(norms, grad_clip, grad_skip, step, skip_after=100):
     return bool(grad_skip and grad_clip > 0 and step >= skip_after and max(norms) > grad_clip)
 
 
+class EMA:
+    """An exponential moving average of a model's parameters, as DiT keeps one: average = decay * average +
+    (1 - decay) * parameter after every optimizer step. Kept in float32, sharded like the parameters under FSDP2."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.averages = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.averages, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    def full_state(self, model_state, is_main):
+        """model_state (the full state dict, on the main rank) with each parameter replaced by its average; a
+        collective under FSDP, so every rank calls it."""
+        state = dict(model_state) if is_main else None
+        for name, average in zip(self.names, self.averages):
+            full = average.full_tensor() if isinstance(average, DTensor) else average
+            if is_main:
+                state[name] = full.to("cpu", model_state[name].dtype)
+        return state
+
+    @torch.no_grad()
+    def load(self, path):
+        """The averages from an ema.safetensors (every rank reads the file and keeps its own shard)."""
+        state = load_state_dict_file(path, "moving average")
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise UserError(f"{path} lacks the average of {len(missing)} parameters ({', '.join(missing[:3])}, ...): "
+                            f"it is not this model's; remove it to start the average from the resumed weights")
+        for name, average in zip(self.names, self.averages):
+            full = state[name].float()
+            if isinstance(average, DTensor):
+                full = distribute_tensor(full.to(average.device), average.device_mesh, average.placements,
+                                         src_data_rank=None)
+            average.copy_(full)
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 def full_model_state(model):
     """Full (unsharded) model state dict on CPU; a collective under FSDP, so every rank must call it."""
@@ -169,13 +211,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main):
-    """Write checkpoints/step_NNNNNNN/{model.safetensors, training_state.pt, config.yaml}, then point
-    checkpoints/latest at it with an atomic rename; older step folders are removed afterwards.
+def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main, ema=None):
+    """Write checkpoints/step_NNNNNNN/{model.safetensors, ema.safetensors (with an EMA), training_state.pt,
+    config.yaml}, then point checkpoints/latest at it with an atomic rename; older step folders are removed
+    afterwards.
 
     Collective under FSDP (full state dicts are gathered), so every rank calls it.
     """
     model_state = full_model_state(model)
+    ema_state = ema.full_state(model_state, is_main) if ema is not None else None
     optim_states = {name: get_optimizer_state_dict(model, opt, options=FULL) for name, opt in optimizers.items()}
     if not is_main:
         return None
@@ -185,6 +229,9 @@ def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main):
     make_dir(tmp, "checkpoint folder")
     try:
         save_weights(model_state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
+        if ema_state is not None:
+            save_weights(ema_state, os.path.join(tmp, EMA_WEIGHTS), metadata={"step": str(step),
+                                                                              "ema_decay": str(ema.decay)})
         with open(os.path.join(tmp, "training_state.pt"), "wb") as f:  # a file object keeps the OSError's errno
             torch.save({"step": step, "optimizers": optim_states, "rng": rng_state(), **extra}, f)
         save_config(cfg, os.path.join(tmp, "config.yaml"))
