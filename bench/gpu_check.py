@@ -533,7 +533,8 @@ def sample_7b(ctx, report):
     report.add("3", "7B ours, 17 frames 480p, Jacobi block 32, th 1e-3", True,
                f"{r['seconds']:.1f} s for {w}x{h} ({frames} latent frames, {tokens} tokens, cfg "
                f"{guidance_scale(cfg):g}; flow decode {r['decode_seconds']:.1f} s, learned denoiser the rest), "
-               f"{r['calls']} network calls, peak {gib(r['peak_gib'])}; 81 frames ({tokens_81} tokens) extrapolated by token count: about "
+               f"{r['calls']} network calls, peak {gib(r['peak_gib'])}; 81 frames ({tokens_81} tokens) "
+               f"extrapolated by token count: about "
                f"{extrapolated:.0f} s, an extrapolation, not a measurement (attention over the longer context costs "
                f"more)", **r, width=w, height=h, tokens=tokens, tokens_81=tokens_81,
                extrapolated_81_frame_seconds=round(extrapolated, 1))
