@@ -88,12 +88,20 @@ def test_unknown_key_suggests_closest(tmp_path, where):
         load_config(path, overrides)
 
 
+@pytest.mark.parametrize("spelling, meant", [("use_ema", "ema_weights"), ("ema", "ema_decay"),
+                                             ("guidance_scale", "cfg")])
+def test_other_tools_spellings_name_the_key(spelling, meant):
+    with pytest.raises(UserError, match=f"unknown config key '{spelling}'; did you mean '{meant}'"):
+        load_config(None, [f"--{spelling}", "1"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--img_size", "big"], "img_size"),
     (["--batch_size", "0"], "batch_size"),
     (["--vid_size", "81"], "frames:fps"),
     (["--lr", "1", "2"], "one value"),
     (["--cfg", "2", "4"], "'cfg' takes one guidance scale, got 2 4; run once per scale"),  # (was: 4 ignored)
+    (["--ema_decay", "1"], "'ema_decay' must be below 1, got 1: at 1 the average keeps the initial weights"),
     (["stray"], "unexpected"),
 ])
 def test_bad_values(overrides, message):
