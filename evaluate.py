@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 import sample
 from dataset import EvalItems
-from transformer_flow import Model
 from utils import distributed, recipe
 from utils.checkpoint import checkpoint_weights
 from utils.config import Key, given_keys, load_config, print_help, wants_help
@@ -32,9 +31,9 @@ from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
 from utils.metrics import (LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score,
-                           dequantize, feature_stats, frechet_distance, inception_features, inception_score,
-                           list_images, load_is_head, load_stats, mean_and_stderr, precision_recall, quantize,
-                           save_stats, sidecar)
+                           feature_stats, frechet_distance, inception_features, inception_score, list_images,
+                           load_is_head, load_stats, mean_and_stderr, precision_recall, save_stats, sidecar)
+from utils.likelihood import batches, model_input, nll_of, resolve_noise
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
 
@@ -244,40 +243,6 @@ def image_metrics(cfg, info, images, paths=None):
 
 
 # ------------------------------------------------------------------------------------------------- likelihood
-def resolve_noise(cfg, pipe):
-    """'dequantize' or 'train' for this model; dequantization is only defined for 8-bit pixels."""
-    pixel = isinstance(pipe.vae, PixelSpace)
-    noise = cfg.nll_noise if cfg.nll_noise != "auto" else "dequantize" if pixel else "train"
-    if noise == "dequantize" and not pixel:
-        raise UserError("--nll_noise dequantize is for pixel-space models (8-bit levels); a latent model's NLL is in "
-                        "latent space with its training noise: use --nll_noise train (what auto picks)")
-    if noise == "train" and cfg.noise_std <= 0:
-        raise UserError("--nll_noise train adds the config's noise_std, which is 0; use --nll_noise dequantize")
-    return noise
-
-
-def model_input(pipe, cfg, pixels, indices, noise):
-    """The flow's input for data pixels: VAE latents (posterior mean) or pixels, dequantized or noise-augmented;
-    the noise of item i is drawn from seed (seed, i), so it depends on neither batching nor ranks."""
-    x = pipe.vae.encode((pixels.transpose(1, 2) if pixels.dim() == 5 else pixels).to(pipe.device), sample=False)
-    x = x.float()
-    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in indices]
-
-    def draw(fn, shape):
-        return torch.stack([fn(shape[1:], generator=g) for g in gens]).to(x.device)
-
-    if noise == "dequantize":
-        return dequantize(quantize(x), draw(torch.rand, x.shape))
-    return recipe.noise_augment(x, cfg.noise_std, recipe.unit_noise(cfg.noise_type, x.shape, draw))
-
-
-@torch.no_grad()
-def nll_of(pipe, x, y):
-    """-log p(x | y) per sample in nats."""
-    z, _, logdets = pipe.model(x.to(pipe.device, pipe.dtype), y)
-    return Model.sample_nll(z, logdets).cpu()
-
-
 def rank_scores(pipe, x, candidates, rows):
     """(B, K) log p(x_b | candidate k) in nats; at most `rows` image-prompt pairs per pass."""
     B, K = len(x), len(candidates)
@@ -326,23 +291,6 @@ def likelihoods(pipe, cfg, info, prompts=None):
     if scores:
         out["scores"] = distributed.gather_interleaved(torch.cat(scores).numpy())
     return out, dims, noise
-
-
-def batches(items, size):
-    """Runs of up to `size` consecutive items that share a shape, fps and aspect bucket (so they stack)."""
-    batch = []
-    for item in items:
-        if batch and (len(batch) == size or _kind(batch[0]) != _kind(item)):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
-def _kind(item):
-    _, pixels, _, meta = item
-    return tuple(pixels.shape), meta["fps"], meta["aspect"]
 
 
 def read_prompts(path):

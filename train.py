@@ -15,16 +15,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import TrainData
+from dataset import EvalItems, TrainData
 from transformer_flow import DEPRECATED_KEYS, AttentionBlock
 from utils import recipe
 from utils import training as T
 from utils.checkpoint import EMA_WEIGHTS, FIT_HINT, load_model_weights
-from utils.config import SCHEMA, guidance_scale, load_config, print_help, save_config, wants_help
+from utils.config import BUILT_IN_DATA, SCHEMA, Config, guidance_scale, load_config, print_help, save_config, wants_help
 from utils.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import InputWarning, UserError, run_cli
 from utils.files import atomic_path, check_output_dir, make_dir, write_text
 from utils.image import make_grid, write_png, write_video
+from utils.likelihood import mean_bits_per_dim, resolve_noise
 from utils.pipeline import STARFlowPipeline
 from utils.text_encoder import cut_off_message, load_text_encoder
 from utils.vae import load_vae
@@ -82,6 +83,7 @@ class Run:
                                 f"clips need 1 + {self.vae.temporal_factor}k frames (e.g. "
                                 f"{frames - (frames - 1) % self.vae.temporal_factor})")
         self.secondary = self.setup_secondary()
+        self.val_cfg = self.setup_validation()
         self.setup_model()
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.acc
         if self.steps_per_epoch == 0:
@@ -138,6 +140,38 @@ class Run:
             raise UserError(f"secondary_batch_size {sec_cfg.batch_size} is not divisible by world_size x acc")
         return TrainData(sec_cfg, self.info.rank, self.info.world_size, self.seed + 1,
                          self.vae.spatial_factor * cfg.patch_size)
+
+    def setup_validation(self):
+        """The config of val_every's held-out items (evaluate.py's, seed 0): val_data, else the test split of a
+        built-in format; None when val_every is 0."""
+        cfg = self.cfg
+        if not cfg.val_every:
+            return None
+        builtin = cfg.data_format in BUILT_IN_DATA
+        if cfg.val_data is None and not builtin:
+            raise UserError(f"val_every needs held-out data: give --val_data (a folder or shards, as --data); only the "
+                            f"built-in formats ({', '.join(BUILT_IN_DATA)}) hold out their test split")
+        if cfg.val_items < self.info.world_size:
+            raise UserError(f"val_items {cfg.val_items} is fewer than the {self.info.world_size} ranks; give at least "
+                            f"one held-out item a rank")
+        where = {} if cfg.val_data is None else dict(data=cfg.val_data, holdout=None,
+                                                     data_format="auto" if builtin else cfg.data_format)
+        return Config(dict(cfg.to_dict(), seed=0, nll_noise="auto", **where))
+
+    @torch.no_grad()
+    def validate(self):
+        """val_bpd: bits/dim of the first val_items held-out items under the current weights (every rank takes part:
+        the model may be sharded)."""
+        cfg, info = self.val_cfg, self.info
+        items = EvalItems(cfg, self.vae.spatial_factor * cfg.patch_size, info.rank, info.world_size, "test", cfg.seed,
+                          cfg.val_items)
+        self.model.eval()
+        pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, info.device, torch.float32)
+        with self.autocast():
+            bpd = mean_bits_per_dim(pipe, cfg, items, max(1, cfg.batch_size // info.world_size // cfg.acc),
+                                    resolve_noise(cfg, pipe), info.device)
+        self.model.train()
+        return bpd
 
     def setup_model(self):
         cfg, info = self.cfg, self.info
@@ -456,13 +490,16 @@ class TrainLoop:
         run, cfg = self.run, self.run.cfg
         now = time.time()
         m.update(step=run.step, epoch=run.epoch, samples_per_s=cfg.batch_size / max(now - self.tick, 1e-9))
-        self.tick = now
+        if cfg.val_every and run.step % cfg.val_every == 0 and not cfg.dry_run:
+            m["val_bpd"] = run.validate()
+        self.tick = time.time()  # the held-out pass is not training time
         if self.metrics:
             self.metrics.write(json.dumps(m) + "\n")
             self.metrics.flush()
         self.bar.update(1)
         if run.step % cfg.log_every == 0 or run.step == 1:
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
+            shown = dict(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['samples_per_s']:.1f}")
+            self.bar.set_postfix(shown, **({"val_bpd": f"{m['val_bpd']:.4f}"} if "val_bpd" in m else {}))
             if self.wb:
                 self.wb.log(m, step=run.step)
         self.report_skipped_files()

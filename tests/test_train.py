@@ -8,8 +8,10 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from conftest import tiny_flags
@@ -97,7 +99,7 @@ FULL = ["--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--acc"
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
-    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "2"]
+    args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "2", "--val_every", "3", "--val_items", "6"]
     straight_dir, straight = run(args, tmp_path, "straight")
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]  # 2 epochs x (24 samples / 8 per step)
     stopped_dir, first = run(args + ["--max_steps", "4"], tmp_path, "stopped")
@@ -110,7 +112,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
     assert logged == [1, 2, 3, 4, 5, 6]  # cut back to the resumed step 4: every step once
     resumed = metrics(stopped_dir)
     for step in range(1, 7):
-        for key in ("loss", "loss_denoiser", "grad_norm", "lr"):
+        for key in ("loss", "loss_denoiser", "grad_norm", "lr") + (("val_bpd",) if step % 3 == 0 else ()):
             assert resumed[step][key] == straight[step][key], (step, key)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = weights(straight_dir, name), weights(stopped_dir, name)
@@ -285,7 +287,7 @@ def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
     """2-rank FSDP2 or DDP, stopped after step 2 and resumed under torchrun, equals one process run straight:
     losses, weights and their moving average (sharded like the weights under FSDP2)."""
     args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp),
-                          "--fsdp_text_encoder", str(fsdp)]
+                          "--fsdp_text_encoder", str(fsdp), "--val_every", "1", "--val_items", "9"]  # 5 + 4 a rank
     single_dir, single = run(args, tmp_path, "single")
     logdir = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -299,7 +301,7 @@ def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
     double = metrics(logdir / "t")
     assert sorted(double) == sorted(single) == [1, 2, 3]
     for step in single:
-        for key in ("loss", "loss_denoiser", "grad_norm"):
+        for key in ("loss", "loss_denoiser", "grad_norm", "val_bpd"):
             assert double[step][key] == pytest.approx(single[step][key], rel=1e-5, abs=1e-5), (step, key)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = weights(single_dir, name), weights(logdir / "t", name)
@@ -442,6 +444,32 @@ def test_grad_skip_really_skips(tmp_path, tiny_t5_dir, capsys):
     assert all(torch.equal(average[k], initial[k]) for k in final)  # nor the average: no step, no update
 
 
+def test_held_out_bits_per_dim_is_what_evaluate_measures(tmp_path, tiny_t5_dir):
+    """val_every: val_bpd of the final step equals evaluate.py --bpd 1 --seed 0 on the checkpoint of that step, over
+    the same first val_items test digits; val_data reads another folder, as --data does."""
+    import evaluate
+
+    args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "1",
+                   "--epoch_length", "32", "--val_every", "2", "--val_items", "12"]
+    run_dir, m = run(args, tmp_path)
+    assert sorted(s for s in m if "val_bpd" in m[s]) == [2, 4]
+    report = evaluate.main(["--checkpoint_path", str(run_dir), "--bpd", "1", "--seed", "0", "--num_items", "12",
+                            "--report", str(tmp_path / "r.json"), "--num_workers", "0"])
+    assert report["likelihood_data"]["items"] == 12
+    assert m[4]["val_bpd"] == pytest.approx(report["bpd"]["mean"], rel=1e-6)
+    assert m[2]["val_bpd"] > m[4]["val_bpd"]  # it learns
+    folder = tmp_path / "held_out"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red seven")
+    noise_dir, noise = run(args + ["--val_data", str(folder), "--max_steps", "2"], tmp_path, "noise")
+    report = evaluate.main(["--checkpoint_path", str(noise_dir), "--bpd", "1", "--seed", "0", "--data_format", "auto",
+                            "--data", str(folder), "--report", str(tmp_path / "r2.json"), "--num_workers", "0"])
+    assert report["likelihood_data"]["items"] == 4 and noise[2]["val_bpd"] == pytest.approx(report["bpd"]["mean"],
+                                                                                           rel=1e-6)
+
+
 def test_moving_average_of_the_weights():
     """EMA: average = decay * average + (1 - decay) * parameter after each update, from the weights it starts
     with; its full state is the model's with the parameters replaced (resuming it: the resume tests)."""
@@ -507,6 +535,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--data", "/no/such/folder"], "data path not found: /no/such/folder"),
     (["--batch_size", "3", "--data_format", "mnist"], "batch_size 3 is not divisible by world_size x acc = 2 x 1"),
     (["--resume_path", "/no/such/run"], "'resume_path': '/no/such/run' does not exist"),
+    (["--data_format", "folder", "--data", ROOT + "/tests", "--val_every", "5"],
+     "val_every needs held-out data: give --val_data"),
 ])
 def test_clear_errors(tmp_path, tiny_t5_dir, capsys, monkeypatch, args, message):
     if "--batch_size" in args:

@@ -274,6 +274,11 @@ SCHEMA = {
     "ema_decay": Key(0.0, "float", "also keep an exponential moving average of the weights, updated after every "
                                    "optimizer step with this decay (e.g. 0.9999), saved as ema.safetensors in each "
                                    "checkpoint; 0 = none, as the original", low=0, check=check_ema_decay),
+    "val_every": Key(0, "int", "held-out bits/dim (val_bpd in metrics.jsonl) every N optimizer steps, as evaluate.py "
+                               "--bpd 1 --seed 0 --num_items val_items measures it; 0 = never", low=0),
+    "val_data": Key(None, "str", "held-out data for val_every: a folder or shards, as --data; None = the test split "
+                                 "of the built-in formats (mnist, colour_mnist, moving_mnist)"),
+    "val_items": Key(500, "int", "held-out items each val_every evaluation reads (the first N)", low=1),
     "ema_weights": flag(1, "sample a train.py checkpoint folder with its moving average of the weights "
                            "(ema.safetensors) where it has one; 0 = its trained weights"),
     "cache_latents": flag(0, "encode each training item once with the VAE and reuse the latents"),
