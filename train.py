@@ -74,6 +74,7 @@ class Run:
         self.run_dir = os.path.join(cfg.logdir, job_name(cfg))
         check_output_dir(self.run_dir, "run folder")
         T.check_run_folder_free(self.run_dir, cfg.resume_path)
+        self.val_cfg = self.setup_validation()  # a config error before minutes of loading
         self.setup_encoders()
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
         if cfg.vid_size and self.vae.temporal_factor > 1:
@@ -83,7 +84,6 @@ class Run:
                                 f"clips need 1 + {self.vae.temporal_factor}k frames (e.g. "
                                 f"{frames - (frames - 1) % self.vae.temporal_factor})")
         self.secondary = self.setup_secondary()
-        self.val_cfg = self.setup_validation()
         self.setup_model()
         self.steps_per_epoch = self.data.steps_per_epoch // cfg.acc
         if self.steps_per_epoch == 0:
