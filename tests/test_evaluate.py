@@ -142,7 +142,8 @@ def independent_precision_recall(real, fake, k=3):
     def dist(x, y):
         return np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
     radius_real, radius_fake = np.sort(dist(real, real), 1)[:, k], np.sort(dist(fake, fake), 1)[:, k]
-    return ((dist(fake, real) <= radius_real[None]).any(1).mean(), (dist(real, fake) <= radius_fake[None]).any(1).mean())
+    precision = (dist(fake, real) <= radius_real[None]).any(1).mean()
+    return precision, (dist(real, fake) <= radius_fake[None]).any(1).mean()
 
 
 def test_precision_recall_equals_the_definition_written_out(monkeypatch):

@@ -461,7 +461,8 @@ def test_held_out_bits_per_dim_is_what_evaluate_measures(tmp_path, tiny_t5_dir):
     folder = tmp_path / "held_out"
     folder.mkdir()
     for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text("a red seven")
     noise_dir, noise = run(args + ["--val_data", str(folder), "--max_steps", "2"], tmp_path, "noise")
     report = evaluate.main(["--checkpoint_path", str(noise_dir), "--bpd", "1", "--seed", "0", "--data_format", "auto",
