@@ -30,9 +30,10 @@ from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
 from utils.image import ASPECT_RATIOS
-from utils.metrics import (LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3, bits_per_dim, check_comparable, clip_score,
-                           feature_stats, frechet_distance, inception_features, inception_score, list_images,
-                           load_is_head, load_stats, mean_and_stderr, precision_recall, save_stats, sidecar)
+from utils.metrics import (KID_SUBSET_SIZE, KID_SUBSETS, LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3, bits_per_dim,
+                           check_comparable, clip_score, feature_stats, frechet_distance, inception_features,
+                           inception_score, kernel_inception_distance, list_images, load_is_head, load_stats,
+                           mean_and_stderr, precision_recall, save_stats, sidecar)
 from utils.likelihood import batches, model_input, nll_of, resolve_noise
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
@@ -53,8 +54,11 @@ EVAL_KEYS = {
     "is_splits": Key(10, "int", "splits of the Inception Score", low=1),
     "precision_recall": Key(0, "int", "improved precision and recall of --images against --ref (k = 3 nearest "
                                       "neighbours in Inception features, as ADM's evaluator): both sides' features, "
-                                      "from folders or a .npz written by --save_stats with --precision_recall 1",
+                                      "from folders or a .npz that --save_stats writes with this flag",
                             choices=(0, 1)),
+    "kid": Key(0, "int", "kernel Inception distance of --images against --ref (100 subsets of up to 1000 a side, as "
+                         "StyleGAN2-ADA and clean-fid), unbiased at small counts; features as --precision_recall",
+               choices=(0, 1)),
     "clip_score": Key(0, "int", "CLIP score of --images against the prompts in their JSON files", choices=(0, 1)),
     "clip_model": Key("openai/clip-vit-large-patch14", "str", "CLIPModel hub id or folder"),
     "bpd": Key(0, "int", "bits per dimension of --data (any data_format) under --checkpoint_path", choices=(0, 1)),
@@ -84,9 +88,9 @@ def parse_config(argv):
     if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:
         raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID), --inception_score 1 or "
                         "--clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
-    if cfg.precision_recall and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
-        raise UserError("--precision_recall compares --images (or the samples of --generate 1) with --ref; give both "
-                        "(or --save_stats to store a reference's features for it)")
+    if (cfg.precision_recall or cfg.kid) and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
+        raise UserError("--precision_recall and --kid compare --images (or the samples of --generate 1) with --ref; "
+                        "give both (or --save_stats to store a reference's features for them)")
     if (cfg.inception_score or cfg.clip_score) and not (cfg.images or cfg.generate):
         raise UserError("--inception_score and --clip_score score --images (or the samples of --generate 1)")
     if cfg.images and cfg.images.endswith(".npz") and (cfg.generate or cfg.inception_score or cfg.clip_score):
@@ -179,10 +183,10 @@ def image_metrics(cfg, info, images, paths=None):
         if source is not None and source.endswith(".npz"):
             sides[name] = {"source": source, "paths": None, "stats": load_stats(source)}
             sides[name]["features"] = sides[name]["stats"]["features"]
-            if cfg.precision_recall and images and cfg.ref and sides[name]["features"] is None:
-                raise UserError(f"--precision_recall needs the Inception features of {source}, which holds "
+            if (cfg.precision_recall or cfg.kid) and images and cfg.ref and sides[name]["features"] is None:
+                raise UserError(f"--precision_recall and --kid need the Inception features of {source}, which holds "
                                 f"statistics only; pass the images' folder, or write the file again with --save_stats "
-                                f"FILE.npz --precision_recall 1")
+                                f"FILE.npz and --precision_recall 1 or --kid 1")
         elif source is not None:
             sides[name] = {"source": source, "paths": paths if name == "images" and paths else list_images(source),
                            "stats": None}
@@ -214,7 +218,7 @@ def image_metrics(cfg, info, images, paths=None):
             raise UserError("--save_stats needs a folder of images in --ref or --images")
         stats = stats_of(target)
         save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net,
-                   features=target["features"] if cfg.precision_recall else None)
+                   features=target["features"] if cfg.precision_recall or cfg.kid else None)
         report["saved_stats"] = {"path": cfg.save_stats, "of": target["source"], "count": stats["count"]}
     if "images" in sides and "ref" in sides and main:
         a, b = stats_of(sides["images"]), stats_of(sides["ref"])
@@ -228,6 +232,10 @@ def image_metrics(cfg, info, images, paths=None):
     if cfg.precision_recall and "images" in sides and "ref" in sides and main:
         precision, recall = precision_recall(sides["ref"]["features"], sides["images"]["features"], info.device)
         report["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_NEIGHBOURS}
+    if cfg.kid and "images" in sides and "ref" in sides and main:
+        mean, std = kernel_inception_distance(sides["ref"]["features"], sides["images"]["features"])
+        size = min(len(sides["ref"]["features"]), len(sides["images"]["features"]), KID_SUBSET_SIZE)
+        report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS, "subset_size": size}
     if head is not None and main:
         feats = sides["images"]["features"]
         if head.shape[1] != feats.shape[1]:
@@ -348,6 +356,9 @@ def summary_lines(report):
                      f"reference)")
     if "fid_note" in report:
         lines.append(f"note: {report['fid_note']}")
+    if "kid" in report:
+        r = report["kid"]
+        lines.append(f"KID {r['mean']:.5f} +- {r['std']:.5f} ({r['subsets']} subsets of {r['subset_size']})")
     if "precision_recall" in report:
         r = report["precision_recall"]
         lines.append(f"precision {r['precision']:.4f}, recall {r['recall']:.4f} (k = {r['k']})")

@@ -1,5 +1,5 @@
-"""The image demo measured with evaluate.py's protocols: FID, precision and recall against the tinted MNIST test digits
-(guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
+"""The image demo measured with evaluate.py's protocols: FID, KID, precision and recall against the tinted MNIST test
+digits (guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
 likelihood.
 
     python bench/demo_eval.py                                        # the shipped checkpoints/demo_mnist_t2i
@@ -31,7 +31,7 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.image import to_uint8  # noqa: E402
 from utils.metrics import (PR_NEIGHBOURS, InceptionV3, feature_stats, frechet_distance,  # noqa: E402
-                           inception_features, load_stats, precision_recall, save_stats)
+                           inception_features, kernel_inception_distance, load_stats, precision_recall, save_stats)
 
 DECODERS = {"sequential": {}, "jacobi": dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32)}
 TEST_DIGITS = 10000
@@ -68,11 +68,12 @@ def sample_images(pipe, prompts, cfg, decoder, seed, batch):
 
 
 def scores_to(ref, feats):
-    """FID, precision and recall of features against the reference."""
+    """FID, KID, precision and recall of features against the reference."""
     mu, sigma = feature_stats(feats)
     precision, recall = precision_recall(ref["features"], feats)
-    return {"fid": round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 3), "precision": round(precision, 4),
-            "recall": round(recall, 4)}
+    kid, kid_std = kernel_inception_distance(ref["features"], feats)
+    return {"fid": round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 3), "kid": round(kid, 5),
+            "kid_std": round(kid_std, 5), "precision": round(precision, 4), "recall": round(recall, 4)}
 
 
 def fid_prompts(n):
@@ -101,14 +102,15 @@ def run(args):
     net = InceptionV3()
     ref, ref_path = reference_stats(net, config, args)
     report["inception"], report["fid"] = net.describe(), []
-    print(f"\nFID, precision and recall (k = {PR_NEIGHBOURS}) against {args.ref_samples} tinted test digits "
+    print(f"\nFID, KID, precision and recall (k = {PR_NEIGHBOURS}) against {args.ref_samples} tinted test digits "
           f"({ref_path}), {args.samples} images each:")
-    print(f"{'setting':<26}{'FID':>9}{'precision':>11}{'recall':>9}{'sampling s':>12}")
+    print(f"{'setting':<26}{'FID':>9}{'KID':>10}{'precision':>11}{'recall':>9}{'sampling s':>12}")
     if args.ref_samples + args.samples <= TEST_DIGITS:  # real digits the reference has not seen: the floor
         floor = scores_to(ref, inception_features(net, test_digits(config, args.ref_samples, args.samples, args.seed),
                                                   args.batch, desc=f"inception real digits ({args.samples})"))
         report["fid"].append({"setting": "real digits", **floor})
-        print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['precision']:>11.4f}{floor['recall']:>9.4f}")
+        print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['kid']:>10.5f}{floor['precision']:>11.4f}"
+              f"{floor['recall']:>9.4f}")
     prompts = fid_prompts(args.samples)
     for cfg in args.cfg:
         for decoder in args.decoders:
@@ -116,8 +118,8 @@ def run(args):
             r = scores_to(ref, inception_features(net, images, args.batch, desc=f"inception cfg {cfg:g} {decoder}"))
             report["fid"].append({"setting": f"cfg {cfg:g}, {decoder}", "cfg": cfg, "decoder": decoder, **r,
                                   "sampling_seconds": round(seconds, 1)})
-            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['precision']:>11.4f}{r['recall']:>9.4f}"
-                  f"{seconds:>12.1f}")
+            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['kid']:>10.5f}{r['precision']:>11.4f}"
+                  f"{r['recall']:>9.4f}{seconds:>12.1f}")
     report["fid_seconds"] = round(time.perf_counter() - start, 1)
 
     if args.bpd_items:

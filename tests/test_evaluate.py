@@ -160,24 +160,47 @@ def test_precision_recall_equals_the_definition_written_out(monkeypatch):
         metrics.precision_recall(real, fake[:3])
 
 
-def test_precision_recall_through_evaluate_from_folders_and_from_saved_features(tiny_inception, tmp_path):
+def test_kid_equals_the_unbiased_mmd_written_out():
+    """One subset of all features a side (so the draw only reorders them): KID is the unbiased MMD^2 of the cubic
+    kernel, summed pair by pair; near 0 for two draws of one distribution, far above it for a shifted one."""
+    rng = np.random.default_rng(0)
+    real, fake = rng.standard_normal((40, 6)), rng.standard_normal((40, 6)) + 0.5
+
+    def kernel(a, b):
+        return (a @ b / 6 + 1) ** 3
+
+    m = len(real)
+    within = sum(kernel(v[i], v[j]) for v in (real, fake) for i in range(m) for j in range(m) if i != j)
+    across = sum(kernel(a, b) for a in real for b in fake)
+    mean, std = metrics.kernel_inception_distance(real, fake, subsets=1, subset_size=m)
+    assert mean == pytest.approx(within / (m * (m - 1)) - 2 * across / m ** 2, rel=1e-12) and std == 0
+    same, _ = metrics.kernel_inception_distance(real, rng.standard_normal((40, 6)))
+    assert abs(same) < 0.1 * mean
+    with pytest.raises(UserError, match="at least 2 images a side"):
+        metrics.kernel_inception_distance(real, fake[:1])
+
+
+def test_precision_recall_and_kid_through_evaluate_from_folders_and_from_saved_features(tiny_inception, tmp_path):
     a = write_images(tmp_path / "a", random_images(24, 0))
     b = write_images(tmp_path / "b", random_images(20, 1, shift=60))
-    flags = ["--images", a, "--inception", tiny_inception, "--precision_recall", 1]
+    flags = ["--images", a, "--inception", tiny_inception, "--precision_recall", 1, "--kid", 1]
     folders = run_eval(*flags, "--ref", b, "--save_stats", tmp_path / "b.npz", "--report", tmp_path / "r.json")
     net = metrics.InceptionV3(tiny_inception)
     feats_a, feats_b = (metrics.inception_features(net, metrics.list_images(d), progress=False) for d in (a, b))
     expected = independent_precision_recall(feats_b.astype(np.float64), feats_a.astype(np.float64))
     assert (folders["precision_recall"]["precision"], folders["precision_recall"]["recall"]) == \
         pytest.approx(expected, abs=1e-12)
-    assert "precision " in "\n".join(evaluate.summary_lines(folders))
+    assert folders["kid"]["mean"] == metrics.kernel_inception_distance(feats_b, feats_a)[0]
+    assert folders["kid"]["subset_size"] == 20 and folders["kid"]["mean"] > 0
+    assert "precision " in "\n".join(evaluate.summary_lines(folders)) and "KID " in \
+        "\n".join(evaluate.summary_lines(folders))
     saved = run_eval(*flags, "--ref", tmp_path / "b.npz", "--report", tmp_path / "r2.json")
-    assert saved["precision_recall"] == folders["precision_recall"]
+    assert saved["precision_recall"] == folders["precision_recall"] and saved["kid"] == folders["kid"]
     run_eval("--ref", b, "--save_stats", tmp_path / "plain.npz", "--inception", tiny_inception)
-    with pytest.raises(UserError, match="needs the Inception features of .*plain.npz, which holds statistics only"):
+    with pytest.raises(UserError, match="need the Inception features of .*plain.npz, which holds statistics only"):
         run_eval(*flags, "--ref", tmp_path / "plain.npz")
-    with pytest.raises(UserError, match="--precision_recall compares --images"):
-        run_eval("--images", a, "--inception_score", 1, "--precision_recall", 1)
+    with pytest.raises(UserError, match="--precision_recall and --kid compare --images"):
+        run_eval("--images", a, "--inception_score", 1, "--kid", 1)
 
 
 @pytest.fixture(scope="module")
