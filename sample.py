@@ -362,7 +362,10 @@ def main(argv=None):
                                           if distributed.is_main() else None)
     stem_of = lambda index: os.path.join(out_dir, f"{prefix}_{index:04d}")  # noqa: E731
     todo, reused, _ = rounds_to_draw(rounds, stem_of, request, items, cfg.sample_batch_size * world, dist_info.device)
-    if distributed.is_main() and reused:
+    if distributed.is_main() and reused == len(items):
+        print(f"note: {out_dir} holds all {reused} samples of this command, drawn by an earlier run of it; writing "
+              f"the grids only (delete the samples to draw them again)")
+    elif distributed.is_main() and reused:
         print(f"note: {out_dir} holds {reused} of the {len(items)} samples of this command, drawn by an earlier run "
               f"of it; drawing the other {len(items) - reused} (delete them to draw them all again)")
     elif distributed.is_main() and prefix != slug(name):

@@ -71,7 +71,8 @@ def test_a_rerun_finishes_an_interrupted_run_and_another_request_numbers_on(tiny
         assert (again[name][0] == first[name][0]) == (i < 2)  # the first round is not drawn again
     assert again["p_grid.png"][1] == first["p_grid.png"][1]
     run(tiny_t2i, out, *flags)
-    assert "holds 4 of the 4 samples" in capsys.readouterr().out
+    assert "holds all 4 samples of this command, drawn by an earlier run of it; writing the grids only" in \
+        capsys.readouterr().out
     assert all((out / f"p_{i:04d}.png").stat().st_mtime_ns == again[f"p_{i:04d}.png"][0] for i in range(4))
     run(tiny_t2i, out, *flags, "--attn_temp", 0.9)
     assert "this run writes p-2_*" in capsys.readouterr().out and len(os.listdir(out)) == 2 * len(files)
