@@ -558,6 +558,7 @@ class EvalItems:
         self.base = None if self.format == "wds" else map_dataset(cfg, self.format, multiple,
                                                                   EVAL_CAPTIONS.get(self.format), split=split,
                                                                   no_flip=True, captioned=cfg.txt_size > 0)
+        self.shards = list_shards(cfg.data) if self.base is None else None  # a missing shard fails here, not later
         # the items of all ranks (a progress bar's total); None for tar shards, streams of unknown length
         self.total = None if self.base is None else min(len(self.base), limit) if limit else len(self.base)
 
@@ -572,7 +573,7 @@ class EvalItems:
             return
         from webdataset.tariterators import tarfile_samples
         cfg = self.cfg
-        stream = WebDatasetStream(list_shards(cfg.data), 1, cfg.img_size, self.multiple, 0, 1, self.seed,
+        stream = WebDatasetStream(self.shards, 1, cfg.img_size, self.multiple, 0, 1, self.seed,
                                   vid_size=cfg.vid_size, mix_aspect=bool(cfg.mix_aspect),
                                   caption_column=cfg.caption_column, captioned=cfg.txt_size > 0)
         for index, sample in enumerate(tarfile_samples([{"url": s} for s in stream.shards])):

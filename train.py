@@ -77,6 +77,7 @@ class Run:
         self.val_cfg = self.setup_validation()  # a config error before minutes of loading
         self.setup_encoders()
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor * cfg.patch_size)
+        self.heldout = self.heldout_items()
         if cfg.vid_size and self.vae.temporal_factor > 1:
             frames = int(cfg.vid_size.split(":")[0])
             if (frames - 1) % self.vae.temporal_factor:
@@ -154,21 +155,31 @@ class Run:
         if cfg.val_items < self.info.world_size:
             raise UserError(f"val_items {cfg.val_items} is fewer than the {self.info.world_size} ranks; give at least "
                             f"one held-out item a rank")
-        where = {} if cfg.val_data is None else dict(data=cfg.val_data, holdout=None,
-                                                     data_format="auto" if builtin else cfg.data_format)
+        # a --val_data folder or shards is detected from its own files, whatever --data is
+        where = {} if cfg.val_data is None else dict(data=cfg.val_data, holdout=None, data_format="auto")
         return Config(dict(cfg.to_dict(), seed=0, nll_noise="auto", **where))
+
+    def heldout_items(self):
+        """This rank's share of the held-out items, read at every validation; opened now, so that a missing
+        --val_data fails before training, not at the first validation."""
+        cfg, info = self.val_cfg, self.info
+        if cfg is None:
+            return None
+        try:
+            return EvalItems(cfg, self.vae.spatial_factor * cfg.patch_size, info.rank, info.world_size, "test",
+                             cfg.seed, cfg.val_items)
+        except UserError as e:
+            raise UserError(f"val_data: {e}") from None
 
     @torch.no_grad()
     def validate(self):
         """val_bpd: bits/dim of the first val_items held-out items under the current weights (every rank takes part:
         the model may be sharded)."""
         cfg, info = self.val_cfg, self.info
-        items = EvalItems(cfg, self.vae.spatial_factor * cfg.patch_size, info.rank, info.world_size, "test", cfg.seed,
-                          cfg.val_items)
         self.model.eval()
         pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, info.device, torch.float32)
         with self.autocast():
-            bpd = mean_bits_per_dim(pipe, cfg, items, max(1, cfg.batch_size // info.world_size // cfg.acc),
+            bpd = mean_bits_per_dim(pipe, cfg, self.heldout, max(1, cfg.batch_size // info.world_size // cfg.acc),
                                     resolve_noise(cfg, pipe), info.device)
         self.model.train()
         return bpd

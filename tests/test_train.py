@@ -538,6 +538,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--resume_path", "/no/such/run"], "'resume_path': '/no/such/run' does not exist"),
     (["--data_format", "folder", "--data", ROOT + "/tests", "--val_every", "5"],
      "val_every needs held-out data: give --val_data"),
+    (["--data_format", "mnist", "--val_every", "5", "--val_data", "/no/such/shard.tar"],
+     "val_data: webdataset shards not found: /no/such/shard.tar"),  # at the start, not at the first validation
 ])
 def test_clear_errors(tmp_path, tiny_t5_dir, capsys, monkeypatch, args, message):
     if "--batch_size" in args:
