@@ -229,13 +229,14 @@ def image_metrics(cfg, info, images, paths=None):
             report["fid_note"] = (f"{min(counts)} images are not more than the {len(a['mu'])} features: the "
                                   f"covariance is singular and FID is biased upwards; compare it only with FIDs of as "
                                   f"many images")
-    if cfg.precision_recall and "images" in sides and "ref" in sides and main:
-        precision, recall = precision_recall(sides["ref"]["features"], sides["images"]["features"], info.device)
-        report["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_NEIGHBOURS}
-    if cfg.kid and "images" in sides and "ref" in sides and main:
-        mean, std = kernel_inception_distance(sides["ref"]["features"], sides["images"]["features"])
-        size = min(len(sides["ref"]["features"]), len(sides["images"]["features"]), KID_SUBSET_SIZE)
-        report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS, "subset_size": size}
+        real, fake = sides["ref"]["features"], sides["images"]["features"]
+        if cfg.precision_recall:
+            precision, recall = precision_recall(real, fake, info.device)
+            report["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_NEIGHBOURS}
+        if cfg.kid:
+            mean, std = kernel_inception_distance(real, fake)
+            report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS,
+                             "subset_size": min(len(real), len(fake), KID_SUBSET_SIZE)}
     if head is not None and main:
         feats = sides["images"]["features"]
         if head.shape[1] != feats.shape[1]:

@@ -274,7 +274,8 @@ def rounds_to_draw(rounds, stem_of, request, items, per_round, device):
     finished = [[finished_sample(stem_of(i), request) for _, _, i in mine] for mine, _ in rounds]
     todo = [k for k, done in enumerate(finished) if distributed.max_over_ranks(int(None in done), device)]
     reused = len(items) - sum(len(items[k * per_round:(k + 1) * per_round]) for k in todo)
-    denoiser = next((done[0]["denoiser"] for k, done in enumerate(finished) if k not in todo and done), None)
+    drawn = set(todo)
+    denoiser = next((done[0]["denoiser"] for k, done in enumerate(finished) if k not in drawn and done), None)
     return todo, reused, denoiser
 
 

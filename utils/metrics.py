@@ -257,20 +257,17 @@ PR_NEIGHBOURS = 3  # k of improved precision and recall (Kynkäänniemi et al. 2
 PR_BLOCK = 1024  # rows of a distance block: 1024 x 50k distances in float64 is 400 MB
 
 
-def manifold_radii(features, device, k=PR_NEIGHBOURS):
-    """Each feature's distance to its k-th nearest neighbour among the others of its set, float64."""
-    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
+def manifold_radii(x, k=PR_NEIGHBOURS):
+    """Each row's distance to its k-th nearest neighbour among the other rows of x."""
     if len(x) <= k:
         raise UserError(f"precision and recall need more than {k} images a side (k = {k} neighbours), got {len(x)}")
     return torch.cat([torch.cdist(x[i:i + PR_BLOCK], x).kthvalue(k + 1, dim=1).values  # k + 1: itself at 0
                       for i in range(0, len(x), PR_BLOCK)])
 
 
-def manifold_coverage(points, features, radii, device):
-    """The fraction of `points` inside the manifold of `features`: within the radius of at least one of them."""
-    p = torch.as_tensor(np.asarray(points, np.float64), device=device)
-    x = torch.as_tensor(np.asarray(features, np.float64), device=device)
-    inside = [(torch.cdist(p[i:i + PR_BLOCK], x) <= radii).any(1) for i in range(0, len(p), PR_BLOCK)]
+def manifold_coverage(points, x, radii):
+    """The fraction of `points` inside the manifold of the rows of x: within the radius of at least one of them."""
+    inside = [(torch.cdist(points[i:i + PR_BLOCK], x) <= radii).any(1) for i in range(0, len(points), PR_BLOCK)]
     return float(torch.cat(inside).double().mean())
 
 
@@ -279,8 +276,9 @@ def precision_recall(real, fake, device="cpu", k=PR_NEIGHBOURS):
     manifold of `fake`), each manifold the union of its features' k-nearest-neighbour balls. float64 on the CPU or
     a CUDA device (MPS has no float64)."""
     device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
-    return (manifold_coverage(fake, real, manifold_radii(real, device, k), device),
-            manifold_coverage(real, fake, manifold_radii(fake, device, k), device))
+    real, fake = (torch.as_tensor(np.asarray(f, np.float64), device=device) for f in (real, fake))
+    return (manifold_coverage(fake, real, manifold_radii(real, k)),
+            manifold_coverage(real, fake, manifold_radii(fake, k)))
 
 
 # ------------------------------------------------------------------------------------ kernel Inception distance
