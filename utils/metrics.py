@@ -214,7 +214,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def save_stats(path, mu, sigma, count, inception, features=None):
     """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network; with `features`,
-    the features themselves (float32), which precision and recall need."""
+    the features themselves (float32), which precision, recall and KID need."""
     if not str(path).endswith(".npz"):
         raise UserError(f"--save_stats writes a .npz file, got '{path}'")
     extra = {} if features is None else {"features": np.asarray(features, np.float32)}
