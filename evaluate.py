@@ -1,11 +1,13 @@
-"""Measure STARFlow models and their samples: FID, Inception Score and CLIP score of images; bits per dimension of
-a dataset and zero-shot classification by likelihood, log p(x | prompt), which a flow gives exactly.
+"""Measure STARFlow models and their samples: FID, Inception Score and CLIP score of images; per-frame FID and FVD
+of videos; bits per dimension of a dataset and zero-shot classification by likelihood, log p(x | prompt), which a
+flow gives exactly.
 
     python evaluate.py --images logs/run/samples --ref data/ref_images            # FID of two folders
     python evaluate.py --ref data/coco_val30k --save_stats coco30k.npz           # reference statistics, once
     torchrun --standalone --nproc_per_node 8 evaluate.py --generate 1 \\
         --model_config_path configs/starflow_3B_t2i_256x256.yaml --checkpoint_path ckpts/starflow_3B_t2i_256x256.pth \\
         --caption coco30k_prompts.txt --ref coco30k.npz --clip_score 1 --cfg 3.6 --jacobi 1
+    python evaluate.py --images logs/run/videos --ref data/ucf_clips --fvd 1 --i3d i3d_torchscript.pt  # FVD, FID
     python evaluate.py --checkpoint_path checkpoints/demo_mnist_t2i --bpd 1        # bits/dim of the test digits
     python evaluate.py --checkpoint_path checkpoints/demo_mnist_t2i --rank_prompts prompts.txt   # zero-shot
 
@@ -29,21 +31,23 @@ from utils.checkpoint import checkpoint_weights
 from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
 from utils.files import read_text, write_json
-from utils.image import ASPECT_RATIOS
-from utils.metrics import (KID_SUBSET_SIZE, KID_SUBSETS, LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3, bits_per_dim,
-                           check_comparable, clip_score, feature_stats, frechet_distance, inception_features,
-                           inception_score, kernel_inception_distance, list_images, load_is_head, load_stats,
-                           mean_and_stderr, precision_recall, save_stats, sidecar)
+from utils.image import ASPECT_RATIOS, VIDEO_EXTS
+from utils.metrics import (I3D, KID_SUBSET_SIZE, KID_SUBSETS, LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3,
+                           bits_per_dim, check_comparable, clip_score, feature_stats, frechet_distance, i3d_features,
+                           inception_features, inception_score, kernel_inception_distance, list_media, load_is_head,
+                           load_stats, mean_and_stderr, precision_recall, save_stats, sidecar, video_clip)
 from utils.likelihood import batches, model_input, nll_of, resolve_noise
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
 
 EVAL_KEYS = {
-    "images": Key(None, "str", "folder of images to score (any depth; sample.py's grids are skipped), or a .npz of "
-                               "their statistics; with --generate 1 where the samples go (default output_dir)"),
-    "ref": Key(None, "str", "FID reference: a folder of images or a .npz with mu and sigma (from --save_stats)"),
+    "images": Key(None, "str", "folder of images or of videos to score (any depth; sample.py's grids are skipped), "
+                               "or a .npz of their statistics; with --generate 1 where the samples go (default "
+                               "output_dir)"),
+    "ref": Key(None, "str", "FID (and FVD) reference: a folder of images or videos, or a .npz with mu and sigma "
+                            "(from --save_stats)"),
     "save_stats": Key(None, "str", "write the Inception statistics of the --ref folder (else of --images) to this "
-                                   ".npz"),
+                                   ".npz; with --fvd 1 the I3D statistics of its videos too"),
     "generate": Key(0, "int", "sample --caption's prompts from --checkpoint_path first (sample.py's flags), then "
                               "score the samples", choices=(0, 1)),
     "inception": Key(None, "str", "Inception-v3 FID network, TorchScript (default: default_1.pt of the installed "
@@ -59,6 +63,12 @@ EVAL_KEYS = {
     "kid": Key(0, "int", "kernel Inception distance of --images against --ref (100 subsets of up to 1000 a side, as "
                          "StyleGAN2-ADA and clean-fid), unbiased at small counts; features as --precision_recall",
                choices=(0, 1)),
+    "fvd": Key(0, "int", "Frechet video distance of the --images videos against the --ref videos (StyleGAN-V's "
+                         "protocol and I3D network, --i3d)", choices=(0, 1)),
+    "i3d": Key(None, "str", "FVD's network: a local copy of StyleGAN-V's Kinetics-400 I3D TorchScript, "
+                            "i3d_torchscript.pt (utils/metrics.py's I3D_URL)"),
+    "video_frames": Key(16, "int", "frames of each video that are scored: its first N (the FVD clip, and the frames "
+                                   "of the per-frame FID); shorter videos are refused", low=1),
     "clip_score": Key(0, "int", "CLIP score of --images against the prompts in their JSON files", choices=(0, 1)),
     "clip_model": Key("openai/clip-vit-large-patch14", "str", "CLIPModel hub id or folder"),
     "bpd": Key(0, "int", "bits per dimension of --data (any data_format) under --checkpoint_path", choices=(0, 1)),
@@ -70,8 +80,8 @@ EVAL_KEYS = {
                                                                                              "train")),
     "split": Key("test", "str", "split of the MNIST formats", choices=("train", "test")),
     "num_items": Key(0, "int", "evaluate the first N items of --data (0 = all)", low=0),
-    "eval_batch_size": Key(50, "int", "images per Inception / CLIP pass; image-prompt pairs per likelihood pass",
-                           low=1),
+    "eval_batch_size": Key(50, "int", "images (or video frames) per Inception / CLIP pass, clips per I3D pass; "
+                                      "image-prompt pairs per likelihood pass", low=1),
     "report": Key(None, "str", "JSON report (default <images>/evaluate.json, else <logdir>/evaluate.json)"),
 }
 MODEL_MODES = ("generate", "bpd", "rank_prompts")  # what needs a checkpoint
@@ -84,17 +94,20 @@ def parse_config(argv):
         cfg = sample.parse_config(argv, EVAL_KEYS)
     elif cfg.checkpoint_path:
         raise UserError("--checkpoint_path is used by --generate 1, --bpd 1 and --rank_prompts; give one of them")
-    scores_images = cfg.ref or cfg.save_stats or cfg.inception_score or cfg.clip_score
+    scores_images = (cfg.ref or cfg.save_stats or cfg.inception_score or cfg.clip_score or cfg.precision_recall
+                     or cfg.kid or cfg.fvd)
     if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:
-        raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID), --inception_score 1 or "
-                        "--clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
-    if (cfg.precision_recall or cfg.kid) and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
-        raise UserError("--precision_recall and --kid compare --images (or the samples of --generate 1) with --ref; "
-                        "give both (or --save_stats to store a reference's features for them)")
+        raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID, and FVD with --fvd 1), "
+                        "--inception_score 1 or --clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
+    for flag in ("precision_recall", "kid", "fvd"):
+        if getattr(cfg, flag) and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
+            raise UserError(f"--{flag} compares --images (or the samples of --generate 1) with --ref; give both (or "
+                            "--save_stats to store a reference's features for it)")
     if (cfg.inception_score or cfg.clip_score) and not (cfg.images or cfg.generate):
         raise UserError("--inception_score and --clip_score score --images (or the samples of --generate 1)")
     if cfg.images and cfg.images.endswith(".npz") and (cfg.generate or cfg.inception_score or cfg.clip_score):
-        raise UserError(f"--images {cfg.images} is a statistics file: it gives FID only; pass a folder of images")
+        raise UserError(f"--images {cfg.images} is a statistics file: it gives FID (and FVD) only; pass a folder of "
+                        "images")
     if cfg.ref and not cfg.images and not cfg.generate and not cfg.save_stats:
         raise UserError("--ref is the FID reference for --images (or --generate 1); to store its statistics, add "
                         "--save_stats FILE.npz")
@@ -108,11 +121,13 @@ NOT_SAMPLING = set(EVAL_KEYS) | {"data", "data_format", "holdout", "caption_colu
 
 
 def generate(pipe, cfg, argv, info):
-    """Samples of --caption's prompts through STARFlowPipeline, dealt to ranks as sample.py deals them; one PNG and
-    JSON each. The rounds that a run of the same request finished (an interrupted one) are not drawn again.
-    Returns (folder, the PNG paths in sample order, settings)."""
-    if pipe.video and (cfg.target_length or pipe.train_frames) > 1:
-        raise UserError("evaluate.py scores images; sample a video model's first frames with --target_length 1")
+    """Samples of --caption's prompts through STARFlowPipeline, dealt to ranks as sample.py deals them; one PNG (a
+    video model's: MP4) and JSON each. The rounds that a run of the same request finished (an interrupted one) are
+    not drawn again. Returns (folder, the PNG or MP4 paths in sample order, settings)."""
+    frames = (cfg.target_length or pipe.train_frames) if pipe.video else 1
+    if 1 < frames < cfg.video_frames:
+        raise UserError(f"the video metrics take each video's first {cfg.video_frames} frames (--video_frames), and "
+                        f"the samples would have {frames}: raise --target_length or lower --video_frames")
     captions, name = sample.read_captions(cfg.caption)
     num = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * info.world_size)
     if num <= 0:
@@ -141,32 +156,44 @@ def generate(pipe, cfg, argv, info):
     settings = dict(sample.sample_settings(cfg, denoiser), caption=cfg.caption, prompts=len(captions),
                     num_samples=len(items), reused=reused, seed=cfg.seed, aspect_ratio=cfg.aspect_ratio,
                     folder=folder, request=request)
-    return folder, [stem_of(i) + ".png" for _, _, i in items], settings
+    return folder, [stem_of(i) + (".mp4" if frames > 1 else ".png") for _, _, i in items], settings
 
 
 # ---------------------------------------------------------------------------------------------- image metrics
-def features_of(net, paths, cfg, info, what):
-    """Inception features of `paths` in order: each rank reads every world_size-th file, then all are gathered."""
+def gathered(extract, paths, info, per_file=1):
+    """extract(this rank's files) -> (rows, D), run on every world_size-th file of `paths` and gathered in file order;
+    a file's `per_file` rows (a video's frames) stay together, so the order does not depend on the rank count."""
     mine = paths[info.rank::info.world_size]
-    feats = inception_features(net, mine, cfg.eval_batch_size, cfg.num_workers, desc=f"inception {what} "
-                               f"({len(paths)})", progress=info.rank == 0)
-    return distributed.gather_interleaved(feats)
+    feats = extract(mine)
+    rows = feats.reshape(len(mine), per_file, -1) if len(mine) else np.zeros((0, per_file, 0))
+    out = distributed.gather_interleaved(rows)
+    return out.reshape(len(out) * per_file, -1)
 
 
-def clip_scores(scorer, paths, cfg, info):
-    """100 * cos of every image against its prompt (the 'prompt' of its JSON), gathered in file order."""
+def prompt_of(path):
+    """The 'prompt' of the JSON that sample.py writes beside a sample."""
+    info_json = sidecar(path)
+    if not isinstance(info_json, dict) or not isinstance(info_json.get("prompt"), str):
+        raise UserError(f"the CLIP score needs the prompt of '{path}': sample.py writes it as 'prompt' in "
+                        f"{os.path.splitext(path)[0]}.json, which is missing")
+    return info_json["prompt"]
+
+
+def clip_scores(scorer, paths, cfg, info, frames=None):
+    """100 * cos of every image against its prompt, gathered in file order; of a video, the mean over its first
+    `frames` frames (CLIPSIM)."""
     mine = paths[info.rank::info.world_size]
+    step = max(1, cfg.eval_batch_size // (frames or 1))  # files a pass
     out = []
-    for start in tqdm(range(0, len(mine), cfg.eval_batch_size), desc=f"clip ({len(paths)})",
-                      disable=info.rank != 0, dynamic_ncols=True):
-        batch = mine[start:start + cfg.eval_batch_size]
-        prompts = []
-        for path in batch:
-            info_json = sidecar(path)
-            if not isinstance(info_json, dict) or not isinstance(info_json.get("prompt"), str):
-                raise UserError(f"the CLIP score needs the prompt of '{path}': sample.py writes it as 'prompt' in "
-                                f"{os.path.splitext(path)[0]}.json, which is missing")
-            prompts.append(info_json["prompt"])
+    for start in tqdm(range(0, len(mine), step), desc=f"clip ({len(paths)})", disable=info.rank != 0,
+                      dynamic_ncols=True):
+        batch = mine[start:start + step]
+        prompts = [prompt_of(path) for path in batch]
+        if frames:
+            pictures = [Image.fromarray(f) for path in batch for f in video_clip(path, frames)]
+            cos = scorer.scores(pictures, [p for p in prompts for _ in range(frames)])
+            out.append(cos.reshape(len(batch), frames).mean(1))
+            continue
         images = []
         for path in batch:
             with Image.open(path) as im:
@@ -175,21 +202,39 @@ def clip_scores(scorer, paths, cfg, info):
     return distributed.gather_interleaved(np.concatenate(out) if out else np.zeros(0))
 
 
-def image_metrics(cfg, info, images, paths=None):
-    """FID of `images` against --ref, Inception Score and CLIP score of `images`, --save_stats; a report dict.
-    `paths`: the files of `images` when known (the generated samples)."""
-    sides = {}  # name -> {'source', 'paths' (a folder's files) or 'stats' (a .npz)}, resolved before any network
+def read_sides(cfg, images, paths):
+    """--images and --ref as {'source', 'paths' (a folder's files) or 'stats' (a .npz), 'video', 'features', 'fvd'},
+    checked against the requested metrics before any network runs."""
+    sides = {}
     for name, source in (("images", images), ("ref", cfg.ref)):
-        if source is not None and source.endswith(".npz"):
-            sides[name] = {"source": source, "paths": None, "stats": load_stats(source)}
-            sides[name]["features"] = sides[name]["stats"]["features"]
-            if (cfg.precision_recall or cfg.kid) and images and cfg.ref and sides[name]["features"] is None:
+        if source is None:
+            continue
+        if source.endswith(".npz"):
+            stats = load_stats(source)
+            side = {"source": source, "paths": None, "video": None, "stats": stats, "features": stats["features"],
+                    "fvd": stats["fvd"]}
+            if (cfg.precision_recall or cfg.kid) and images and cfg.ref and side["features"] is None:
                 raise UserError(f"--precision_recall and --kid need the Inception features of {source}, which holds "
                                 f"statistics only; pass the images' folder, or write the file again with --save_stats "
                                 f"FILE.npz and --precision_recall 1 or --kid 1")
-        elif source is not None:
-            sides[name] = {"source": source, "paths": paths if name == "images" and paths else list_images(source),
-                           "stats": None}
+            if cfg.fvd and images and cfg.ref and side["fvd"] is None:
+                raise UserError(f"--fvd needs the I3D statistics of {source}, which holds Inception statistics only; "
+                                f"pass the videos' folder, or write the file again with --save_stats FILE.npz and "
+                                f"--fvd 1")
+        else:
+            found, video = (paths, os.path.splitext(paths[0])[1] in VIDEO_EXTS) if name == "images" and paths \
+                else list_media(source)
+            side = {"source": source, "paths": found, "video": video, "stats": None, "fvd": None}
+            if cfg.fvd and not video:
+                raise UserError(f"--fvd compares videos, and '{source}' holds images; pass folders of videos (.mp4)")
+        sides[name] = side
+    return sides
+
+
+def image_metrics(cfg, info, images, paths=None):
+    """FID of `images` against --ref (of videos: per frame), FVD, Inception Score and CLIP score of `images`,
+    --save_stats; a report dict. `paths`: the files of `images` when known (the generated samples)."""
+    sides = read_sides(cfg, images, paths)
     report, main = {}, info.rank == 0
     net = None
     if (cfg.ref or cfg.save_stats or cfg.inception_score) and any(s["paths"] for s in sides.values()):
@@ -198,13 +243,30 @@ def image_metrics(cfg, info, images, paths=None):
         if not net.standard and main:
             print(f"note: {net.path} is not the standard FID network (SHA-1 {net.sha1}); its FIDs do not compare "
                   "with published ones")
-    head = load_is_head(cfg.inception_head) if cfg.inception_score else None  # both before the long work
+    i3d = I3D(cfg.i3d, info.device) if cfg.fvd and any(s["paths"] for s in sides.values()) else None
+    if i3d is not None:
+        report["i3d"] = i3d.describe()
+    head = load_is_head(cfg.inception_head) if cfg.inception_score else None  # all before the long work
     scorer = CLIPScorer(cfg.clip_model, info.device) if cfg.clip_score else None
     for name, side in sides.items():
-        if side["paths"] is not None and net is not None:
-            side["features"] = features_of(net, side["paths"], cfg, info, name)
-        report[name] = {"source": side["source"], "count": len(side["paths"]) if side["paths"] is not None
-                        else side["stats"]["count"]}
+        if side["paths"] is None:
+            report[name] = {"source": side["source"], "count": side["stats"]["count"]}
+            continue
+        frames = cfg.video_frames if side["video"] else None
+        if net is not None:
+            side["features"] = gathered(lambda mine: inception_features(
+                net, mine, cfg.eval_batch_size, cfg.num_workers, desc=f"inception {name} ({len(side['paths'])})",
+                progress=main, frames=frames), side["paths"], info, frames or 1)
+        if i3d is not None:
+            clips = gathered(lambda mine: i3d_features(
+                i3d, mine, cfg.video_frames, cfg.eval_batch_size, cfg.num_workers,
+                desc=f"i3d {name} ({len(side['paths'])})", progress=main), side["paths"], info)
+            mu, sigma = feature_stats(clips)
+            side["fvd"] = {"mu": mu, "sigma": sigma, "count": len(clips), "frames": cfg.video_frames,
+                           "sha1": i3d.sha1}
+        report[name] = {"source": side["source"], "count": len(side["paths"]) * (frames or 1)}
+        if side["video"]:
+            report[name].update(videos=len(side["paths"]), frames_per_video=frames)
 
     def stats_of(side):
         if side["stats"] is None:
@@ -215,20 +277,17 @@ def image_metrics(cfg, info, images, paths=None):
     if cfg.save_stats and main:
         target = next((s for s in (sides.get("ref"), sides.get("images")) if s and s["paths"] is not None), None)
         if target is None:
-            raise UserError("--save_stats needs a folder of images in --ref or --images")
+            raise UserError("--save_stats needs a folder of images or videos in --ref or --images")
         stats = stats_of(target)
         save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net,
-                   features=target["features"] if cfg.precision_recall or cfg.kid else None)
+                   features=target["features"] if cfg.precision_recall or cfg.kid else None, fvd=target["fvd"])
         report["saved_stats"] = {"path": cfg.save_stats, "of": target["source"], "count": stats["count"]}
     if "images" in sides and "ref" in sides and main:
         a, b = stats_of(sides["images"]), stats_of(sides["ref"])
         check_comparable(a, b, sides["images"]["source"], cfg.ref)
         report["fid"] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
-        counts = [c for c in (a["count"], b["count"]) if c]  # a statistics file may not say
-        if counts and min(counts) <= len(a["mu"]):  # the covariance of N images has rank N - 1 at most
-            report["fid_note"] = (f"{min(counts)} images are not more than the {len(a['mu'])} features: the "
-                                  f"covariance is singular and FID is biased upwards; compare it only with FIDs of as "
-                                  f"many images")
+        unit = "frames" if sides["images"]["video"] or sides["ref"]["video"] else "images"
+        report.update(singular_note(a["count"], b["count"], len(a["mu"]), "fid", unit, "FIDs"))
         real, fake = sides["ref"]["features"], sides["images"]["features"]
         if cfg.precision_recall:
             precision, recall = precision_recall(real, fake, info.device)
@@ -237,6 +296,10 @@ def image_metrics(cfg, info, images, paths=None):
             mean, std = kernel_inception_distance(real, fake)
             report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS,
                              "subset_size": min(len(real), len(fake), KID_SUBSET_SIZE)}
+        if cfg.fvd:
+            report["fvd"] = video_distance(sides["images"]["fvd"], sides["ref"]["fvd"], images, cfg.ref)
+            report.update(singular_note(report["fvd"]["videos"], report["fvd"]["ref_videos"],
+                                        len(sides["images"]["fvd"]["mu"]), "fvd", "videos", "FVDs"))
     if head is not None and main:
         feats = sides["images"]["features"]
         if head.shape[1] != feats.shape[1]:
@@ -245,10 +308,35 @@ def image_metrics(cfg, info, images, paths=None):
         report["inception_score"] = {"mean": mean, "std": std, "splits": cfg.is_splits,
                                      "head": os.path.abspath(cfg.inception_head)}
     if scorer is not None:
-        per_image = clip_scores(scorer, sides["images"]["paths"], cfg, info)
-        report["clip_score"] = {"score": clip_score(per_image), "mean_per_image": float(per_image.mean()),
-                                "model": cfg.clip_model, "count": len(per_image)}
+        video = sides["images"]["video"]
+        per_file = clip_scores(scorer, sides["images"]["paths"], cfg, info, cfg.video_frames if video else None)
+        report["clip_score"] = {"score": clip_score(per_file), "mean_per_image": float(per_file.mean()),
+                                "model": cfg.clip_model, "count": len(per_file)}
+        if video:
+            report["clip_score"]["frames_per_video"] = cfg.video_frames
     return report
+
+
+def video_distance(a, b, name_a, name_b):
+    """FVD of two sets of I3D statistics, which must come from one network and clips of one length."""
+    if a["sha1"] != b["sha1"]:
+        raise UserError(f"{name_a} and {name_b} have I3D statistics of different networks (SHA-1 {a['sha1']} and "
+                        f"{b['sha1']}); recompute one with --save_stats")
+    if a["frames"] != b["frames"]:
+        raise UserError(f"{name_a} has FVD statistics of {a['frames']}-frame clips and {name_b} of {b['frames']}; "
+                        f"pass --video_frames {b['frames']} or recompute one with --save_stats")
+    return {"value": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]), "frames": a["frames"],
+            "videos": a["count"], "ref_videos": b["count"]}
+
+
+def singular_note(count_a, count_b, dims, metric, what, plural):
+    """{metric_note: why} where a side has no more items than features (a singular covariance), else {}."""
+    counts = [c for c in (count_a, count_b) if c]  # a statistics file may not say
+    if not counts or min(counts) > dims:  # the covariance of N items has rank N - 1 at most
+        return {}
+    return {f"{metric}_note": f"{min(counts)} {what} are not more than the {dims} features: the covariance is "
+                              f"singular and {metric.upper()} is biased upwards; compare it only with {plural} of as "
+                              f"many {what}"}
 
 
 # ------------------------------------------------------------------------------------------------- likelihood
@@ -353,10 +441,17 @@ def noise_entropy_bits(cfg, level):
 def summary_lines(report):
     lines = []
     if "fid" in report:
-        lines.append(f"FID {report['fid']:.4f} ({report['images']['count']} images vs {report['ref']['count'] or '?'} "
-                     f"reference)")
+        side = report["images"]
+        what = f"frames of {side['videos']} videos" if "videos" in side else "images"
+        lines.append(f"FID {report['fid']:.4f} ({side['count']} {what} vs {report['ref']['count'] or '?'} reference)")
     if "fid_note" in report:
         lines.append(f"note: {report['fid_note']}")
+    if "fvd" in report:
+        r = report["fvd"]
+        lines.append(f"FVD {r['value']:.4f} ({r['videos']} videos vs {r['ref_videos']} reference, {r['frames']}-frame "
+                     f"clips)")
+    if "fvd_note" in report:
+        lines.append(f"note: {report['fvd_note']}")
     if "kid" in report:
         r = report["kid"]
         lines.append(f"KID {r['mean']:.5f} +- {r['std']:.5f} ({r['subsets']} subsets of {r['subset_size']})")

@@ -132,8 +132,8 @@ def test_fid_of_a_folder_against_itself_is_zero_and_stats_files_round_trip(tiny_
     assert singular["fid_note"].startswith("12 images are not more than the 16 features: the covariance is singular")
     assert "note: 12 images are not more" in "\n".join(evaluate.summary_lines(singular))
     net = metrics.InceptionV3(tiny_inception)
-    feats_a = metrics.inception_features(net, metrics.list_images(a), progress=False)
-    feats_b = metrics.inception_features(net, metrics.list_images(b), progress=False)
+    feats_a = metrics.inception_features(net, metrics.list_media(a)[0], progress=False)
+    feats_b = metrics.inception_features(net, metrics.list_media(b)[0], progress=False)
     assert apart["fid"] == pytest.approx(independent_fid(feats_a, feats_b), rel=1e-6)
 
 
@@ -186,7 +186,7 @@ def test_precision_recall_and_kid_through_evaluate_from_folders_and_from_saved_f
     flags = ["--images", a, "--inception", tiny_inception, "--precision_recall", 1, "--kid", 1]
     folders = run_eval(*flags, "--ref", b, "--save_stats", tmp_path / "b.npz", "--report", tmp_path / "r.json")
     net = metrics.InceptionV3(tiny_inception)
-    feats_a, feats_b = (metrics.inception_features(net, metrics.list_images(d), progress=False) for d in (a, b))
+    feats_a, feats_b = (metrics.inception_features(net, metrics.list_media(d)[0], progress=False) for d in (a, b))
     expected = independent_precision_recall(feats_b.astype(np.float64), feats_a.astype(np.float64))
     assert (folders["precision_recall"]["precision"], folders["precision_recall"]["recall"]) == \
         pytest.approx(expected, abs=1e-12)
@@ -196,10 +196,11 @@ def test_precision_recall_and_kid_through_evaluate_from_folders_and_from_saved_f
         "\n".join(evaluate.summary_lines(folders))
     saved = run_eval(*flags, "--ref", tmp_path / "b.npz", "--report", tmp_path / "r2.json")
     assert saved["precision_recall"] == folders["precision_recall"] and saved["kid"] == folders["kid"]
-    run_eval("--ref", b, "--save_stats", tmp_path / "plain.npz", "--inception", tiny_inception)
+    run_eval("--ref", b, "--save_stats", tmp_path / "plain.npz", "--inception", tiny_inception, "--report",
+             tmp_path / "r3.json")
     with pytest.raises(UserError, match="need the Inception features of .*plain.npz, which holds statistics only"):
         run_eval(*flags, "--ref", tmp_path / "plain.npz")
-    with pytest.raises(UserError, match="--precision_recall and --kid compare --images"):
+    with pytest.raises(UserError, match="--kid compares --images"):
         run_eval("--images", a, "--inception_score", 1, "--kid", 1)
 
 
@@ -241,7 +242,7 @@ def test_standard_network_features_and_fid_on_unseen_photos_match_an_independent
     with torch.no_grad():
         direct = {folder: net(torch.stack([independent_inception_input(os.path.join(folder, f"{i}.png"))
                                            for i in range(5)])).double().numpy() for folder in photo_folders}
-    ours = metrics.inception_features(metrics.InceptionV3(), metrics.list_images(china)[:2], progress=False)
+    ours = metrics.inception_features(metrics.InceptionV3(), metrics.list_media(china)[0][:2], progress=False)
     np.testing.assert_allclose(ours, direct[china][:2], atol=1e-4, rtol=1e-4)
     report = run_eval("--images", china, "--ref", flower, "--report", tmp_path / "r.json")
     assert report["inception"]["standard"] is True and report["inception"]["sha1"] == metrics.INCEPTION_SHA1
@@ -271,7 +272,7 @@ def test_inception_score_through_evaluate_uses_the_classifier_without_bias(tiny_
     save_file({"fc.weight": weight, "fc.bias": torch.full((metrics.IS_CLASSES,), 50.0)}, head)
     report = run_eval("--images", folder, "--inception_score", 1, "--inception_head", head, "--inception",
                       tiny_inception, "--is_splits", 4)
-    feats = metrics.inception_features(metrics.InceptionV3(tiny_inception), metrics.list_images(folder),
+    feats = metrics.inception_features(metrics.InceptionV3(tiny_inception), metrics.list_media(folder)[0],
                                        progress=False)
     mean, std = metrics.inception_score(feats @ weight.double().numpy().T, 4)
     assert (report["inception_score"]["mean"], report["inception_score"]["std"]) == pytest.approx((mean, std))
@@ -322,6 +323,26 @@ def test_clip_score_with_a_tiny_random_clip_model(tiny_clip_dir, tmp_path):
     os.remove(os.path.join(folder, "img_002.json"))
     with pytest.raises(UserError, match="img_002.json"):
         run_eval("--images", folder, "--clip_score", 1, "--clip_model", tiny_clip_dir)
+
+
+def test_clip_score_of_videos_is_the_mean_over_their_frames(tiny_clip_dir, tmp_path):
+    """A video's CLIP score (CLIPSIM) is the mean of its frames' against its prompt: the frames as PNGs, each with
+    the video's prompt, give the same mean."""
+    folder = write_videos(tmp_path / "vids", 3, 8, frames=5)
+    prompts = ["a red circle", "a cat", "the digit seven"]
+    for i, prompt in enumerate(prompts):
+        with open(os.path.join(folder, f"clip_{i:03d}.json"), "w") as f:
+            json.dump({"prompt": prompt}, f)
+    report = run_eval("--images", folder, "--clip_score", 1, "--clip_model", tiny_clip_dir, "--video_frames", 4,
+                      "--eval_batch_size", 8)
+    frames = decoded(folder, 4)
+    pngs = write_images(tmp_path / "frames", list(frames.reshape(-1, *frames.shape[2:])),
+                        [p for p in prompts for _ in range(4)])
+    per_frame = run_eval("--images", pngs, "--clip_score", 1, "--clip_model", tiny_clip_dir)
+    assert report["clip_score"]["count"] == 3 and report["clip_score"]["frames_per_video"] == 4
+    assert report["clip_score"]["mean_per_image"] == pytest.approx(per_frame["clip_score"]["mean_per_image"],
+                                                                   abs=1e-4)
+    assert per_frame["clip_score"]["count"] == 12
 
 
 # ------------------------------------------------------------------------------------------------ likelihood
@@ -546,6 +567,153 @@ def test_finetune_decoder_reports_rfid_at_every_checkpoint(tiny_sd_vae_dir, tiny
     assert info["step"] == 2
 
 
+# ----------------------------------------------------------------------------------------------------- videos
+class TinyI3D(torch.nn.Module):
+    """Stands in for StyleGAN-V's I3D: (B, 3, T, H, W) with its rescale / resize / return_features switches ->
+    (B, 8) features (the logits' softmax without return_features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(32, 8)
+
+    def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        if rescale:
+            x = x / 255 * 2 - 1
+        if resize:
+            x = F.interpolate(x, size=(x.shape[2], 24, 24), mode="trilinear", align_corners=False)
+        f = self.fc(F.adaptive_avg_pool3d(torch.tanh(self.conv(x)), 2).flatten(1))
+        return f if return_features else f.softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_i3d(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("i3d") / "i3d_tiny.pt"
+    torch.jit.script(TinyI3D()).save(str(path))
+    return str(path)
+
+
+def write_videos(folder, n, seed, frames=6, size=(24, 32), shift=0):
+    """n MP4s of smooth colour blobs drifting by a random step a frame; returns the folder."""
+    from utils.image import write_video
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256 - shift, (6, 6, 3)).astype(np.uint8) + shift
+        big = np.asarray(Image.fromarray(small).resize((size[1] * 2, size[0] * 2), Image.Resampling.BILINEAR))
+        dy, dx = rng.integers(-3, 4, 2)
+        clip = np.stack([np.roll(big, (t * dy, t * dx), (0, 1))[:size[0], :size[1]] for t in range(frames)])
+        write_video(os.path.join(folder, f"clip_{i:03d}.mp4"), clip, fps=8)
+    return str(folder)
+
+
+def decoded(folder, frames):
+    """Each MP4's first `frames` frames as ffmpeg decodes them, independently of utils: uint8 (N, T, H, W, 3)."""
+    import imageio.v2 as imageio
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".mp4"))
+    return np.stack([np.stack(imageio.mimread(os.path.join(folder, n), memtest=False)[:frames]) for n in names])
+
+
+def test_video_fid_is_the_fid_of_their_frames_and_fvd_the_frechet_distance_of_i3d_features(tiny_inception, tiny_i3d,
+                                                                                          tmp_path):
+    """Per-frame FID of two folders of videos == FID of the same decoded frames written as PNGs; FVD == the Frechet
+    distance of I3D features of the first --video_frames frames, computed here with StyleGAN-V's call; both round-trip
+    through --save_stats."""
+    a = write_videos(tmp_path / "a", 14, 0)
+    b = write_videos(tmp_path / "b", 12, 1, frames=7, shift=50)
+    flags = ["--inception", tiny_inception, "--i3d", tiny_i3d, "--fvd", 1, "--video_frames", 5]
+    report = run_eval("--images", a, "--ref", b, *flags, "--save_stats", tmp_path / "b.npz", "--report",
+                      tmp_path / "r.json")
+    clips_a, clips_b = decoded(a, 5), decoded(b, 5)
+    assert clips_a.shape == (14, 5, 24, 32, 3) and clips_b.shape == (12, 5, 24, 32, 3)
+    for clips, name in ((clips_a, "fa"), (clips_b, "fb")):
+        write_images(tmp_path / name, list(clips.reshape(-1, 24, 32, 3)))
+    frames = run_eval("--images", tmp_path / "fa", "--ref", tmp_path / "fb", "--inception", tiny_inception,
+                      "--report", tmp_path / "r2.json")
+    assert report["fid"] == pytest.approx(frames["fid"], rel=1e-9) and report["fid"] > 0.01
+    assert report["images"] == {"source": a, "count": 70, "videos": 14, "frames_per_video": 5}
+    net = torch.jit.load(tiny_i3d).eval()
+    with torch.no_grad():
+        feats = [net(torch.from_numpy(c).permute(0, 4, 1, 2, 3).float(), rescale=True, resize=True,
+                     return_features=True).double().numpy() for c in (clips_a, clips_b)]
+    assert report["fvd"]["value"] == pytest.approx(independent_fid(*feats), rel=1e-6)
+    assert report["fvd"]["value"] > 1e-3 and (report["fvd"]["videos"], report["fvd"]["ref_videos"]) == (14, 12)
+    assert "fvd_note" not in report  # 12 clips, 8 features
+    lines = "\n".join(evaluate.summary_lines(report))
+    assert "(70 frames of 14 videos vs 60 reference)" in lines and "(14 videos vs 12 reference, 5-frame clips)" in lines
+    saved = run_eval("--images", a, "--ref", tmp_path / "b.npz", *flags, "--report", tmp_path / "r3.json")
+    assert saved["fvd"] == report["fvd"] and saved["fid"] == pytest.approx(report["fid"], rel=1e-12)
+    shorter = run_eval("--images", a, "--ref", b, *flags[:-1], 4, "--report", tmp_path / "r4.json")
+    assert shorter["fvd"]["frames"] == 4 and shorter["fvd"]["value"] != report["fvd"]["value"]
+
+
+def test_video_metrics_under_torchrun_match_one_process(tiny_inception, tiny_i3d, tmp_path):
+    """Each rank reads every other video; a video's frames stay together when they are gathered, so KID's seeded
+    subsets, FID and FVD are those of one process (to float32 rounding: one thread a rank)."""
+    a, b = write_videos(tmp_path / "a", 5, 2, frames=4), write_videos(tmp_path / "b", 4, 3, frames=4, shift=40)
+    flags = ["--images", a, "--ref", b, "--inception", tiny_inception, "--i3d", tiny_i3d, "--fvd", 1, "--kid", 1,
+             "--video_frames", 4, "--eval_batch_size", 3, "--num_workers", 0]
+    one = run_eval(*flags, "--report", tmp_path / "one.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
+           *map(str, flags), "--report", str(tmp_path / "two.json")]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.load(open(tmp_path / "two.json"))
+    assert two["world_size"] == 2 and two["images"]["count"] == 20
+    assert two["kid"]["mean"] == pytest.approx(one["kid"]["mean"], rel=1e-6)
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
+    assert two["fvd"]["value"] == pytest.approx(one["fvd"]["value"], rel=1e-6)
+    assert one["fvd_note"].startswith("4 videos are not more than the 8 features")
+
+
+def test_generate_scores_a_video_model_samples_as_videos(tiny_t2v, tiny_inception, tiny_i3d, tmp_path):
+    """--generate 1 on a video model writes one MP4 per sample and scores them with the video metrics."""
+    ref = write_videos(tmp_path / "ref", 3, 4, frames=5, size=(32, 32))
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    flags = ["--model_config_path", tiny_t2v["config"], "--checkpoint_path", tiny_t2v["pth"], "--generate", 1,
+             "--caption", tmp_path / "prompts.txt", "--num_samples", 1, "--sample_batch_size", 2, "--cfg", 0,
+             "--ref", ref, "--inception", tiny_inception, "--i3d", tiny_i3d, "--fvd", 1, "--images",
+             tmp_path / "out", "--seed", 3, "--jacobi", 0]
+    with pytest.raises(UserError, match="first 16 frames .* the samples would have 5: raise --target_length"):
+        run_eval(*flags)
+    report = run_eval(*flags, "--video_frames", 5)
+    assert sorted(os.listdir(tmp_path / "out")) == ["evaluate.json", "prompts_0000.json", "prompts_0000.mp4",
+                                                   "prompts_0001.json", "prompts_0001.mp4"]
+    assert report["images"]["videos"] == 2 and report["fvd"]["videos"] == 2 and np.isfinite(report["fvd"]["value"])
+
+
+def test_each_bad_video_input_gets_one_clear_error(tiny_inception, tiny_i3d, tmp_path):
+    vids = write_videos(tmp_path / "vids", 3, 5, frames=4)
+    imgs = write_images(tmp_path / "imgs", random_images(4, 6))
+    mixed = write_videos(tmp_path / "mixed", 1, 6)
+    write_images(mixed, random_images(2, 7))
+    net = ["--inception", tiny_inception]
+    run_eval("--ref", vids, "--save_stats", tmp_path / "plain.npz", *net, "--video_frames", 4, "--report",
+             tmp_path / "r.json")
+    run_eval("--ref", vids, "--save_stats", tmp_path / "f4.npz", *net, "--video_frames", 4, "--fvd", 1, "--i3d",
+             tiny_i3d, "--report", tmp_path / "r.json")
+    cases = [
+        (["--images", mixed, "--ref", imgs], "holds 2 image\\(s\\) and 1 video\\(s\\); pass a folder of one kind"),
+        (["--images", vids, "--ref", imgs], "video .*clip_000.mp4' has 4 frames; the video metrics take each video's "
+         "first 16 \\(--video_frames\\): sample longer videos or lower --video_frames"),
+        (["--images", vids, "--ref", vids, "--fvd", 1, "--video_frames", 4], "I3D network is not given: download "
+         "StyleGAN-V's i3d_torchscript.pt once \\(https://www.dropbox.com/.*\\) and pass it as --i3d PATH"),
+        (["--images", vids, "--ref", vids, "--fvd", 1, "--i3d", tmp_path / "no.pt"], "no.pt' not found"),
+        (["--images", imgs, "--ref", vids, "--fvd", 1, "--i3d", tiny_i3d], "--fvd compares videos, and .*imgs' holds "
+         "images"),
+        (["--images", vids, "--ref", tmp_path / "plain.npz", "--fvd", 1, "--i3d", tiny_i3d, "--video_frames", 4],
+         "--fvd needs the I3D statistics of .*plain.npz, which holds Inception statistics only"),
+        (["--images", vids, "--ref", tmp_path / "f4.npz", "--fvd", 1, "--i3d", tiny_i3d, "--video_frames", 3],
+         "FVD statistics of 3-frame clips and .*f4.npz of 4; pass --video_frames 4"),
+        (["--images", vids, "--fvd", 1], "--fvd compares --images .* with --ref"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UserError, match=message):
+            run_eval(*flags, *net, "--report", tmp_path / "r.json")
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_each_bad_input_gets_one_clear_error(tiny_inception, tiny_t2i, tmp_path, monkeypatch):
     good = write_images(tmp_path / "good", random_images(4, 6))
@@ -563,9 +731,8 @@ def test_each_bad_input_gets_one_clear_error(tiny_inception, tiny_t2i, tmp_path,
         ([*model, "--rank_prompts", tmp_path / "latin1.txt"], "prompt file .*latin1.txt' is not UTF-8 text"),
         (["--images", tmp_path / "missing", "--ref", good, *net], "image folder .*missing' not found"),
         (["--images", tmp_path / "empty", "--ref", good, *net], "no images .* in folder .*empty'$"),
-        (["--images", tmp_path / "videos", "--ref", good, *net], r"holds 1 video\(s\), and the image metrics take "
-         r"frames: split each into PNGs first \(python scripts/extract_image_from_video.py .*clip_0000.mp4 "
-         r"frames/clip_0000\) and pass --images frames"),
+        (["--images", tmp_path / "videos", "--ref", good, *net], "cannot read video .*clip_0000.mp4': .*; pass an "
+         "MP4 file"),
         (["--images", corrupt, "--ref", good, *net], "cannot read image .*img_001.png"),
         (["--images", good, "--ref", tmp_path / "nope.npz", *net], "statistics file .*nope.npz' not found"),
         (["--images", good], "nothing to evaluate"),

@@ -139,24 +139,28 @@ def load_mask(mask, image, size):
     return covered
 
 
+def read_frames(video, max_frames=None, what="input video"):
+    """The first max_frames frames (all where None) of an MP4 or any ffmpeg-readable video, uint8 RGB (T, H, W, 3)."""
+    if not os.path.isfile(video):
+        raise UserError(f"{what} '{video}' not found")
+    try:
+        with imageio.get_reader(video, "ffmpeg") as reader:
+            frames = []
+            for frame in reader:
+                frames.append(np.asarray(Image.fromarray(frame).convert("RGB")))
+                if len(frames) == max_frames:
+                    break
+    except (OSError, RuntimeError, ValueError, IndexError) as e:
+        raise UserError(f"cannot read {what} '{video}': {first_line(e)}; pass an MP4 file") from None
+    if not frames:
+        raise UserError(f"{what} '{video}' has no frames")
+    return np.stack(frames)
+
+
 def load_video(video, size, max_frames=None):
     """An MP4 (or any ffmpeg-readable video) -> (T, 3, h, w) in [-1, 1], each frame cropped and resized like an
     image; at most max_frames frames from the start."""
-    if not os.path.isfile(video):
-        raise UserError(f"input video '{video}' not found")
-    try:
-        reader = imageio.get_reader(video, "ffmpeg")
-        frames = []
-        for frame in reader:
-            frames.append(crop_resize(Image.fromarray(frame).convert("RGB"), size))
-            if max_frames is not None and len(frames) == max_frames:
-                break
-        reader.close()
-    except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise UserError(f"cannot read input video '{video}': {first_line(e)}; pass an MP4 file") from None
-    if not frames:
-        raise UserError(f"input video '{video}' has no frames")
-    return torch.stack(frames)
+    return torch.stack([crop_resize(Image.fromarray(frame), size) for frame in read_frames(video, max_frames)])
 
 
 def to_uint8(pixels):

