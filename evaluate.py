@@ -292,6 +292,11 @@ def image_metrics(cfg, info, images, paths=None):
         if cfg.precision_recall:
             precision, recall = precision_recall(real, fake, info.device)
             report["precision_recall"] = {"precision": precision, "recall": recall, "k": PR_NEIGHBOURS}
+            if unit == "frames" and cfg.video_frames > 1:
+                report["precision_recall"]["note"] = (
+                    f"per-frame precision and recall of videos read low: the k = {PR_NEIGHBOURS} nearest neighbours "
+                    f"of a frame are mostly frames of its own video, so each manifold hugs its own videos (real clips "
+                    f"against real clips score near 0 where their videos are short and their frames alike)")
         if cfg.kid:
             mean, std = kernel_inception_distance(real, fake)
             report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS,
@@ -458,6 +463,8 @@ def summary_lines(report):
     if "precision_recall" in report:
         r = report["precision_recall"]
         lines.append(f"precision {r['precision']:.4f}, recall {r['recall']:.4f} (k = {r['k']})")
+        if "note" in r:
+            lines.append(f"note: {r['note']}")
     if "inception_score" in report:
         r = report["inception_score"]
         lines.append(f"Inception Score {r['mean']:.4f} +- {r['std']:.4f} ({r['splits']} splits)")

@@ -654,7 +654,8 @@ def test_video_metrics_under_torchrun_match_one_process(tiny_inception, tiny_i3d
     a, b = write_videos(tmp_path / "a", 5, 2, frames=4), write_videos(tmp_path / "b", 4, 3, frames=4, shift=40)
     flags = ["--images", a, "--ref", b, "--inception", tiny_inception, "--i3d", tiny_i3d, "--fvd", 1, "--kid", 1,
              "--video_frames", 4, "--eval_batch_size", 3, "--num_workers", 0]
-    one = run_eval(*flags, "--report", tmp_path / "one.json")
+    one = run_eval(*flags, "--precision_recall", 1, "--report", tmp_path / "one.json")
+    assert one["precision_recall"]["note"].startswith("per-frame precision and recall of videos read low")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "evaluate.py",
            *map(str, flags), "--report", str(tmp_path / "two.json")]
     done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
