@@ -141,8 +141,8 @@ def generate(pipe, cfg, argv, info):
     todo, reused, denoiser = sample.rounds_to_draw(rounds, stem_of, request, items,
                                                    cfg.sample_batch_size * info.world_size, info.device)
     if reused and info.rank == 0:
-        print(f"reusing {reused} of {len(items)} samples in {folder} that this command drew before it was "
-              f"interrupted (delete them to draw them again)")
+        print(f"reusing {reused} of {len(items)} samples in {folder} that an earlier run of this command drew "
+              f"(delete them to draw them again)")
     for k in tqdm(todo, desc=f"sampling {len(items) - reused}", disable=info.rank != 0):
         mine, padding = rounds[k]
         aspect = random.Random(cfg.seed * 7919 + k).choice(ASPECT_RATIOS) if cfg.aspect_ratio == "random" \

@@ -272,7 +272,8 @@ def rounds_to_draw(rounds, stem_of, request, items, per_round, device):
     """The rounds that an earlier run of the same request did not finish (a round is skipped only where every rank
     finished its share, so the ranks still run each batch together); how many samples are reused; their denoiser."""
     finished = [[finished_sample(stem_of(i), request) for _, _, i in mine] for mine, _ in rounds]
-    todo = [k for k, done in enumerate(finished) if distributed.max_over_ranks(int(None in done), device)]
+    unfinished = distributed.max_over_ranks([int(None in done) for done in finished], device)
+    todo = [k for k, left in enumerate(unfinished) if left]
     reused = len(items) - sum(len(items[k * per_round:(k + 1) * per_round]) for k in todo)
     drawn = set(todo)
     denoiser = next((done[0]["denoiser"] for k, done in enumerate(finished) if k not in drawn and done), None)

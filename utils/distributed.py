@@ -97,12 +97,13 @@ def broadcast_object(obj):
 
 
 def max_over_ranks(value, device):
-    """The largest of an int over ranks (the value itself without a process group)."""
+    """The largest of an int, or of each int of a list (one all-reduce), over ranks (the value itself without a
+    process group)."""
     if not is_dist():
         return value
-    tensor = torch.tensor([value], device=device)
+    tensor = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return tensor.tolist() if isinstance(value, list) else int(tensor.item())
 
 
 def all_reduce_mean(tensor):
