@@ -403,24 +403,35 @@ class Run:
 
     @torch.no_grad()
     def sample(self, tag):
-        """A grid of samples from the current weights (every rank takes part: the model may be sharded)."""
+        """A grid of samples from the current weights, and with a moving average one from it too (<tag>_ema); every
+        rank takes part: the model may be sharded. Returns the paths (main rank)."""
         cfg = self.cfg
-        n = cfg.train_samples
         captions = self.sample_captions or self.data_captions
         if not captions:  # a checkpoint from before data_captions were saved, resumed at an epoch end
             if self.main:
                 tqdm.write(f"no sample grid {tag}: no captions seen since the resume (--sample_captions gives some)")
-            return None
-        captions = [captions[i % len(captions)] for i in range(n)]
+            return []
+        captions = [captions[i % len(captions)] for i in range(cfg.train_samples)]
+        paths = [self.sample_grid(captions, tag)]
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                paths.append(self.sample_grid(captions, f"{tag}_ema"))
+        if not self.main:
+            return []
+        write_text(os.path.join(self.run_dir, "samples", f"{tag}.txt"), "\n".join(captions) + "\n")
+        return paths
+
+    def sample_grid(self, captions, name):
+        """samples/<name>.png (and .mp4 of a video model) of the captions, one sample each, seeded by the run."""
         self.model.eval()
-        pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, cfg, self.info.device, torch.float32)
+        pipe = STARFlowPipeline(self.model, self.text_encoder, self.vae, self.cfg, self.info.device, torch.float32)
         with self.autocast():
-            out = pipe(captions, num_samples=1, cfg=guidance_scale(cfg),
+            out = pipe(captions, num_samples=1, cfg=guidance_scale(self.cfg),
                        generator=torch.Generator().manual_seed(self.seed))
         self.model.train()
         if not self.main:
             return None
-        path = os.path.join(self.run_dir, "samples", f"{tag}.png")
+        path = os.path.join(self.run_dir, "samples", f"{name}.png")
         if out.frames is not None:  # PNG: one row of frames per video; MP4: the videos tiled
             clips = [np.stack([np.asarray(f) for f in clip]) for clip in out.frames]
             grid, _ = make_grid([np.concatenate(list(clip), axis=1) for clip in clips], tall=True)
@@ -428,7 +439,6 @@ class Run:
         else:
             grid, _ = make_grid([np.asarray(im) for im in out.images])
         write_png(path, grid)
-        write_text(os.path.join(self.run_dir, "samples", f"{tag}.txt"), "\n".join(captions) + "\n")
         return path
 
 
@@ -515,9 +525,9 @@ class TrainLoop:
                 self.wb.log(m, step=run.step)
         self.report_skipped_files()
         if cfg.dry_run:
-            path = run.sample("dry_run")
+            paths = run.sample("dry_run")
             if run.main:
-                print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {path}")
+                print(f"dry run: one step (loss {m['loss']:.4f}), sample grid {', '.join(paths) or 'none'}")
             return True
         if cfg.sample_every and run.step % cfg.sample_every == 0:
             self.log_sample(f"step_{run.step:07d}")
@@ -544,12 +554,12 @@ class TrainLoop:
                                   os.path.join(run.run_dir, f"{kind}_epoch{run.epoch:04d}.safetensors"))
 
     def log_sample(self, tag):
-        path = self.run.sample(tag)
-        if path and self.run.main:
+        for path in self.run.sample(tag):
             tqdm.write(f"sample grid: {path}")
             if self.wb:
                 import wandb
-                self.wb.log({"train_samples": wandb.Image(path)}, step=self.run.step)
+                key = "train_samples_ema" if path.endswith("_ema.png") else "train_samples"
+                self.wb.log({key: wandb.Image(path)}, step=self.run.step)
 
     def finish(self):
         run = self.run

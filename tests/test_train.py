@@ -241,6 +241,8 @@ def test_sampling_a_run_folder_records_the_step_it_used(tmp_path, tiny_t5_dir):
     """sample.py --checkpoint_path <run folder> (as --resume_path takes it) samples checkpoints/latest; the JSON and
     its regeneration command name that step's folder, which stays put while latest moves on."""
     import sample
+    from utils.config import guidance_scale
+    from utils.image import make_grid
     from utils.pipeline import STARFlowPipeline
 
     args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "1",
@@ -262,10 +264,13 @@ def test_a_run_with_a_moving_average_samples_it_unless_told_otherwise(tmp_path, 
     """ema_decay > 0: each checkpoint (and each numbered copy) holds ema.safetensors beside the weights; sample.py
     and from_pretrained sample it by default (the JSON names it), and the trained weights with ema_weights 0."""
     import sample
+    from utils.config import guidance_scale
+    from utils.image import make_grid
     from utils.pipeline import STARFlowPipeline
 
     args = TINY + ["--text", tiny_t5_dir, "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "1",
-                   "--epoch_length", "16", "--ema_decay", "0.9", "--save_every", "1"]
+                   "--epoch_length", "16", "--ema_decay", "0.9", "--save_every", "1", "--sample_freq", "1",
+                   "--train_samples", "2"]
     run_dir, _ = run(args, tmp_path)
     step = run_dir / "checkpoints" / "latest"
     assert (run_dir / "ema_epoch0001.safetensors").read_bytes() == (step / "ema.safetensors").read_bytes()
@@ -280,14 +285,25 @@ def test_a_run_with_a_moving_average_samples_it_unless_told_otherwise(tmp_path, 
         assert recorded == (os.path.join(os.path.realpath(step), name) if not flags else os.path.realpath(step))
     assert (tmp_path / "samples" / "a_red_seven_0000.png").read_bytes() != \
         (tmp_path / "samples--ema_weights0" / "a_red_seven_0000.png").read_bytes()
+    # the epoch's grids, drawn before the checkpoint: the trained weights' and the average's, each what its saved
+    # file draws with the run's captions and seed (so the average was swapped out again before the save)
+    captions = (run_dir / "samples" / "epoch_0001.txt").read_text().splitlines()
+    for flags, grid in (([], "epoch_0001_ema.png"), (["--ema_weights", "0"], "epoch_0001.png")):
+        pipe = STARFlowPipeline.from_pretrained(str(run_dir), overrides=flags)
+        out = pipe(captions, num_samples=1, cfg=guidance_scale(pipe.config),
+                   generator=torch.Generator().manual_seed(pipe.config.train_seed))
+        expected, _ = make_grid([np.asarray(im) for im in out.images])
+        assert np.array_equal(np.asarray(Image.open(run_dir / "samples" / grid)), expected), grid
 
 
 @pytest.mark.parametrize("fsdp", [1, 0])
 def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
     """2-rank FSDP2 or DDP, stopped after step 2 and resumed under torchrun, equals one process run straight:
-    losses, weights and their moving average (sharded like the weights under FSDP2)."""
+    losses, weights and their moving average (sharded like the weights under FSDP2), with sample grids of both drawn
+    at every step."""
     args = TINY + FULL + ["--text", tiny_t5_dir, "--ckpt_every", "0", "--epochs", "1", "--fsdp", str(fsdp),
-                          "--fsdp_text_encoder", str(fsdp), "--val_every", "1", "--val_items", "9"]  # 5 + 4 a rank
+                          "--fsdp_text_encoder", str(fsdp), "--val_every", "1", "--val_items", "9",  # 5 + 4 a rank
+                          "--sample_every", "1", "--train_samples", "2"]  # the average swapped in and out, sharded
     single_dir, single = run(args, tmp_path, "single")
     logdir = tmp_path / "double"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -300,6 +316,9 @@ def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
         assert ("FSDP2" if fsdp else "DDP") in proc.stdout
     double = metrics(logdir / "t")
     assert sorted(double) == sorted(single) == [1, 2, 3]
+    assert sorted(p.name for p in (logdir / "t" / "samples").glob("*.png")) == \
+        sorted(p.name for p in (single_dir / "samples").glob("*.png")) == \
+        [f"step_000000{step}{ema}.png" for step in (1, 2, 3) for ema in ("", "_ema")]
     for step in single:
         for key in ("loss", "loss_denoiser", "grad_norm", "val_bpd"):
             assert double[step][key] == pytest.approx(single[step][key], rel=1e-5, abs=1e-5), (step, key)

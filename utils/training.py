@@ -162,6 +162,20 @@ class EMA:
     def update(self):
         torch._foreach_lerp_(self.averages, [p.detach().float() for p in self.params], 1 - self.decay)
 
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model's parameters replaced by their averages inside the block (to sample them), restored after."""
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, average in zip(self.params, self.averages):  # one by one: DTensor has no _foreach_copy_
+                p.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, weights in zip(self.params, trained):
+                    p.copy_(weights)
+
     def full_state(self, model_state, is_main):
         """model_state (the full state dict, on the main rank) with each parameter replaced by its average; a
         collective under FSDP, so every rank calls it."""
