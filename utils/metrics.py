@@ -26,6 +26,7 @@ import json
 import math
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -107,26 +108,28 @@ def inception_input(rgb):
     return (np.clip(np.stack(channels), 0, 255) - 128) / 128
 
 
-class _InceptionInputs(torch.utils.data.Dataset):
-    """Inception inputs (n, 3, 299, 299) of each item: an image file or uint8 RGB array (n = 1), or with `frames` a
-    video file (its first `frames` frames); an unreadable file yields its error message instead (a loader worker
-    cannot raise a one-line error)."""
+class _Readings(torch.utils.data.Dataset):
+    """read(item) of each item, or its error message instead (a loader worker cannot raise a one-line error)."""
 
-    def __init__(self, items, frames=None):
-        self.items, self.frames = items, frames
+    def __init__(self, items, read):
+        self.items, self.read = items, read
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        item = self.items[i]
         try:
-            if self.frames is not None:
-                return torch.from_numpy(np.stack([inception_input(f) for f in video_clip(item, self.frames)])), ""
-            rgb = item if isinstance(item, np.ndarray) else read_rgb(item)
-            return torch.from_numpy(inception_input(rgb))[None], ""
+            return self.read(self.items[i]), ""
         except UserError as e:
             return torch.zeros(0), str(e)
+
+
+def inception_rows(item, frames=None):
+    """Inception inputs (n, 3, 299, 299) of an image file or uint8 RGB array (n = 1), or with `frames` of a video
+    file's first `frames` frames."""
+    if frames is not None:
+        return torch.from_numpy(np.stack([inception_input(f) for f in video_clip(item, frames)]))
+    return torch.from_numpy(inception_input(item if isinstance(item, np.ndarray) else read_rgb(item)))[None]
 
 
 def video_clip(path, frames):
@@ -218,13 +221,18 @@ class InceptionV3:
         return f.double().cpu().numpy()
 
 
+def network_features(net, items, read, batch_size, num_workers, desc, progress):
+    """net.features of read(item) for every item, in order, in passes of up to batch_size rows."""
+    loader = torch.utils.data.DataLoader(_Readings(items, read), batch_size=None, num_workers=num_workers)
+    out = [net.features(x) for x in batched(tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True),
+                                            batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
 def inception_features(net, items, batch_size=50, num_workers=0, desc="inception", progress=True, frames=None):
     """Features (N, D) of image files or uint8 RGB arrays, in order; with `frames`, of the first `frames` frames of
     each video file (frames rows an item)."""
-    loader = torch.utils.data.DataLoader(_InceptionInputs(items, frames), batch_size=None, num_workers=num_workers)
-    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True)
-    out = [net.features(x) for x in batched(bar, batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return network_features(net, items, partial(inception_rows, frames=frames), batch_size, num_workers, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------------ FID and stats
@@ -329,29 +337,15 @@ class I3D:
         return f.double().cpu().numpy()
 
 
-class _Clips(torch.utils.data.Dataset):
-    """uint8 (1, 3, frames, H, W) of each video file, or its error message (as _InceptionInputs)."""
-
-    def __init__(self, paths, frames):
-        self.paths, self.frames = paths, frames
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return torch.from_numpy(video_clip(self.paths[i], self.frames)).permute(3, 0, 1, 2)[None], ""
-        except UserError as e:
-            return torch.zeros(0), str(e)
+def i3d_clip(path, frames):
+    """uint8 (1, 3, frames, H, W): a video file's first `frames` frames, channels first."""
+    return torch.from_numpy(video_clip(path, frames)).permute(3, 0, 1, 2)[None]
 
 
 def i3d_features(net, paths, frames, batch_size=50, num_workers=0, desc="i3d", progress=True):
     """I3D features (N, D) of the first `frames` frames of each video file, in order; clips of one size share a
     pass."""
-    loader = torch.utils.data.DataLoader(_Clips(paths, frames), batch_size=None, num_workers=num_workers)
-    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True)
-    out = [net.features(x) for x in batched(bar, batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return network_features(net, paths, partial(i3d_clip, frames=frames), batch_size, num_workers, desc, progress)
 
 
 # -------------------------------------------------------------------------------------- precision and recall
