@@ -88,7 +88,7 @@ SAMPLE_ROWS = [
     ("num_samples_negative", "t2i", "--num_samples -3", r"'num_samples' must be >= 1"),
     ("num_samples_fraction", "t2i", "--num_samples 1.5", r"'num_samples' expects a whole number, got '1.5'"),
     ("sample_batch_size_0", "t2i", "--sample_batch_size 0", r"'sample_batch_size' must be >= 1"),
-    ("seed_negative", "t2i", "--seed -1", r"'seed' must be between 0 and 9223372036854775807; got -1"),
+    ("seed_negative", "t2i", "--seed -1", r"'seed' must be between 0 and 2\^63-1; got -1"),
     ("attn_temp_0", "t2i", "--attn_temp 0", r"'attn_temp' must be > 0; got 0"),
     ("cfg_negative", "t2i", "--cfg -1", r"'cfg' must be >= 0"),
     ("cfg_nan", "t2i", "--cfg nan", r"'cfg' expects finite numbers"),
@@ -185,7 +185,7 @@ TRAIN_ROWS = [
     ("misspelt_steps", "--num_steps 5", r"'num_steps'; did you mean 'max_steps'"),
     ("holdout_without_colour_mnist", "--holdout 7:red", r"'holdout' applies to data_format colour_mnist only"),
     ("fsdp_text_encoder_without_fsdp", "--fsdp_text_encoder 1", r"'fsdp_text_encoder' 1 .* needs fsdp 1"),
-    ("seed_too_large", f"--train_seed {2**64}", r"'train_seed' must be between 0 and 9223372036854775807"),
+    ("seed_too_large", f"--train_seed {2**64}", r"'train_seed' must be between 0 and 2\^63-1"),
     ("str_key_given_a_list", "--model_config_path {bad}/list_value.yaml",
      r"'vae' expects one text value, got \['a', 'b'\]"),
 ]

@@ -1,5 +1,8 @@
 """Config loading: original YAML format, plain mappings, CLI overrides, errors, Model kwargs, --help."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -233,3 +236,15 @@ def test_help_lists_every_flag(entry, keys, flag, capsys):
         assert spec.accepts() in line
     # a command's line continuation is printed as written (an unescaped one would join the lines mid-docstring)
     assert not re.search(r"\S {4,}--", module.__doc__)
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`python train.py --help | head -1` closes the pipe early: exit 0 with no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before the child writes a byte, so its first write meets a broken pipe
+    try:
+        done = subprocess.run([sys.executable, "train.py", "--help"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and done.stderr == ""

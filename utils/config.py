@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -45,16 +46,23 @@ class Key:
             text = " or ".join(map(str, self.choices)) if len(self.choices) == 1 or self.choices == (0, 1) else \
                 "one of " + ", ".join(map(str, self.choices))
         elif self.low is not None and self.high is not None:
-            text = f"between {self.low} and {self.high}"
+            text = f"between {_bound(self.low)} and {_bound(self.high)}"
         elif self.above is not None:
             text = f"> {self.above}"
         elif self.low is not None:
             text = f">= {self.low}"
         elif self.high is not None:
-            text = f"<= {self.high}"
+            text = f"<= {_bound(self.high)}"
         else:
             return ""
         return text + (" or none" if self.nullable and self.default is not None else "")
+
+
+def _bound(value):
+    """A range bound as a person reads it: 2^63-1 rather than its 19 digits."""
+    if isinstance(value, int) and value >= 2**32 and (value + 1) & value == 0:
+        return f"2^{value.bit_length()}-1"
+    return value
 
 
 def wants_help(argv):
@@ -70,14 +78,16 @@ def given_keys(argv):
 def print_help(doc, title, keys, more=None):
     """An entry point's --help: its docstring, then a line per flag (meaning, default, what it accepts), then `more`
     (the flags it takes beyond `keys`). A key whose default is None says in its meaning what None does."""
-    print(doc + f"\n{title}:")
+    lines = [doc + f"\n{title}:"]
     width = max(map(len, keys)) + 2
     for key, spec in keys.items():
         default = "" if spec.default is None else f"default {spec.default}"
         notes = "; ".join(n for n in (default, spec.accepts()) if n)
-        print(f"  --{key:{width}s}{spec.help}" + (f" ({notes})" if notes else ""))
-    if more:
-        print(more)
+        lines.append(f"  --{key:{width}s}{spec.help}" + (f" ({notes})" if notes else ""))
+    try:
+        print("\n".join(lines + ([more] if more else [])), flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe: not an error; keep Python's exit flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def flag(default, help, **kwargs):
