@@ -2,7 +2,8 @@
 
 STARFlow samples latents that still carry Gaussian noise of std `noise_std`. This script freezes the VAE encoder and
 trains the decoder on decode(encode(x) + noise_std * eps) ~= x with L2 + `lpips` * LPIPS + `gan_weight` * hinge GAN.
-It writes <logdir>/vae/<run>.safetensors (decoder weights; <run>.json says what they are), which
+It writes <logdir>/vae/<run>.safetensors (decoder weights, with --ema_decay their moving average, as sd-vae-ft-ema
+ships; <run>.json says what they are), which
 `sample.py --finetuned_vae <run>` (or the file's path) loads through utils.vae; the run folder <logdir>/vae/<run>/
 holds resumable checkpoints, metrics.jsonl and probe images (clean above decoded).
 
@@ -10,6 +11,7 @@ holds resumable checkpoints, metrics.jsonl and probe images (clean above decoded
     torchrun --standalone --nproc_per_node 8 finetune_decoder.py --model_config_path ... --data DIR
     python finetune_decoder.py --resume_path logs/vae/<run>          # continue an interrupted run exactly
 """
+import contextlib
 import json
 import math
 import os
@@ -26,8 +28,8 @@ import utils.training as T
 from dataset import TrainData
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import load_lpips
-from utils.checkpoint import check_fit, load_state_dict_file, save_weights
-from utils.config import Key, flag, load_config, parse_vid_size, print_help, save_config, wants_help
+from utils.checkpoint import EMA_WEIGHTS, check_fit, load_state_dict_file, save_weights
+from utils.config import Key, flag, given_keys, load_config, parse_vid_size, print_help, save_config, wants_help
 from utils.distributed import all_gather_arrays, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, make_dir, write_json
@@ -38,6 +40,14 @@ from utils.vae import FINETUNED_METADATA_KEY, load_vae, load_vae_weights
 DECODER_PARTS = ("post_quant_conv", "decoder")  # what decode() runs in diffusers' AutoencoderKL / AutoencoderKLWan
 PROBE_STEP = 2**40  # noise key of the probe items, apart from every training step
 RFID_STEP = PROBE_STEP + 1  # noise key of the rFID items
+# train.py's features that a decoder fine-tune does not have. Given on the command line they are refused; a model's
+# YAML may set them for the flow's own training, and there they are left alone.
+FLOW_TRAINING_KEYS = ("val_every", "val_data", "val_items", "secondary_dataset", "secondary_ratio",
+                      "secondary_img_size", "secondary_vid_size", "secondary_batch_size", "drop_label", "drop_image",
+                      "fsdp", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp",
+                      "latent_norm_regularization", "grad_skip", "grad_skip_after", "denoiser_lr", "save_every",
+                      "sample_freq", "sample_every", "train_samples", "sample_captions", "cfg", "cache_latents",
+                      "cache_text", "resume_epoch")
 
 EXTRA_KEYS = {
     "lpips": Key(1.0, "float", "LPIPS loss weight (0 = off; then no VGG16 weights are needed)", low=0),
@@ -187,6 +197,11 @@ def check_cfg(cfg, world_size):
 
 def parse_config(argv):
     """CLI tokens -> Config (with this script's keys); resuming a run restores its saved config under the CLI."""
+    flow_only = sorted(given_keys(argv).intersection(FLOW_TRAINING_KEYS))
+    if flow_only:
+        raise UserError(f"finetune_decoder.py does not use {', '.join('--' + k for k in flow_only)}: train.py's "
+                        f"(the flow's training); drop {'them' if len(flow_only) > 1 else 'it'} (the decoder is scored "
+                        f"by its probe items and --rfid_samples)")
     cfg = load_config(None, argv, extra_keys=EXTRA_KEYS)
     if cfg.resume_path and not cfg.model_config_path:
         return T.resume_config(cfg.resume_path, argv, EXTRA_KEYS, run_depth=2) or cfg  # <logdir>/vae/<run>
@@ -268,6 +283,15 @@ class Finetune:
                 self.scores["rfid_base"] = self.rfid(self.vae, cfg.noise_std)
             if kind == "weights":  # continue from an earlier decoder file, with a fresh schedule
                 load_vae_weights(_network(self.vae), where)
+        # the decoder's average (not the discriminator's), from the weights it starts from
+        self.ema = T.EMA(nn.ModuleDict(decoder_modules(self.vae)), cfg.ema_decay) if cfg.ema_decay else None
+        if state is not None and self.ema is not None:
+            average = os.path.join(where, EMA_WEIGHTS)
+            if os.path.isfile(average):
+                self.ema.load(average)
+            elif self.main:
+                print(f"note: {where} has no {EMA_WEIGHTS} (a run without ema_decay); the moving average starts "
+                      f"from the resumed decoder")
 
     def autocast(self):
         cuda = self.info.device.type == "cuda"
@@ -296,6 +320,8 @@ class Finetune:
         loss.backward()
         logs["grad_norm"] = torch.tensor(T.grad_norm_and_clip(self.params, cfg.grad_clip))
         opt.step()
+        if self.ema is not None:
+            self.ema.update()
         if self.disc is not None:
             real, fake = self.disc_ddp(torch.cat([x, x_hat.detach()])).chunk(2)
             logs["d_loss"] = hinge_d_loss(real, fake)
@@ -313,20 +339,26 @@ class Finetune:
         cfg = self.cfg
         return {"vae": cfg.vae, "vae_class": type(_network(self.vae)).__name__, "noise_std": cfg.noise_std,
                 "step": self.step, "dataset": cfg.dataset, "img_size": cfg.img_size, "vid_size": cfg.vid_size,
-                "lpips": cfg.lpips, "gan_weight": cfg.gan_weight, "probe_items": cfg.eval_samples, **self.scores}
+                "lpips": cfg.lpips, "gan_weight": cfg.gan_weight, "probe_items": cfg.eval_samples,
+                "ema_decay": cfg.ema_decay, **self.scores}
 
     def save(self):
-        """Score the probe, write the resumable checkpoint and the decoder file (every rank calls this)."""
-        if self.main:
-            self.scores["probe_mse"], decoded = probe_mse(self.vae, self.probe, self.cfg.noise_std, self.seed)
-            save_comparison(self.probe, decoded, os.path.join(self.run_dir, f"probe_{self.step:07d}.png"))
-        if self.rfid:
-            self.scores["rfid"] = self.rfid(self.vae, self.cfg.noise_std)
-        extra = {"seed": self.seed, "vae": self.cfg.vae, "noise_std": self.cfg.noise_std, "scores": self.scores,
+        """Score the probe and write the decoder file (the average, with an EMA), then the resumable checkpoint
+        (every rank calls this)."""
+        cfg = self.cfg
+        if self.main and self.ema is not None:  # how far the average is from the trained weights, on the same probe
+            self.scores["probe_mse_trained"] = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)[0]
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            if self.main:
+                self.scores["probe_mse"], decoded = probe_mse(self.vae, self.probe, cfg.noise_std, self.seed)
+                save_comparison(self.probe, decoded, os.path.join(self.run_dir, f"probe_{self.step:07d}.png"))
+            if self.rfid:
+                self.scores["rfid"] = self.rfid(self.vae, cfg.noise_std)
+            if self.main:
+                save_finetuned_decoder(self.vae, self.out_path, self.info_dict())
+        extra = {"seed": self.seed, "vae": cfg.vae, "noise_std": cfg.noise_std, "scores": self.scores,
                  "wandb_id": self.wandb_id, "schedules": {k: s.state_dict() for k, s in self.schedules.items()}}
-        T.save_checkpoint(self.run_dir, self.step, self.trainable, self.optimizers, self.cfg, extra, self.main)
-        if self.main:
-            save_finetuned_decoder(self.vae, self.out_path, self.info_dict())
+        T.save_checkpoint(self.run_dir, self.step, self.trainable, self.optimizers, cfg, extra, self.main, self.ema)
         barrier()
 
 
@@ -385,8 +417,11 @@ def finetune(cfg, info):
         if not cfg.dry_run:
             run.save()
             if run.main:
+                trained = (f"; the trained weights {run.scores['probe_mse_trained']:.5g}" if run.ema is not None
+                           else "")
                 print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
-                      f"{run.scores['probe_mse']:.5g} (fine-tuned, step {run.step}); wrote {run.out_path}")
+                      f"{run.scores['probe_mse']:.5g} ({'their moving average' if run.ema is not None else 'fine-tuned'}"
+                      f", step {run.step}{trained}); wrote {run.out_path}")
                 if run.rfid:
                     print(f"rFID ({cfg.rfid_samples} items): {run.scores['rfid_base']:.4f} (base decoder) -> "
                           f"{run.scores['rfid']:.4f} (fine-tuned)")

@@ -256,6 +256,47 @@ def test_torchrun_two_ranks_match_one_process(mnist_vae, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_ema_decoder_file_is_the_moving_average_and_resumes(mnist_vae, tmp_path, monkeypatch):
+    """With ema_decay the decoder file holds the average of the decoder's weights after every step (recomputed here
+    from the trained weights), the probe scores describe it, and a run resumed mid-way ends with the same average."""
+    flags = ["--data_format", "mnist", "--img_size", 32, "--batch_size", 4, "--max_steps", 4, "--ckpt_every", 2,
+             "--lr", 1e-2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0.1, "--ema_decay", 0.5]
+    weights, train_step = [], FD.Finetune.train_step
+
+    def record(self, pixels):  # the decoder's weights after each step
+        out = train_step(self, pixels)
+        weights.append({k: v.detach().clone() for k, v in FD.decoder_state(self.vae).items()})
+        return out
+
+    monkeypatch.setattr(FD.Finetune, "train_step", record)
+    run = finetune(tmp_path / "a", mnist_vae, *flags)
+    monkeypatch.undo()
+    average = {k: v.float().clone() for k, v in FD.decoder_state(load_vae(mnist_vae)).items()}
+    for step in weights:
+        average = {k: 0.5 * v + 0.5 * step[k].float() for k, v in average.items()}
+    saved = load_file(run.out_path)
+    assert saved.keys() == average.keys() and not all(torch.equal(saved[k], weights[-1][k]) for k in saved)
+    for k in saved:
+        torch.testing.assert_close(saved[k], average[k], atol=1e-6, rtol=1e-5)
+    latest = os.path.join(run.run_dir, "checkpoints", "latest")
+    trained = load_file(os.path.join(latest, "model.safetensors"))  # the checkpoint keeps the trained weights
+    assert all(torch.equal(trained[k], weights[-1][k]) for k in saved)
+    info = decoder_info(run.out_path)
+    assert info["ema_decay"] == 0.5 and info["probe_mse"] != info["probe_mse_trained"]
+    assert info["probe_mse"] == pytest.approx(FD.probe_mse(load_vae(mnist_vae, finetuned=run.out_path), run.probe,
+                                                           0.3, run.seed)[0], rel=1e-5)
+    # crash in step 3, resume from the step-2 checkpoint (its ema.safetensors): the same average at the end
+    monkeypatch.setattr(FD.Finetune, "train_step", lambda self, pixels: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if self.step == 2 else train_step(self, pixels))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tmp_path / "b", mnist_vae, *flags)
+    monkeypatch.undo()
+    resumed = FD.finetune(FD.parse_config(["--resume_path", str(tmp_path / "b" / "vae" / os.path.basename(
+        run.run_dir))]), CPU)
+    again = load_file(resumed.out_path)
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+
+
 @pytest.fixture(scope="module")
 def moving_mnist(tmp_path_factory):
     """Six 5-frame clips of a digit sliding across a 32x32 frame, as captioned mp4 files."""
@@ -333,6 +374,10 @@ def test_bad_input_clear_errors(mnist_vae, tiny_sd_vae_dir, tmp_path):
         finetune(tmp_path, mnist_vae, "--data_format", "mnist", "--acc", 2)
     with pytest.raises(UserError, match="unknown config key 'lpips_weight'; did you mean 'lpips_weights'"):
         FD.parse_config(["--lpips_weight", "x"])
+    with pytest.raises(UserError, match=r"does not use --secondary_dataset, --val_every: train.py's .* drop them"):
+        FD.parse_config(["--val_every", "10", "--secondary_dataset=x"])
+    with pytest.raises(UserError, match=r"does not use --fsdp: .* drop it"):
+        FD.parse_config(["--resume_path", str(tmp_path), "--fsdp", "1"])
     other = tmp_path / "sd_decoder.safetensors"
     FD.save_finetuned_decoder(load_vae(tiny_sd_vae_dir), other, {"vae": tiny_sd_vae_dir, "noise_std": 0.3})
     with pytest.raises(UserError, match="does not fit the model"):  # another VAE's decoder
