@@ -35,7 +35,8 @@ from utils.image import ASPECT_RATIOS, VIDEO_EXTS
 from utils.metrics import (I3D, KID_SUBSET_SIZE, KID_SUBSETS, LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3,
                            bits_per_dim, check_comparable, clip_score, feature_stats, frechet_distance, i3d_features,
                            inception_features, inception_score, kernel_inception_distance, list_media, load_is_head,
-                           load_stats, mean_and_stderr, precision_recall, save_stats, sidecar, video_clip)
+                           load_stats, mean_and_stderr, precision_recall, save_stats, sidecar, split_spatial,
+                           video_clip)
 from utils.likelihood import batches, model_input, nll_of, resolve_noise
 from utils.pipeline import STARFlowPipeline
 from utils.vae import PixelSpace
@@ -63,6 +64,9 @@ EVAL_KEYS = {
     "kid": Key(0, "int", "kernel Inception distance of --images against --ref (100 subsets of up to 1000 a side, as "
                          "StyleGAN2-ADA and clean-fid), unbiased at small counts; features as --precision_recall",
                choices=(0, 1)),
+    "sfid": Key(0, "int", "spatial FID of --images against --ref: the Frechet distance of the first 7 channels of the "
+                          "Inception graph's mixed_6/conv (2023 features, as ADM's evaluator); needs default_1.pt",
+                choices=(0, 1)),
     "fvd": Key(0, "int", "Frechet video distance of the --images videos against the --ref videos (StyleGAN-V's "
                          "protocol and I3D network, --i3d)", choices=(0, 1)),
     "i3d": Key(None, "str", "FVD's network: a local copy of StyleGAN-V's Kinetics-400 I3D TorchScript, "
@@ -95,11 +99,11 @@ def parse_config(argv):
     elif cfg.checkpoint_path:
         raise UserError("--checkpoint_path is used by --generate 1, --bpd 1 and --rank_prompts; give one of them")
     scores_images = (cfg.ref or cfg.save_stats or cfg.inception_score or cfg.clip_score or cfg.precision_recall
-                     or cfg.kid or cfg.fvd)
+                     or cfg.kid or cfg.sfid or cfg.fvd)
     if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:
         raise UserError("nothing to evaluate: give --images or --generate 1 with --ref (FID, and FVD with --fvd 1), "
                         "--inception_score 1 or --clip_score 1; --ref with --save_stats; --bpd 1 or --rank_prompts")
-    for flag in ("precision_recall", "kid", "fvd"):
+    for flag in ("precision_recall", "kid", "sfid", "fvd"):
         if getattr(cfg, flag) and not (cfg.ref and (cfg.images or cfg.generate)) and not cfg.save_stats:
             raise UserError(f"--{flag} compares --images (or the samples of --generate 1) with --ref; give both (or "
                             "--save_stats to store a reference's features for it)")
@@ -212,11 +216,15 @@ def read_sides(cfg, images, paths):
         if source.endswith(".npz"):
             stats = load_stats(source)
             side = {"source": source, "paths": None, "video": None, "stats": stats, "features": stats["features"],
-                    "fvd": stats["fvd"]}
+                    "sfid": stats["sfid"], "fvd": stats["fvd"]}
             if (cfg.precision_recall or cfg.kid) and images and cfg.ref and side["features"] is None:
                 raise UserError(f"--precision_recall and --kid need the Inception features of {source}, which holds "
                                 f"statistics only; pass the images' folder, or write the file again with --save_stats "
                                 f"FILE.npz and --precision_recall 1 or --kid 1")
+            if cfg.sfid and images and cfg.ref and side["sfid"] is None:
+                raise UserError(f"--sfid needs the spatial statistics of {source}, which holds pool statistics only; "
+                                f"pass the images' folder, or write the file again with --save_stats FILE.npz and "
+                                f"--sfid 1")
             if cfg.fvd and images and cfg.ref and side["fvd"] is None:
                 raise UserError(f"--fvd needs the I3D statistics of {source}, which holds Inception statistics only; "
                                 f"pass the videos' folder, or write the file again with --save_stats FILE.npz and "
@@ -224,7 +232,7 @@ def read_sides(cfg, images, paths):
         else:
             found, video = (paths, os.path.splitext(paths[0])[1] in VIDEO_EXTS) if name == "images" and paths \
                 else list_media(source)
-            side = {"source": source, "paths": found, "video": video, "stats": None, "fvd": None}
+            side = {"source": source, "paths": found, "video": video, "stats": None, "sfid": None, "fvd": None}
             if cfg.fvd and not video:
                 raise UserError(f"--fvd compares videos, and '{source}' holds images; pass folders of videos (.mp4)")
         sides[name] = side
@@ -238,7 +246,7 @@ def image_metrics(cfg, info, images, paths=None):
     report, main = {}, info.rank == 0
     net = None
     if (cfg.ref or cfg.save_stats or cfg.inception_score) and any(s["paths"] for s in sides.values()):
-        net = InceptionV3(cfg.inception, info.device)
+        net = InceptionV3(cfg.inception, info.device, spatial=bool(cfg.sfid))
         report["inception"] = net.describe()
         if not net.standard and main:
             print(f"note: {net.path} is not the standard FID network (SHA-1 {net.sha1}); its FIDs do not compare "
@@ -257,6 +265,10 @@ def image_metrics(cfg, info, images, paths=None):
             side["features"] = gathered(lambda mine: inception_features(
                 net, mine, cfg.eval_batch_size, cfg.num_workers, desc=f"inception {name} ({len(side['paths'])})",
                 progress=main, frames=frames), side["paths"], info, frames or 1)
+            if cfg.sfid:
+                side["features"], spatial = split_spatial(side["features"])
+                mu, sigma = feature_stats(spatial)
+                side["sfid"] = {"mu": mu, "sigma": sigma, "count": len(spatial)}
         if i3d is not None:
             clips = gathered(lambda mine: i3d_features(
                 i3d, mine, cfg.video_frames, cfg.eval_batch_size, cfg.num_workers,
@@ -280,7 +292,8 @@ def image_metrics(cfg, info, images, paths=None):
             raise UserError("--save_stats needs a folder of images or videos in --ref or --images")
         stats = stats_of(target)
         save_stats(cfg.save_stats, stats["mu"], stats["sigma"], stats["count"], net,
-                   features=target["features"] if cfg.precision_recall or cfg.kid else None, fvd=target["fvd"])
+                   features=target["features"] if cfg.precision_recall or cfg.kid else None, sfid=target["sfid"],
+                   fvd=target["fvd"])
         report["saved_stats"] = {"path": cfg.save_stats, "of": target["source"], "count": stats["count"]}
     if "images" in sides and "ref" in sides and main:
         a, b = stats_of(sides["images"]), stats_of(sides["ref"])
@@ -301,6 +314,10 @@ def image_metrics(cfg, info, images, paths=None):
             mean, std = kernel_inception_distance(real, fake)
             report["kid"] = {"mean": mean, "std": std, "subsets": KID_SUBSETS,
                              "subset_size": min(len(real), len(fake), KID_SUBSET_SIZE)}
+        if cfg.sfid:
+            a, b = sides["images"]["sfid"], sides["ref"]["sfid"]
+            report["sfid"] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+            report.update(singular_note(a["count"], b["count"], len(a["mu"]), "sfid", unit, "sFIDs"))
         if cfg.fvd:
             report["fvd"] = video_distance(sides["images"]["fvd"], sides["ref"]["fvd"], images, cfg.ref)
             report.update(singular_note(report["fvd"]["videos"], report["fvd"]["ref_videos"],
@@ -451,6 +468,10 @@ def summary_lines(report):
         lines.append(f"FID {report['fid']:.4f} ({side['count']} {what} vs {report['ref']['count'] or '?'} reference)")
     if "fid_note" in report:
         lines.append(f"note: {report['fid_note']}")
+    if "sfid" in report:
+        lines.append(f"sFID {report['sfid']:.4f}")
+    if "sfid_note" in report:
+        lines.append(f"note: {report['sfid_note']}")
     if "fvd" in report:
         r = report["fvd"]
         lines.append(f"FVD {r['value']:.4f} ({r['videos']} videos vs {r['ref_videos']} reference, {r['frames']}-frame "

