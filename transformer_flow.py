@@ -260,7 +260,9 @@ class MLP(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """A pre-norm transformer layer over the joint sequence [text; image]; the unit that FSDP shards."""
+    """A pre-norm transformer layer over the joint sequence [text; image]; the unit that FSDP shards. It takes and
+    returns the joint sequence whole: the trunk joins and parts it once, not at every layer (two copies a layer in
+    training, and FSDP2 warns of a view as a layer's output)."""
 
     def __init__(self, channels, *, head_dim, expansion=4, use_swiglu=False, norm_type="layer_norm", num_heads=None,
                  num_kv_heads=None, use_qk_norm=False, use_post_norm=False, use_bias=True, hf_style_rope=False,
@@ -273,19 +275,13 @@ class AttentionBlock(nn.Module):
                        use_post_norm=use_post_norm, use_bias=use_bias)
         self.checkpoint_attn, self.checkpoint_mlp = checkpoint_attn, checkpoint_mlp
 
-    def forward(self, x, text=None, rope=None, mask=None, cache=None, layer=0, temp=1.0):
-        s = x if text is None else text if x is None else torch.cat([text, x], dim=1)
+    def forward(self, s, rope=None, mask=None, cache=None, layer=0, temp=1.0):
         if self.training and self.checkpoint_attn:
             s = s + checkpoint(self.attention, s, rope, mask, cache, layer, temp, use_reentrant=False)
         else:
             s = s + self.attention(s, rope, mask, cache, layer, temp)
-        s = s + (checkpoint(self.mlp, s, use_reentrant=False) if self.training and self.checkpoint_mlp else self.mlp(s))
-        if text is None:
-            return s, None
-        if x is None:
-            return None, s
-        text, x = s.split([text.shape[1], x.shape[1]], 1)
-        return x, text
+        return s + (checkpoint(self.mlp, s, use_reentrant=False) if self.training and self.checkpoint_mlp else
+                    self.mlp(s))
 
 
 class Trunk(nn.Module):
@@ -325,10 +321,12 @@ class Trunk(nn.Module):
             # a chunk after cached tokens sees all of them and itself causally (a bottom-right aligned triangle)
             device = (h if h is not None else text).device
             mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=device).tril(cache.length)
+        s = h if text is None else text if h is None else torch.cat([text, h], 1)
         for i, layer in enumerate(self.attn_blocks):
-            h, text = layer(h, text, rope, mask, cache, i, temp)
-        if h is None:
+            s = layer(s, rope, mask, cache, i, temp)
+        if h is None:  # text alone: its keys and values are in the cache now
             return None
+        h = s if text is None else s.split([text.shape[1], h.shape[1]], 1)[1]  # split: a slice's gradient is dense
         return self.proj_out(self.final_norm(h) if self.final_norm is not None else h)
 
 

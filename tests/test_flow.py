@@ -95,16 +95,16 @@ def test_kv_cache_equals_recomputation(with_text, device):
 
 @pytest.mark.parametrize("name", ["official", "wide_top_gqa", "gemma_style"])
 def test_layer_gradients_make_no_whole_tensor_zeros(name):
-    """Attention and the layer split their tensors: a slice's gradient would be a zero-filled tensor of the whole
-    input, written then summed (4% of a training step on the CPU)."""
+    """Attention and the trunk split their tensors: a slice's gradient would be a zero-filled tensor of the whole
+    input, written then summed (4% of a training step on the CPU). The layers pass the joint [text; tokens] sequence
+    whole: one join and one split a trunk, none a layer."""
     model = tiny_model(**FLAGS[name])
     block = model.blocks[-1]
     x, y = inputs(model)
     h = torch.randn(len(x), 20, block.proj_in.out_features, requires_grad=True)
-    text = block.proj_txt(y)
     rope = model.rope_table(4, 5, 1, False, y, device="cpu")
-    out, text_out = block.attn_blocks[0](h, text, rope)
-    seen, stack = set(), [(out.sum() + text_out.sum()).grad_fn]
+    out = block.run(h, y, rope)
+    seen, stack = set(), [out.sum().grad_fn]
     while stack:
         node = stack.pop()
         if node is not None and node not in seen:
@@ -112,6 +112,8 @@ def test_layer_gradients_make_no_whole_tensor_zeros(name):
             stack.extend(f for f, _ in node.next_functions)
     names = {type(f).__name__ for f in seen}
     assert "SplitWithSizesBackward0" in names and not names & {"SliceBackward0", "SelectBackward0"}
+    joint = torch.cat([block.proj_txt(y), block.proj_in(torch.randn(len(x), 20, block.proj_in.in_features))], 1)
+    assert not block.attn_blocks[0](joint, rope)._is_view()  # what FSDP2 checks of a sharded layer's output
 
 
 @pytest.mark.parametrize("name, flags, frames", ALL, ids=[a[0] for a in ALL])
