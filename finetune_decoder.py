@@ -417,11 +417,10 @@ def finetune(cfg, info):
         if not cfg.dry_run:
             run.save()
             if run.main:
-                trained = (f"; the trained weights {run.scores['probe_mse_trained']:.5g}" if run.ema is not None
-                           else "")
+                tuned = "fine-tuned" if run.ema is None else "their moving average"
+                trained = "" if run.ema is None else f"; the trained weights {run.scores['probe_mse_trained']:.5g}"
                 print(f"probe L2 of decoded noisy latents: {run.scores['probe_mse_base']:.5g} (base decoder) -> "
-                      f"{run.scores['probe_mse']:.5g} ({'their moving average' if run.ema is not None else 'fine-tuned'}"
-                      f", step {run.step}{trained}); wrote {run.out_path}")
+                      f"{run.scores['probe_mse']:.5g} ({tuned}, step {run.step}{trained}); wrote {run.out_path}")
                 if run.rfid:
                     print(f"rFID ({cfg.rfid_samples} items): {run.scores['rfid_base']:.4f} (base decoder) -> "
                           f"{run.scores['rfid']:.4f} (fine-tuned)")

@@ -43,6 +43,8 @@ SAMPLE_KEYS = {
                                 "unconditionally (the null prompt)", empty=True),
     "num_samples": Key(None, "int", "samples per prompt; default sample_batch_size x ranks for a prompt, "
                                     "1 per line for a .txt", low=1),
+    "negative_prompt": Key(None, "str", "guidance pushes the samples away from this prompt instead of from the null "
+                                        "prompt (needs --cfg > 0; text-to-image and video sampling)"),
     "sample_batch_size": Key(16, "int", "samples per forward pass on each rank", low=1),
     "seed": Key(191, "int", "base seed; sample i (in prompt-file order) uses seed + i on any number of ranks", low=0,
                 high=2**63 - 1),
@@ -172,6 +174,9 @@ def parse_config(argv, extra_keys=None):
         raise UserError("--mask inpaints --input_image: give the picture with --input_image")
     if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video))) > 1 or (cfg.edit_image and cfg.input_image):
         raise UserError("--edit_image, --input_image --mask and --input_video are separate modes: give one")
+    if cfg.negative_prompt is not None and (cfg.edit_image or cfg.mask):
+        raise UserError("--negative_prompt steers sampling from noise; editing and inpainting guide away from the null "
+                        "prompt (editing describes the picture with --source_caption)")
     return cfg
 
 
@@ -182,7 +187,8 @@ def sample_mode(cfg):
 
 def sample_settings(cfg, denoiser):
     """What every sample's JSON records about how it was drawn (and from which pictures)."""
-    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=guidance_scale(cfg), jacobi=cfg.jacobi,
+    settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=guidance_scale(cfg),
+                    negative_prompt=cfg.negative_prompt, jacobi=cfg.jacobi,
                     jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
                     jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
                     context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
@@ -215,7 +221,7 @@ def sample_round(pipe, cfg, batch, aspect):
                             candidates=cfg.inpaint_candidates, **common)
     return pipe(captions, num_samples=1, target_length=cfg.target_length, fps=cfg.out_fps,
                 input_image=cfg.input_image, input_video=cfg.input_video, context_length=cfg.context_length,
-                denoising_batch_size=cfg.denoising_batch_size, **common)
+                denoising_batch_size=cfg.denoising_batch_size, negative_prompt=cfg.negative_prompt, **common)
 
 
 def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
@@ -294,13 +300,15 @@ def output_dir(cfg):
 
 def check_request(pipe, cfg, captions, num_samples):
     """The sampling flags against the model's geometry, once its VAE is loaded and before the model is (seconds,
-    not the minutes of a 7B load): aspect ratio (every bucket for 'random'), video length, input image."""
+    not the minutes of a 7B load): aspect ratio (every bucket for 'random'), video length, input image, negative
+    prompt."""
     aspects = ASPECT_RATIOS if cfg.aspect_ratio == "random" else [cfg.aspect_ratio]
     mode = sample_mode(cfg)
     for aspect in aspects:
         pipe.check_inputs(captions[:1], aspect_ratio=aspect, input_image=cfg.input_image if mode == "sample" else None,
                           jacobi=JACOBI_MODES[cfg.jacobi], input_video=cfg.input_video, num_samples=num_samples,
-                          target_length=cfg.target_length, context_length=cfg.context_length)
+                          target_length=cfg.target_length, context_length=cfg.context_length,
+                          negative_prompt=cfg.negative_prompt if mode == "sample" else None, cfg=guidance_scale(cfg))
     for picture, what in ((cfg.edit_image, "edit image"), (cfg.input_image if mode == "inpaint" else None,
                                                           "input image"), (cfg.mask, "mask")):
         if picture is not None:

@@ -15,7 +15,6 @@ judges samples: a digit CNN trained on the MNIST train split and the nearest-tin
 Prints a table and writes <out_dir>/demo_editing.json and demo_editing.png (rows: originals, colour edits; test
 digits, erased, inpainted under their own prompt, inpainted under another digit's).
 """
-import argparse
 import os
 import sys
 import time
@@ -27,8 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, MNISTDataset  # noqa: E402
-from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, ink, load_demo, train_classifier,  # noqa: E402
-                          write_report)
+from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, demo_parser, ink, load_demo,  # noqa: E402
+                          train_classifier, write_report)
 from utils.config import guidance_scale  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png  # noqa: E402
@@ -167,9 +166,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_mnist_t2i"))
+    parser = demo_parser(__doc__, "demo_mnist_t2i")
     parser.add_argument("--per_pair", type=int, default=2, help="edits per (digit, colour) pair")
     parser.add_argument("--inpaint_digits", type=int, default=100, help="test digits to inpaint")
     parser.add_argument("--rounds", type=int, default=4, help="inpainting rounds")

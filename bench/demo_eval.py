@@ -1,6 +1,6 @@
-"""The image demo measured with evaluate.py's protocols: FID, sFID, KID, precision and recall against the tinted MNIST
-test digits (guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour accuracy by
-likelihood.
+"""The image demo measured with evaluate.py's protocols: FID, sFID, KID, precision and recall against the tinted
+MNIST test digits (guidance 0 and 3, sequential and Jacobi decoding), test bits/dim, and zero-shot digit and colour
+accuracy by likelihood.
 
     python bench/demo_eval.py                                        # the shipped checkpoints/demo_mnist_t2i
     python bench/demo_eval.py --checkpoint_path logs/demo_mnist_t2i-<date>/checkpoints/latest --samples 1000
@@ -13,7 +13,6 @@ count (FID is biased upwards at small counts, so compare rows at one count). The
 all test digits, is `--samples 10000 --ref_samples 10000` (a GPU's work). Prints a table, writes
 <out_dir>/demo_eval.json.
 """
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset  # noqa: E402
-from demo_quality import load_demo, write_report  # noqa: E402
+from demo_quality import demo_parser, load_demo, write_report  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
@@ -175,10 +174,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_mnist_t2i"),
-                        help="a demo checkpoint folder (model.safetensors + config.yaml)")
+    parser = demo_parser(__doc__, "demo_mnist_t2i")
     parser.add_argument("--samples", type=int, default=200, help="images per FID setting (10000 for the full count)")
     parser.add_argument("--ref_samples", type=int, default=500, help="test digits behind the reference statistics")
     parser.add_argument("--cfg", type=float, nargs="+", default=[0.0, 3.0], help="guidance scales")

@@ -245,10 +245,7 @@ def jacobi_timing(pipe, prompts, cfg, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_mnist_t2i"),
-                        help="a folder with model.safetensors and config.yaml (the shipped demo or a train.py run)")
+    parser = demo_parser(__doc__, "demo_mnist_t2i")
     parser.add_argument("--per_combo", type=int, default=10, help="samples per (digit, colour) pair")
     parser.add_argument("--cfg", type=float, nargs="+", default=None,
                         help="guidance scales to score (default: the config's cfg, as sample.py uses)")
@@ -256,6 +253,14 @@ def main(argv=None):
     parser.add_argument("--timing", type=int, default=1, help="time sequential vs Jacobi sampling (0: skip)")
     add_common_args(parser, batch=60, out_dir="logs/demo_quality")
     return run_cli(run, parser.parse_args(argv))
+
+
+def demo_parser(doc, demo):
+    """A demo benchmark's argument parser, with --checkpoint_path defaulting to the shipped checkpoints/<demo>."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / demo),
+                        help="a folder with model.safetensors and config.yaml (the shipped demo or a train.py run)")
+    return parser
 
 
 def add_common_args(parser, batch, out_dir):

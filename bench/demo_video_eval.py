@@ -12,7 +12,6 @@ at this count (FID is biased upwards at small counts, so compare rows at one cou
 --clips prompts with `evaluate.py --generate 1` into <out_dir>/cfg_<g>, every (digit, direction) pair in turn, the
 training templates cycling. Prints a table and writes <out_dir>/demo_video_eval.json.
 """
-import argparse
 import itertools
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, MovingMNISTDataset  # noqa: E402
-from demo_quality import write_report  # noqa: E402
+from demo_quality import demo_parser, write_report  # noqa: E402
 from utils.config import guidance_scale, load_config, parse_vid_size  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
@@ -107,10 +106,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_moving_mnist_t2v"),
-                        help="a moving-MNIST demo checkpoint folder (model.safetensors + config.yaml)")
+    parser = demo_parser(__doc__, "demo_moving_mnist_t2v")
     parser.add_argument("--clips", type=int, default=200, help="clips per row")
     parser.add_argument("--ref_clips", type=int, default=400, help="test clips behind the reference statistics")
     parser.add_argument("--cfg", type=float, nargs="+", default=None,

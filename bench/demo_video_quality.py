@@ -12,7 +12,6 @@ prompted with the training templates. Pixel noise is bench/demo_quality.py's, ov
 Prints the tables and writes <out_dir>/demo_video_quality.json, grid.mp4 (the first clip of every pair, rows digits
 0-9, columns directions) and strip.png (the same clips, each as its frames side by side).
 """
-import argparse
 import itertools
 import os
 import sys
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, moving_digit_size  # noqa: E402
 from dataset import MovingMNISTDataset  # noqa: E402
-from demo_quality import (add_common_args, denoising, load_demo, pixel_noise, print_noise,  # noqa: E402
+from demo_quality import (add_common_args, demo_parser, denoising, load_demo, pixel_noise, print_noise,  # noqa: E402
                           print_pair_table, to_uint8_scale, train_classifier, write_report)
 from utils.config import guidance_scale, parse_vid_size  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
@@ -128,10 +127,7 @@ def pair_grid(clips, zoom=3, pad=3, strip=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--checkpoint_path", default=str(root / "checkpoints" / "demo_moving_mnist_t2v"),
-                        help="a folder with model.safetensors and config.yaml (the shipped demo or a train.py run)")
+    parser = demo_parser(__doc__, "demo_moving_mnist_t2v")
     parser.add_argument("--per_combo", type=int, default=5, help="clips per (digit, direction) pair")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's cfg)")
     parser.add_argument("--timing", type=int, default=1, help="also sample with Jacobi and compare times (0: skip)")

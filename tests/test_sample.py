@@ -207,6 +207,8 @@ def bad_config(model, tmp_path, **changes):
     ("missing_text_encoder", "text encoder folder .* does not exist"),
     ("no_checkpoint", r"--checkpoint_path is required: a train.py checkpoint folder .* or weights"),
     ("weights_without_config", r"--model_config_path is required: .*tiny_t2i.pth is not a checkpoint folder"),
+    ("negative_without_guidance", r"a negative prompt acts through classifier-free guidance, which cfg 0 turns off"),
+    ("negative_when_editing", r"--negative_prompt steers sampling from noise; editing and inpainting"),
 ])
 def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeypatch, case, match):
     bad_png = tmp_path / "broken.png"
@@ -230,6 +232,8 @@ def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeyp
         "missing_text_encoder": t2i + ["--text", str(tmp_path / "no_t5")],
         "no_checkpoint": ["--caption", "x"],
         "weights_without_config": t2i[2:],
+        "negative_without_guidance": t2i + ["--negative_prompt", "blurry", "--cfg", "0"],
+        "negative_when_editing": t2i + ["--negative_prompt", "blurry", "--edit_image", str(bad_png)],
     }[case]
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv, "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as e:
@@ -266,6 +270,31 @@ def test_output_types(tiny_t2i):
     assert pil.denoiser == "score"
     with pytest.raises(ValueError, match="output_type must be one of pil, np, latent"):
         draw("tensor")
+
+
+def test_negative_prompt_takes_the_null_prompts_place_in_guidance(tiny_t2i, tmp_path):
+    """Guidance pushes away from the negative prompt: the flow decoded with its text as the second branch, by hand;
+    the null prompt as the negative prompt is the default; sample.py records it and regenerates with it."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    draw = lambda **kw: pipe(["a corgi", "a cat"], cfg=2.0, output_type="latent",  # noqa: E731
+                             generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
+    plain, away = draw(), draw(negative_prompt=["a dog", "blurry"])
+    torch.testing.assert_close(draw(negative_prompt="").noisy_latents, plain.noisy_latents, rtol=0, atol=0)
+    noise = torch.stack([torch.randn(pipe.config.channel_size, 4, 4, generator=torch.Generator().manual_seed(i))
+                         for i in range(2)])
+    decorate = lambda texts: [recipe.decorate_prompt(pipe.config, t, 0, None, pipe.config.noise_std)  # noqa: E731
+                              for t in texts]
+    y = torch.cat([pipe.encode_text(decorate(["a corgi", "a cat"])), pipe.encode_text(decorate(["a dog", "blurry"]))])
+    by_hand = pipe.model(noise, y, mode="reverse", guidance=2.0)
+    torch.testing.assert_close(away.noisy_latents, by_hand, rtol=1e-5, atol=1e-5)
+    assert (away.noisy_latents - plain.noisy_latents).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="got 1 negative prompts for 2 prompts; give one, or one per prompt"):
+        draw(negative_prompt=["a dog"])
+    with pytest.raises(TypeError, match="negative_prompt must be a string or a list of strings"):
+        draw(negative_prompt=3)
+    out = run(tiny_t2i, tmp_path, "--caption", "a corgi", "--num_samples", 1, "--negative_prompt", "a dog")
+    info = meta(out / "a_corgi_0000.png")
+    assert info["negative_prompt"] == "a dog" and "--negative_prompt 'a dog'" in info["command"]
 
 
 def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):

@@ -96,6 +96,7 @@ class _Request:
     latent_shape: tuple
     window: int = None  # latent frames of the sliding window (long videos), else None
     context: int = None
+    negatives: list = None  # guidance's second prompt per sample (negative_prompt), else the null prompt
 
 
 def resolve_finetuned_vae(value, logdir):
@@ -234,7 +235,7 @@ class STARFlowPipeline:
 
     # ---------------------------------------------------------------------------------------------- steps
     def check_inputs(self, prompt, generator=None, aspect_ratio=None, input_image=None, jacobi=False, input_video=None,
-                     **settings):
+                     negative_prompt=None, **settings):
         """Validate the arguments of a call (types and ranges of ARGUMENTS, the geometry they ask for) and derive its
         captions, geometry and settings; needs only the VAE, so it can run before the model is loaded."""
         c = self.config
@@ -287,6 +288,7 @@ class STARFlowPipeline:
                            generator=generator if generator is not None else torch.Generator().manual_seed(0),
                            noise_std=c.noise_std if s["noise_std"] is None else s["noise_std"], video=video,
                            fps=int(fps) if float(fps).is_integer() else fps, size=(h, w), latent_shape=shape)
+        request.negatives = self.negative_prompts(negative_prompt, prompts, request.cfg, s["num_samples"])
         train_T = self.latent_frames(self.train_frames) if self.video else 1
         if video and T > train_T:
             if not jacobi:
@@ -299,6 +301,23 @@ class STARFlowPipeline:
                 raise UserError(f"context_length must be between 1 and {train_T - 1} latent frames, "
                                 f"got {request.context}")
         return request
+
+    @staticmethod
+    def negative_prompts(negative_prompt, prompts, cfg, num_samples):
+        """One negative prompt per sample (given as a string for all, or one per prompt), or None: the null
+        prompt."""
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
+            raise TypeError(f"negative_prompt must be a string or a list of strings, got {_described(negative_prompt)}")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one "
+                             f"per prompt")
+        if not cfg > 0:
+            raise UserError("a negative prompt acts through classifier-free guidance, which cfg 0 turns off; give "
+                            "cfg > 0 or no negative prompt")
+        return [n for n in negatives for _ in range(num_samples)]
 
     def choose_denoiser(self, denoiser, request):
         """recipe.choose_denoiser for this model; warns when the fine-tuned decoder that replaces denoising was
@@ -314,7 +333,8 @@ class STARFlowPipeline:
         return method
 
     def encode_prompt(self, request, aspect_ratio):
-        """(decorated texts, y_cond, y): y adds the null prompt's rows when guidance is on."""
+        """(decorated texts, y_cond, y): y adds the rows of the null prompt (or of the negative prompts) when
+        guidance is on, which then pushes the samples away from them."""
         texts = [recipe.decorate_prompt(self.config, cap, request.fps, aspect_ratio, request.noise_std)
                  for cap in request.captions]
         if self.text_encoder is None and any(request.captions):
@@ -326,7 +346,10 @@ class STARFlowPipeline:
             if y_cond is None:
                 raise UserError("classifier-free guidance (cfg > 0) needs a text-conditional model; use --cfg 0")
             null = recipe.null_prompt(self.config, request.fps, aspect_ratio, request.noise_std)
-            y = torch.cat([y_cond, self.encode_text([null] * len(texts))])
+            away = [null] * len(texts) if request.negatives is None else [
+                recipe.decorate_prompt(self.config, n, request.fps, aspect_ratio, request.noise_std)
+                for n in request.negatives]
+            y = torch.cat([y_cond, self.encode_text(away)])
         return texts, y_cond, y
 
     def encode_text(self, texts):
@@ -412,7 +435,8 @@ class STARFlowPipeline:
     def __call__(self, prompt, num_samples=1, cfg=None, generator=None, aspect_ratio=None, jacobi=False,
                  jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
-                 denoising_batch_size=None, score_denoise_steps=None, output_type="pil", input_video=None):
+                 denoising_batch_size=None, score_denoise_steps=None, output_type="pil", input_video=None,
+                 negative_prompt=None):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
@@ -423,15 +447,16 @@ class STARFlowPipeline:
         path or PIL image for image-to-video; input_video: an MP4 to continue (its first frames become known
         latent frames). denoiser: 'auto' (learned if the model has one), 'learned', 'score', or 'none' (automatic
         when a fine-tuned VAE decoder is loaded); score_denoise_steps: score steps (default: the config's).
-        output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode).
+        output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode). negative_prompt: str, or one per
+        prompt: guidance pushes away from it instead of from the null prompt (needs cfg > 0).
         """
-        request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, num_samples=num_samples,
-                                    cfg=cfg, jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
+        request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, input_video,
+                                    negative_prompt, num_samples=num_samples, cfg=cfg,
+                                    jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th,
                                     jacobi_max_iter=jacobi_max_iter, attn_temp=attn_temp, target_length=target_length,
                                     fps=fps, context_length=context_length, noise_std=noise_std, denoiser=denoiser,
                                     denoising_batch_size=denoising_batch_size,
-                                    score_denoise_steps=score_denoise_steps, output_type=output_type,
-                                    input_video=input_video)
+                                    score_denoise_steps=score_denoise_steps, output_type=output_type)
         method = self.choose_denoiser(denoiser, request)
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
         noise = self.prepare_noise(request)
