@@ -292,11 +292,12 @@ class Finetune:
             if kind == "weights":  # continue from an earlier decoder file, with a fresh schedule
                 load_vae_weights(_network(self.vae), where)
         # the decoder's average (not the discriminator's), from the weights it starts from
-        self.ema = T.EMA(nn.ModuleDict(decoder_modules(self.vae)), cfg.ema_decay) if cfg.ema_decay else None
+        self.ema = T.EMA(nn.ModuleDict(decoder_modules(self.vae)), cfg.ema_decay,
+                         cfg.ema_warmup) if cfg.ema_decay else None
         if state is not None and self.ema is not None:
             average = os.path.join(where, EMA_WEIGHTS)
             if os.path.isfile(average):
-                self.ema.load(average)
+                self.ema.load(average, self.step)
             elif self.main:
                 print(f"note: {where} has no {EMA_WEIGHTS} (a run without ema_decay); the moving average starts "
                       f"from the resumed decoder")

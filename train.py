@@ -206,7 +206,8 @@ class Run:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.flow_params = [p for n, p in named if not n.startswith("learnable_self_denoiser")]
         self.denoiser_params = [p for n, p in named if n.startswith("learnable_self_denoiser")]
-        self.ema = T.EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None  # from the loaded weights
+        # from the loaded weights
+        self.ema = T.EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         self.optimizers = {"model": T.make_optimizer(self.flow_params, cfg.lr, cfg.weight_decay)}
         if self.denoiser_params:
             self.optimizers["denoiser"] = torch.optim.AdamW(self.denoiser_params, lr=cfg.denoiser_lr,
@@ -236,7 +237,7 @@ class Run:
         T.set_rng_state(state["rng"])
         average = os.path.join(self.resume_dir, EMA_WEIGHTS)
         if self.ema is not None and os.path.isfile(average):
-            self.ema.load(average)
+            self.ema.load(average, self.step - self.skipped_steps)
         elif self.ema is not None and self.main:
             print(f"note: {self.resume_dir} has no {EMA_WEIGHTS} (a run without ema_decay); the moving average "
                   f"starts from the resumed weights")

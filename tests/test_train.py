@@ -16,7 +16,7 @@ from PIL import Image
 import train
 from conftest import tiny_flags
 from utils import training as T
-from utils.checkpoint import load_state_dict_file
+from utils.checkpoint import load_state_dict_file, save_weights
 from utils.errors import InputWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,10 +92,10 @@ def test_clean_target_denoiser_learns_beside_an_unchanged_flow(tmp_path, tiny_t5
 
 
 # Flow, denoiser, accumulation, label drop, clipping, the latent-norm penalty and the moving average of the
-# weights all carry state across steps.
+# weights (in its warmup throughout: its decay reaches 0.5 at the 9th update) all carry state across steps.
 FULL = ["--learnable_self_denoiser", "1", "--conditional_denoiser", "1", "--acc", "2", "--drop_label", "0.3",
-        "--grad_clip", "1", "--latent_norm_regularization", "1e-3", "--ema_decay", "0.5", "--data_format",
-        "colour_mnist", "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
+        "--grad_clip", "1", "--latent_norm_regularization", "1e-3", "--ema_decay", "0.5", "--ema_warmup", "1",
+        "--data_format", "colour_mnist", "--batch_size", "8", "--epochs", "2", "--epoch_length", "24"]
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_t5_dir, capsys):
@@ -490,25 +490,37 @@ def test_held_out_bits_per_dim_is_what_evaluate_measures(tmp_path, tiny_t5_dir):
                                                                                            rel=1e-6)
 
 
-def test_moving_average_of_the_weights():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_moving_average_of_the_weights(warmup, tmp_path):
     """EMA: average = decay * average + (1 - decay) * parameter after each update, from the weights it starts
-    with; its full state is the model's with the parameters replaced (resuming it: the resume tests)."""
+    with; with warmup the n-th update's decay is min(decay, (1 + n) / (10 + n)): 0.1, 0.18, 0.25, then 0.3 (below
+    0.75); its full state is the model's with the parameters replaced (resuming it: the resume tests)."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     model.register_buffer("kept", torch.arange(3.0))
-    ema = T.EMA(model, 0.75)
+    ema = T.EMA(model, 0.75, warmup)
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for step in range(3):
+    decays = [1 / 10, 2 / 11, 3 / 12, 4 / 13] if warmup else [0.75] * 4
+    for decay in decays:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update()
         for n, p in model.named_parameters():
-            expected[n] = 0.75 * expected[n] + 0.25 * p.detach()
+            expected[n] = decay * expected[n] + (1 - decay) * p.detach()
+    assert ema.updates == 4
     state = ema.full_state(model.state_dict(), is_main=True)
     assert state.keys() == model.state_dict().keys() and torch.equal(state["kept"], torch.arange(3.0))
     for n in expected:
         torch.testing.assert_close(state[n], expected[n], rtol=0, atol=1e-6)
         assert not torch.equal(state[n], dict(model.named_parameters())[n])
+    # a saved average brings its update count (the warmup goes on from it); a file without one takes the caller's
+    for metadata, updates in (({"ema_updates": "4"}, 4), ({}, 7)):
+        path = str(tmp_path / f"ema_{updates}.safetensors")
+        save_weights(state, path, metadata=metadata)
+        again = T.EMA(model, 0.75, warmup)
+        again.load(path, 7)
+        assert again.updates == updates
+        assert (again.current_decay() == ema.current_decay()) == (updates == ema.updates) or not warmup
 
 
 def test_schedule_and_skip_rules():

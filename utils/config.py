@@ -284,6 +284,9 @@ SCHEMA = {
     "ema_decay": Key(0.0, "float", "also keep an exponential moving average of the weights, updated after every "
                                    "optimizer step with this decay (e.g. 0.9999), saved as ema.safetensors in each "
                                    "checkpoint; 0 = none, as the original", low=0, check=check_ema_decay),
+    "ema_warmup": flag(0, "ramp the moving average's decay up, min(ema_decay, (1 + n) / (10 + n)) at its n-th update "
+                          "(TensorFlow's num_updates rule), so that early averages follow the weights; 0 = ema_decay "
+                          "throughout, as DiT"),
     "val_every": Key(0, "int", "held-out bits/dim (val_bpd in metrics.jsonl) every N optimizer steps, as evaluate.py "
                                "--bpd 1 --seed 0 --num_items val_items measures it; 0 = never", low=0),
     "val_data": Key(None, "str", "held-out data for val_every: a folder or shards, as --data; None = the test split "

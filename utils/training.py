@@ -15,6 +15,7 @@ import uuid
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -149,18 +150,25 @@ def should_skip(norms, grad_clip, grad_skip, step, skip_after=100):
 
 class EMA:
     """An exponential moving average of a model's parameters, as DiT keeps one: average = decay * average +
-    (1 - decay) * parameter after every optimizer step. Kept in float32, sharded like the parameters under FSDP2."""
+    (1 - decay) * parameter after every optimizer step. Kept in float32, sharded like the parameters under FSDP2.
+    With `warmup` the decay of the n-th update (from 0) is min(decay, (1 + n) / (10 + n)), TensorFlow's num_updates
+    rule: early averages follow the weights instead of holding on to their initial values."""
 
-    def __init__(self, model, decay):
-        self.decay = decay
+    def __init__(self, model, decay, warmup=False):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         named = list(model.named_parameters())
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.averages = [p.detach().float().clone() for p in self.params]
 
+    def current_decay(self):
+        """The decay the next update applies."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self):
-        torch._foreach_lerp_(self.averages, [p.detach().float() for p in self.params], 1 - self.decay)
+        torch._foreach_lerp_(self.averages, [p.detach().float() for p in self.params], 1 - self.current_decay())
+        self.updates += 1
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -187,9 +195,12 @@ class EMA:
         return state
 
     @torch.no_grad()
-    def load(self, path):
-        """The averages from an ema.safetensors (every rank reads the file and keeps its own shard)."""
+    def load(self, path, updates):
+        """The averages from an ema.safetensors (every rank reads the file and keeps its own shard), and the count
+        of updates behind them (the file's, else `updates`: files from before the count was kept)."""
         state = load_state_dict_file(path, "moving average")
+        with safe_open(path, "pt") as f:
+            self.updates = int((f.metadata() or {}).get("ema_updates", updates))
         missing = [n for n in self.names if n not in state]
         if missing:
             raise UserError(f"{path} lacks the average of {len(missing)} parameters ({', '.join(missing[:3])}, ...): "
@@ -244,8 +255,8 @@ def save_checkpoint(run_dir, step, model, optimizers, cfg, extra, is_main, ema=N
     try:
         save_weights(model_state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
         if ema_state is not None:
-            save_weights(ema_state, os.path.join(tmp, EMA_WEIGHTS), metadata={"step": str(step),
-                                                                              "ema_decay": str(ema.decay)})
+            save_weights(ema_state, os.path.join(tmp, EMA_WEIGHTS), metadata={
+                "step": str(step), "ema_decay": str(ema.decay), "ema_updates": str(ema.updates)})
         with open(os.path.join(tmp, "training_state.pt"), "wb") as f:  # a file object keeps the OSError's errno
             torch.save({"step": step, "optimizers": optim_states, "rng": rng_state(), **extra}, f)
         save_config(cfg, os.path.join(tmp, "config.yaml"))
