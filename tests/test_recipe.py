@@ -51,7 +51,8 @@ def test_training_and_sampling_see_the_same_prompts(flags):
     pipe = STARFlowPipeline.__new__(STARFlowPipeline)
     pipe.config, pipe.text_encoder, pipe.dtype = cfg, Recorder(), torch.float32
     pipe.video, pipe.train_frames, pipe.train_fps = video, 5 if video else 1, 8 if video else 0
-    request = type("Request", (), dict(captions=["a cat"], cfg=3.0, fps=8 if video else 0, noise_std=0.4))()
+    request = type("Request", (), dict(captions=["a cat"], cfg=3.0, fps=8 if video else 0, noise_std=0.4,
+                                       negatives=None))()
     pipe.encode_prompt(request, "16:9")
     assert set(pipe.text_encoder.texts) == trained
 
