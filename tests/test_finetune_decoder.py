@@ -256,11 +256,14 @@ def test_torchrun_two_ranks_match_one_process(mnist_vae, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
-def test_ema_decoder_file_is_the_moving_average_and_resumes(mnist_vae, tmp_path, monkeypatch):
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_ema_decoder_file_is_the_moving_average_and_resumes(mnist_vae, tmp_path, monkeypatch, warmup):
     """With ema_decay the decoder file holds the average of the decoder's weights after every step (recomputed here
-    from the trained weights), the probe scores describe it, and a run resumed mid-way ends with the same average."""
+    from the trained weights; with the warmup, at decays 1/10, 2/11, 3/12, 4/13), the probe scores describe it, and
+    a run resumed mid-way ends with the same average (its update count restored)."""
     flags = ["--data_format", "mnist", "--img_size", 32, "--batch_size", 4, "--max_steps", 4, "--ckpt_every", 2,
-             "--lr", 1e-2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0.1, "--ema_decay", 0.5]
+             "--lr", 1e-2, "--noise_std", 0.3, "--lpips", 0, "--gan_weight", 0.1, "--ema_decay", 0.5,
+             "--ema_warmup", warmup]
     weights, train_step = [], FD.Finetune.train_step
 
     def record(self, pixels):  # the decoder's weights after each step
@@ -272,8 +275,9 @@ def test_ema_decoder_file_is_the_moving_average_and_resumes(mnist_vae, tmp_path,
     run = finetune(tmp_path / "a", mnist_vae, *flags)
     monkeypatch.undo()
     average = {k: v.float().clone() for k, v in FD.decoder_state(load_vae(mnist_vae)).items()}
-    for step in weights:
-        average = {k: 0.5 * v + 0.5 * step[k].float() for k, v in average.items()}
+    for n, step in enumerate(weights):
+        decay = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5
+        average = {k: decay * v + (1 - decay) * step[k].float() for k, v in average.items()}
     saved = load_file(run.out_path)
     assert saved.keys() == average.keys() and not all(torch.equal(saved[k], weights[-1][k]) for k in saved)
     for k in saved:
