@@ -55,8 +55,9 @@ def reference_stats(net, config, args):
     network and count (a cache file without the features or the sFID's, from an earlier version, is computed
     again)."""
     path = os.path.join(args.out_dir, f"ref_stats_{args.ref_samples}_{net.sha1[:8]}_seed{args.seed}.npz")
-    if os.path.isfile(path) and load_stats(path)["features"] is not None and load_stats(path)["sfid"] is not None:
-        return load_stats(path), path
+    cached = load_stats(path) if os.path.isfile(path) else None
+    if cached is not None and cached["features"] is not None and cached["sfid"] is not None:
+        return cached, path
     feats, sfid = features_of(net, test_digits(config, 0, args.ref_samples, args.seed), args.batch,
                               f"inception reference ({args.ref_samples})")
     mu, sigma = feature_stats(feats)
