@@ -98,6 +98,9 @@ def parse_config(argv):
         cfg = sample.parse_config(argv, EVAL_KEYS)
     elif cfg.checkpoint_path:
         raise UserError("--checkpoint_path is used by --generate 1, --bpd 1 and --rank_prompts; give one of them")
+    if cfg.generate and sample.sample_mode(cfg) == "interpolate":
+        raise UserError("--generate 1 scores samples of prompts; an interpolation path is one picture's way to "
+                        "another (draw it with sample.py and score the folder with --images)")
     scores_images = (cfg.ref or cfg.save_stats or cfg.inception_score or cfg.clip_score or cfg.precision_recall
                      or cfg.kid or cfg.sfid or cfg.fvd)
     if not (scores_images or cfg.bpd or cfg.rank_prompts) or (cfg.images or cfg.generate) and not scores_images:

@@ -61,6 +61,9 @@ SAMPLE_KEYS = {
     "jacobi_max_iter": ARGUMENTS["jacobi_max_iter"].replace(
         help="--jacobi 1: iterations per chunk at most (default 32); auto: evaluations of a token at most"),
     "attn_temp": ARGUMENTS["attn_temp"],
+    "prior_temp": ARGUMENTS["prior_temp"].replace(
+        help="prior temperature T: noise drawn from N(0, T^2 I) (1: the model's distribution; below 1, cleaner and "
+             "less varied samples); text-to-image and video sampling"),
     "out_fps": ARGUMENTS["fps"].replace(help="video fps (prompt text and MP4); default: the fps of vid_size"),
     "target_length": ARGUMENTS["target_length"].replace(
         help="video frames to generate; beyond the training length a sliding window is used (needs --jacobi 1 or "
@@ -83,6 +86,10 @@ SAMPLE_KEYS = {
                        choices=("all", "deep")),
     "input_video": Key(None, "str", "video continuation: an MP4 whose first frames become known latent frames",
                        path="file"),
+    "interpolate_from": Key(None, "str", "interpolation: the first picture of a path through the flow's noise space "
+                                         "to --interpolate_to, drawn as --num_samples points, both ends included",
+                            path="file"),
+    "interpolate_to": Key(None, "str", "interpolation: the last picture of the path", path="file"),
     "target_noise_std": ARGUMENTS["noise_std"].replace(
         help="noise level of the samples: prompt 'Noise Level', input-image noise and denoising (default noise_std)"),
     "disable_learnable_denoiser": flag(0, "denoise with the flow's score step even if a learned denoiser exists"),
@@ -117,11 +124,11 @@ def slug(text, limit=80):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "samples"
 
 
-def regen_command(argv, caption, seed, aspect, out_dir, checkpoint):
-    """The command line that regenerates one sample: this run's flags with this prompt, seed and aspect, 1 sample,
-    the checkpoint it came from (a step folder, not a run's moving latest), written to <out_dir>/regenerated (so it
-    cannot overwrite this run's files). Flags that are not sample.py's (evaluate.py --generate passes its own) are
-    left out."""
+def regen_command(argv, caption, seed, aspect, out_dir, checkpoint, samples=1):
+    """The command line that regenerates one sample (an interpolation: its whole path of `samples` points): this
+    run's flags with this prompt, seed and aspect, the checkpoint it came from (a step folder, not a run's moving
+    latest), written to <out_dir>/regenerated (so it cannot overwrite this run's files). Flags that are not
+    sample.py's (evaluate.py --generate passes its own) are left out."""
     replaced = {"caption", "seed", "num_samples", "sample_batch_size", "aspect_ratio", "output_dir", "checkpoint_path"}
     kept, skip = [], False
     for tok in argv:
@@ -131,7 +138,8 @@ def regen_command(argv, caption, seed, aspect, out_dir, checkpoint):
         if not skip:
             kept.append(tok)
     new = ["--checkpoint_path", checkpoint, "--caption", caption, "--seed", str(seed), "--aspect_ratio", aspect,
-           "--num_samples", "1", "--sample_batch_size", "1", "--output_dir", os.path.join(out_dir, "regenerated")]
+           "--num_samples", str(samples), "--sample_batch_size", "1", "--output_dir",
+           os.path.join(out_dir, "regenerated")]
     return "python sample.py " + " ".join(shlex.quote(t) for t in kept + new)
 
 
@@ -172,17 +180,25 @@ def parse_config(argv, extra_keys=None):
             setattr(cfg, key, value if getattr(cfg, key) is None else getattr(cfg, key))
     if cfg.mask and not cfg.input_image:
         raise UserError("--mask inpaints --input_image: give the picture with --input_image")
-    if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video))) > 1 or (cfg.edit_image and cfg.input_image):
-        raise UserError("--edit_image, --input_image --mask and --input_video are separate modes: give one")
-    if cfg.negative_prompt is not None and (cfg.edit_image or cfg.mask):
-        raise UserError("--negative_prompt steers sampling from noise; editing and inpainting guide away from the null "
-                        "prompt (editing describes the picture with --source_caption)")
+    if bool(cfg.interpolate_from) != bool(cfg.interpolate_to):
+        raise UserError("interpolation needs both ends: give --interpolate_from and --interpolate_to")
+    if sum(map(bool, (cfg.edit_image, cfg.mask, cfg.input_video, cfg.interpolate_from))) > 1 or \
+            (cfg.input_image and (cfg.edit_image or cfg.interpolate_from)):
+        raise UserError("--edit_image, --input_image --mask, --input_video and --interpolate_from/_to are separate "
+                        "modes: give one")
+    if cfg.negative_prompt is not None and sample_mode(cfg) != "sample":
+        raise UserError("--negative_prompt steers sampling from noise; editing, inpainting and interpolation guide "
+                        "away from the null prompt (editing describes the picture with --source_caption)")
+    if cfg.prior_temp != 1 and sample_mode(cfg) != "sample":
+        raise UserError("--prior_temp scales the noise that sampling starts from; editing, inpainting and "
+                        "interpolation start from the pictures' own noise (use --edit_refresh to mix in fresh noise)")
     return cfg
 
 
 def sample_mode(cfg):
-    """'edit', 'inpaint' or 'sample' (text-to-image/video, image-to-video, video continuation)."""
-    return "edit" if cfg.edit_image else "inpaint" if cfg.mask else "sample"
+    """'edit', 'inpaint', 'interpolate' or 'sample' (text-to-image/video, image-to-video, video continuation)."""
+    return "edit" if cfg.edit_image else "inpaint" if cfg.mask else "interpolate" if cfg.interpolate_from else \
+        "sample"
 
 
 def sample_settings(cfg, denoiser):
@@ -190,8 +206,9 @@ def sample_settings(cfg, denoiser):
     settings = dict(mode=sample_mode(cfg), denoiser=denoiser, cfg=guidance_scale(cfg),
                     negative_prompt=cfg.negative_prompt, jacobi=cfg.jacobi,
                     jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
-                    jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, target_length=cfg.target_length,
-                    context_length=cfg.context_length, input_image=cfg.input_image, input_video=cfg.input_video,
+                    jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, prior_temp=cfg.prior_temp,
+                    target_length=cfg.target_length, context_length=cfg.context_length, input_image=cfg.input_image,
+                    input_video=cfg.input_video,
                     noise_std=cfg.target_noise_std or cfg.noise_std, model_config_path=cfg.model_config_path,
                     checkpoint_path=cfg.checkpoint_path, weights=checkpoint_weights(cfg.checkpoint_path,
                                                                                     cfg.ema_weights))
@@ -201,7 +218,15 @@ def sample_settings(cfg, denoiser):
     if settings["mode"] == "inpaint":
         settings.update(source_image=cfg.input_image, mask=cfg.mask, inpaint_rounds=cfg.inpaint_rounds,
                         inpaint_candidates=cfg.inpaint_candidates)
+    if settings["mode"] == "interpolate":
+        settings.update(interpolate_from=cfg.interpolate_from, interpolate_to=cfg.interpolate_to,
+                        path_points=cfg.num_samples)
     return settings
+
+
+def path_fraction(index, points):
+    """Where sample `index` of an interpolation of `points` samples lies on the path (0: --interpolate_from)."""
+    return index / (points - 1)
 
 
 def sample_round(pipe, cfg, batch, aspect):
@@ -219,9 +244,14 @@ def sample_round(pipe, cfg, batch, aspect):
     if mode == "inpaint":
         return pipe.inpaint(cfg.input_image, cfg.mask, captions, rounds=cfg.inpaint_rounds,
                             candidates=cfg.inpaint_candidates, **common)
+    if mode == "interpolate":  # every round decodes its points of the one path, whose ends share the base seed's noise
+        common["generator"] = torch.Generator().manual_seed(cfg.seed)
+        return pipe.interpolate([cfg.interpolate_from, cfg.interpolate_to], captions[0],
+                                steps=[path_fraction(i, cfg.num_samples) for _, _, i in batch], **common)
     return pipe(captions, num_samples=1, target_length=cfg.target_length, fps=cfg.out_fps,
                 input_image=cfg.input_image, input_video=cfg.input_video, context_length=cfg.context_length,
-                denoising_batch_size=cfg.denoising_batch_size, negative_prompt=cfg.negative_prompt, **common)
+                denoising_batch_size=cfg.denoising_batch_size, negative_prompt=cfg.negative_prompt,
+                prior_temp=cfg.prior_temp, **common)
 
 
 def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
@@ -233,10 +263,11 @@ def write_samples(out, mine, stem_of, rank, aspect, settings, command_of):
             write_video(stem + ".mp4", np.stack([np.asarray(f) for f in out.frames[j]]), out.fps)
         else:
             write_png(stem + ".png", np.asarray(out.images[j]))
-        write_json(stem + ".json", dict(
-            prompt=caption, text=out.prompts[j], seed=seed, index=index, rank=rank, height=h, width=w,
-            aspect_ratio=aspect, frames=len(out.frames[j]) if out.frames is not None else 1, fps=out.fps,
-            **settings, command=command_of(caption, seed, aspect)))
+        info = dict(prompt=caption, text=out.prompts[j], seed=seed, index=index, rank=rank, height=h, width=w,
+                    aspect_ratio=aspect, frames=len(out.frames[j]) if out.frames is not None else 1, fps=out.fps)
+        if settings["mode"] == "interpolate":  # the points of the one path share its seed, the base seed
+            info.update(seed=seed - index, fraction=path_fraction(index, settings["path_points"]))
+        write_json(stem + ".json", dict(info, **settings, command=command_of(caption, info["seed"], aspect)))
 
 
 GO_ON = "the same command again goes on where this run stopped"
@@ -250,7 +281,7 @@ def sampling_request(cfg, captions, world_size, ignore=()):
     rank count (Jacobi decides convergence per batch) and the files read as they are on disk now: the checkpoint,
     a fine-tuned decoder, input pictures (a retrained checkpoint is another request)."""
     files = (cfg.checkpoint_path, resolve_finetuned_vae(cfg.finetuned_vae, cfg.logdir), cfg.input_image,
-             cfg.edit_image, cfg.mask, cfg.input_video)
+             cfg.edit_image, cfg.mask, cfg.input_video, cfg.interpolate_from, cfg.interpolate_to)
     config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SAMPLING and k not in ignore}
     text = json.dumps(dict(config=config, captions=captions, files=[file_stamp(f) for f in files if f],
                            world_size=world_size), sort_keys=True, default=str)
@@ -310,7 +341,8 @@ def check_request(pipe, cfg, captions, num_samples):
                           target_length=cfg.target_length, context_length=cfg.context_length,
                           negative_prompt=cfg.negative_prompt if mode == "sample" else None, cfg=guidance_scale(cfg))
     for picture, what in ((cfg.edit_image, "edit image"), (cfg.input_image if mode == "inpaint" else None,
-                                                          "input image"), (cfg.mask, "mask")):
+                                                          "input image"), (cfg.mask, "mask"),
+                          (cfg.interpolate_from, "interpolate_from"), (cfg.interpolate_to, "interpolate_to")):
         if picture is not None:
             check_image(picture, what)
 
@@ -358,6 +390,12 @@ def main(argv=None):
     dist_info = distributed.init_distributed(cfg.device)
     rank, world = dist_info.rank, dist_info.world_size
     num_samples = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * world)
+    path = sample_mode(cfg) == "interpolate"
+    if path and (len(captions) != 1 or num_samples < 2):
+        raise UserError(f"interpolation draws one path of --num_samples points, both ends included: give one prompt "
+                        f"and at least 2 points (got {len(captions)} prompt(s), {num_samples} point(s))")
+    if path:  # sample_round and the JSONs place each point on the path by the count
+        cfg.num_samples = num_samples
     if checkpoint_weights(cfg.checkpoint_path, cfg.ema_weights) != cfg.checkpoint_path and distributed.is_main():
         print(f"note: sampling the moving average of the weights ({EMA_WEIGHTS}; --ema_weights 0 samples the "
               f"trained weights)")
@@ -391,7 +429,7 @@ def main(argv=None):
                          os.path.join(out_dir, f"{prefix}_latents_{mine[0][2]:04d}.safetensors"))
         write_samples(out, mine, stem_of, rank, aspect, dict(sample_settings(cfg, out.denoiser), request=request),
                       lambda caption, seed, aspect: regen_command(argv, caption, seed, aspect, out_dir,
-                                                                               cfg.checkpoint_path))
+                                                                  cfg.checkpoint_path, num_samples if path else 1))
     distributed.barrier()
     if distributed.is_main():
         write_grids(out_dir, prefix, items, video=pipe.video and (cfg.target_length or pipe.train_frames) > 1)

@@ -27,17 +27,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, MNISTDataset  # noqa: E402
 from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, demo_parser, ink, load_demo,  # noqa: E402
-                          train_classifier, write_report)
+                          to_unit, train_classifier, write_report)
 from utils.config import guidance_scale  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png  # noqa: E402
 
 INK = 0.25  # brightest channel above this (in [0, 1]) counts as ink, as in demo_quality
-
-
-def to_unit(images):
-    """PIL images -> (N, 3, H, W) float in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
 
 
 def prompt(digit, colour):

@@ -10,9 +10,10 @@ cycling, seeds 0..N-1, the same prompts and seeds for every setting), against th
 `--ref_samples` tinted test digits (cached in --out_dir). The "real digits" row is the FID of `--samples` other test
 digits against the same statistics (when the 10,000 test digits suffice): what a perfect model scores at this sample
 count (FID is biased upwards at small counts, so compare rows at one count). The full protocol, 10k samples against
-all test digits, is `--samples 10000 --ref_samples 10000` (a GPU's work). Prints a table, writes
-<out_dir>/demo_eval.json.
+all test digits, is `--samples 10000 --ref_samples 10000` (a GPU's work). `--prior_temps 1 0.8` scores every
+setting at each prior temperature (pipe(prior_temp=)). Prints a table, writes <out_dir>/demo_eval.json.
 """
+import itertools
 import os
 import sys
 import time
@@ -65,12 +66,12 @@ def reference_stats(net, config, args):
     return load_stats(path), path
 
 
-def sample_images(pipe, prompts, cfg, decoder, seed, batch):
+def sample_images(pipe, prompts, cfg, decoder, seed, batch, prior_temp=1.0):
     """uint8 samples for the prompts (sample i seeded seed + i, as sample.py), and the seconds it took."""
     images, start = [], time.perf_counter()
     for first in range(0, len(prompts), batch):
         chunk = prompts[first:first + batch]
-        out = pipe([p for _, _, p in chunk], cfg=cfg, output_type="np", **DECODERS[decoder],
+        out = pipe([p for _, _, p in chunk], cfg=cfg, output_type="np", prior_temp=prior_temp, **DECODERS[decoder],
                    generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))])
         images += list(out.images)
     return images, time.perf_counter() - start
@@ -125,14 +126,14 @@ def run(args):
         print(f"{'real test digits':<26}{floor['fid']:>9.3f}{floor['sfid']:>9.3f}{floor['kid']:>10.5f}"
               f"{floor['precision']:>11.4f}{floor['recall']:>9.4f}")
     prompts = fid_prompts(args.samples)
-    for cfg in args.cfg:
-        for decoder in args.decoders:
-            images, seconds = sample_images(pipe, prompts, cfg, decoder, args.seed, args.batch)
-            r = scores_to(ref, features_of(net, images, args.batch, f"inception cfg {cfg:g} {decoder}"))
-            report["fid"].append({"setting": f"cfg {cfg:g}, {decoder}", "cfg": cfg, "decoder": decoder, **r,
-                                  "sampling_seconds": round(seconds, 1)})
-            print(f"{f'cfg {cfg:g}, {decoder}':<26}{r['fid']:>9.3f}{r['sfid']:>9.3f}{r['kid']:>10.5f}"
-                  f"{r['precision']:>11.4f}{r['recall']:>9.4f}{seconds:>12.1f}")
+    for cfg, decoder, temp in itertools.product(args.cfg, args.decoders, args.prior_temps):
+        setting = f"cfg {cfg:g}, {decoder}" + ("" if temp == 1 else f", T {temp:g}")
+        images, seconds = sample_images(pipe, prompts, cfg, decoder, args.seed, args.batch, temp)
+        r = scores_to(ref, features_of(net, images, args.batch, f"inception {setting}"))
+        report["fid"].append({"setting": setting, "cfg": cfg, "decoder": decoder, "prior_temp": temp, **r,
+                              "sampling_seconds": round(seconds, 1)})
+        print(f"{setting:<26}{r['fid']:>9.3f}{r['sfid']:>9.3f}{r['kid']:>10.5f}"
+              f"{r['precision']:>11.4f}{r['recall']:>9.4f}{seconds:>12.1f}")
     report["fid_seconds"] = round(time.perf_counter() - start, 1)
 
     if args.bpd_items:
@@ -180,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--ref_samples", type=int, default=500, help="test digits behind the reference statistics")
     parser.add_argument("--cfg", type=float, nargs="+", default=[0.0, 3.0], help="guidance scales")
     parser.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=list(DECODERS))
+    parser.add_argument("--prior_temps", type=float, nargs="+", default=[1.0],
+                        help="prior temperatures (the noise's standard deviation) to score each setting at")
     parser.add_argument("--bpd_items", type=int, default=10000, help="test digits for bits/dim (0: skip)")
     parser.add_argument("--rank_items", type=int, default=500, help="test digits to classify (0: skip)")
     parser.add_argument("--batch", type=int, default=50, help="images per sampling / Inception batch")

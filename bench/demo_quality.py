@@ -47,6 +47,11 @@ def ink(pixels):
     return pixels.amax(1, keepdim=True)
 
 
+def to_unit(images):
+    """PIL images -> (N, 3, H, W) float in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+
+
 def colour_of(pixels):
     """Index into COLOUR_NAMES of the tint nearest to the mean ink colour (both scaled to a maximum of 1)."""
     mask = (ink(pixels) > INK_THRESHOLD).float()

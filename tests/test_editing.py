@@ -1,6 +1,8 @@
-"""Editing, inpainting and video continuation by flow inversion (STARFlowPipeline.edit / inpaint / input_video, and
-sample.py's --edit_image, --input_image --mask, --input_video), on tiny models and the shipped demos."""
+"""Editing, inpainting, interpolation and video continuation by flow inversion (STARFlowPipeline.edit / inpaint /
+interpolate / input_video, and sample.py's --edit_image, --input_image --mask, --interpolate_from/_to,
+--input_video), on tiny models and the shipped demos."""
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 import sample
+from utils import recipe
 from utils.errors import UserError
 from utils.image import write_video
 from utils.pipeline import STARFlowPipeline
@@ -151,6 +154,58 @@ def test_editing_needs_a_text_conditional_image_model(demo, pictures):
         demo.text_encoder = encoder
 
 
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_interpolation_starts_and_ends_at_the_pictures(tiny_t2i, cfg):
+    """The path's ends decode to both pictures' noisy latents (the same noise on both) to float precision; the
+    points between are the slerp of their encodings, decoded."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    out = pipe.interpolate(images, "a blue square", steps=4, cfg=cfg, generator=torch.Generator().manual_seed(5),
+                           output_type="latent")
+    request = pipe.check_inputs(["a blue square"], cfg=cfg, num_samples=4)
+    x0 = pipe.encode_images(images, request)
+    noisy = x0 + pipe.config.noise_std * torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(5))
+    assert out.noisy_latents.shape == (4, *x0.shape[1:])
+    torch.testing.assert_close(out.noisy_latents[[0, -1]], noisy, atol=1e-4, rtol=0)
+    _, _, y = pipe.encode_prompt(request, None)
+    pair = torch.cat([part[:2] for part in y.split(4)])  # the prompt (and the null prompt) for both ends
+    z, _ = pipe.likelihood(noisy, pair, cfg)
+    torch.testing.assert_close(pipe.likelihood(out.noisy_latents, y, cfg)[0],
+                               recipe.slerp(z[0], z[1], [0, 1 / 3, 2 / 3, 1]), atol=1e-4, rtol=0)
+    middle = pipe.interpolate(images, "a blue square", steps=[0.5], cfg=cfg,
+                              generator=torch.Generator().manual_seed(5), output_type="latent")
+    assert (middle.noisy_latents[0] - noisy).flatten(1).abs().max(1).values.min() > 1e-2
+
+
+def test_interpolating_demo_digits_gives_them_back_at_the_ends(demo, pictures):
+    """No added noise and no denoising: the first and last pixels of the path are the pictures', exactly."""
+    out = demo.interpolate(pictures[:2], "", steps=5, cfg=0.0, noise_std=0)
+    assert out.denoiser == "none" and len(out.images) == 5
+    for k, picture in ((0, pictures[0]), (-1, pictures[1])):
+        assert np.array_equal(np.asarray(out.images[k]), np.asarray(picture))
+    assert not np.array_equal(np.asarray(out.images[2]), np.asarray(pictures[0]))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(steps=1), ValueError, r"steps must be at least 2 \(the two pictures\), got 1"),
+    (dict(steps=[0.5, 1.5]), ValueError, r"steps must be a count \(>= 2\) or a non-empty list of fractions in"),
+    (dict(images="one"), ValueError, r"interpolate takes two pictures"),
+    (dict(prompt=["a", "b"]), TypeError, r"prompt must be a string \(one prompt for the whole path\)"),
+    (dict(generator=[torch.Generator()]), TypeError, r"generator must be one torch.Generator"),
+])
+def test_interpolation_input_errors(demo, pictures, kwargs, error, match):
+    call = {"images": pictures[:2], "prompt": "a red seven", **kwargs}
+    with pytest.raises(error, match=match):
+        demo.interpolate(**call)
+
+
+def test_interpolation_needs_an_image_model(tmp_path):
+    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO, device="cpu")
+    with pytest.raises(UserError, match="interpolation works on image models"):
+        pipe.interpolate([tmp_path / "a.png", tmp_path / "b.png"], "a one")
+
+
 def make_clip(path, frames, size):
     """A bright square moving right on black, (frames, size, size, 3) uint8, written as MP4."""
     clip = np.zeros((frames, size, size, 3), np.uint8)
@@ -211,11 +266,38 @@ def test_sample_cli_edit_inpaint_and_continue(demo, pictures, tmp_path):
         str(tmp_path / "clip.mp4")
 
 
+def test_sample_cli_interpolates(demo, pictures, tmp_path):
+    """sample.py draws the path as --num_samples points, each JSON says where on it, and the grid is the path;
+    regenerating gives the same path."""
+    for k in range(2):
+        pictures[k].save(tmp_path / f"seven{k}.png")
+    argv = ["--checkpoint_path", str(DEMO), "--caption", "a red seven", "--interpolate_from",
+            str(tmp_path / "seven0.png"), "--interpolate_to", str(tmp_path / "seven1.png"), "--num_samples", "4",
+            "--sample_batch_size", "3", "--seed", "7", "--output_dir", str(tmp_path / "path")]
+    assert sample.main(argv) == 0
+    infos = [json.loads((tmp_path / "path" / f"a_red_seven_{i:04d}.json").read_text()) for i in range(4)]
+    assert [i["fraction"] for i in infos] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert {i["seed"] for i in infos} == {7} and {i["mode"] for i in infos} == {"interpolate"}
+    assert (tmp_path / "path" / "a_red_seven_grid.png").is_file()
+    command = shlex.split(infos[2]["command"])
+    assert command[command.index("--num_samples") + 1] == "4" and command[command.index("--seed") + 1] == "7"
+    assert sample.main(command[2:]) == 0
+    for i in range(4):
+        again = Image.open(tmp_path / "path" / "regenerated" / f"a_red_seven_{i:04d}.png")
+        assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "path" / f"a_red_seven_{i:04d}.png")))
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--mask", "m.png"], "--mask inpaints --input_image"),
     (["--edit_image", "a.png", "--input_video", "v.mp4"], "separate modes"),
     (["--edit_image", "missing.png"], "'edit_image': 'missing.png' does not exist"),
     (["--edit_refresh", "2"], "edit_refresh' must be between 0.0 and 1.0"),
+    (["--interpolate_from", "a.png"], "interpolation needs both ends: give --interpolate_from and --interpolate_to"),
+    (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--num_samples", "1"],
+     "interpolation draws one path of --num_samples points, both ends included"),
+    (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--edit_image", "a.png"], "separate modes"),
+    (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--prior_temp", "0.8"],
+     "--prior_temp scales the noise that sampling starts from"),
 ])
 def test_sample_cli_mode_errors(flags, match, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -805,6 +805,9 @@ def test_each_bad_input_gets_one_clear_error(tiny_inception, tiny_t2i, tmp_path,
         (["--images", good, "--ref", good, "--inception", tmp_path / "none.pt"], "Inception network file .*not found"),
         (["--images", good, "--ref", good, "--inception", os.path.join(good, "img_000.png")], "TorchScript"),
         (["--images", good, "--checkpoint_path", tiny_t2i["safetensors"]], "--checkpoint_path is used by"),
+        ([*model, "--generate", 1, "--caption", "x", "--ref", good, "--interpolate_from",
+          os.path.join(good, "img_000.png"), "--interpolate_to", os.path.join(good, "img_000.png")],
+         "--generate 1 scores samples of prompts; an interpolation path"),
         (["--images", good, "--save_stats", tmp_path / "s.txt", *net], r"\.npz"),
     ]
     for flags, message in cases:

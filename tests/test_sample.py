@@ -208,7 +208,8 @@ def bad_config(model, tmp_path, **changes):
     ("no_checkpoint", r"--checkpoint_path is required: a train.py checkpoint folder .* or weights"),
     ("weights_without_config", r"--model_config_path is required: .*tiny_t2i.pth is not a checkpoint folder"),
     ("negative_without_guidance", r"a negative prompt acts through classifier-free guidance, which cfg 0 turns off"),
-    ("negative_when_editing", r"--negative_prompt steers sampling from noise; editing and inpainting"),
+    ("negative_when_editing", r"--negative_prompt steers sampling from noise; editing, inpainting and interpolation"),
+    ("prior_temp_when_inpainting", r"--prior_temp scales the noise that sampling starts from; editing, inpainting and"),
 ])
 def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeypatch, case, match):
     bad_png = tmp_path / "broken.png"
@@ -234,6 +235,8 @@ def test_bad_input_one_clear_error(tiny_t2i, tiny_t2v, tmp_path, capsys, monkeyp
         "weights_without_config": t2i[2:],
         "negative_without_guidance": t2i + ["--negative_prompt", "blurry", "--cfg", "0"],
         "negative_when_editing": t2i + ["--negative_prompt", "blurry", "--edit_image", str(bad_png)],
+        "prior_temp_when_inpainting": t2i + ["--prior_temp", "0.7", "--input_image", str(bad_png), "--mask",
+                                             str(bad_png)],
     }[case]
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv, "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as e:
@@ -272,18 +275,24 @@ def test_output_types(tiny_t2i):
         draw("tensor")
 
 
-def test_negative_prompt_takes_the_null_prompts_place_in_guidance(tiny_t2i, tmp_path):
-    """Guidance pushes away from the negative prompt: the flow decoded with its text as the second branch, by hand;
-    the null prompt as the negative prompt is the default; sample.py records it and regenerates with it."""
-    pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"])
+@pytest.mark.parametrize("kind", ["t2i", "t2v"])
+def test_negative_prompt_takes_the_null_prompts_place_in_guidance(tiny_t2i, tiny_t2v, tmp_path, kind):
+    """Guidance pushes away from the negative prompt: the flow decoded with its text as the second branch, by hand
+    (images and videos); the null prompt as the negative prompt is the default; sample.py records it and
+    regenerates with it."""
+    model = {"t2i": tiny_t2i, "t2v": tiny_t2v}[kind]
+    # the tiny video model's 8 text tokens hold its prompt's fps and noise lines alone: without them it reads the prompt
+    plain_prompts = {"fps_cond": 0, "cond_noise_level": 0} if kind == "t2v" else None
+    pipe = STARFlowPipeline.from_pretrained(model["config"], model["pth"], overrides=plain_prompts)
     draw = lambda **kw: pipe(["a corgi", "a cat"], cfg=2.0, output_type="latent",  # noqa: E731
                              generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
     plain, away = draw(), draw(negative_prompt=["a dog", "blurry"])
     torch.testing.assert_close(draw(negative_prompt="").noisy_latents, plain.noisy_latents, rtol=0, atol=0)
-    noise = torch.stack([torch.randn(pipe.config.channel_size, 4, 4, generator=torch.Generator().manual_seed(i))
+    request = pipe.check_inputs(["a corgi"])
+    noise = torch.stack([torch.randn(request.latent_shape[1:], generator=torch.Generator().manual_seed(i))
                          for i in range(2)])
-    decorate = lambda texts: [recipe.decorate_prompt(pipe.config, t, 0, None, pipe.config.noise_std)  # noqa: E731
-                              for t in texts]
+    decorate = lambda texts: [recipe.decorate_prompt(pipe.config, t, request.fps, None,  # noqa: E731
+                                                     pipe.config.noise_std) for t in texts]
     y = torch.cat([pipe.encode_text(decorate(["a corgi", "a cat"])), pipe.encode_text(decorate(["a dog", "blurry"]))])
     by_hand = pipe.model(noise, y, mode="reverse", guidance=2.0)
     torch.testing.assert_close(away.noisy_latents, by_hand, rtol=1e-5, atol=1e-5)
@@ -292,9 +301,35 @@ def test_negative_prompt_takes_the_null_prompts_place_in_guidance(tiny_t2i, tmp_
         draw(negative_prompt=["a dog"])
     with pytest.raises(TypeError, match="negative_prompt must be a string or a list of strings"):
         draw(negative_prompt=3)
-    out = run(tiny_t2i, tmp_path, "--caption", "a corgi", "--num_samples", 1, "--negative_prompt", "a dog")
-    info = meta(out / "a_corgi_0000.png")
+    out = run(model, tmp_path, "--caption", "a corgi", "--num_samples", 1, "--negative_prompt", "a dog")
+    info = meta(out / ("a_corgi_0000.png" if kind == "t2i" else "a_corgi_0000.mp4"))
     assert info["negative_prompt"] == "a dog" and "--negative_prompt 'a dog'" in info["command"]
+
+
+@pytest.mark.parametrize("kind", ["t2i", "t2v"])
+def test_prior_temperature_scales_the_noise_that_decoding_starts_from(tiny_t2i, tiny_t2v, tmp_path, kind):
+    """prior_temp T decodes T x the seed's noise (checked by inverting the samples: the likelihood pass gives that
+    noise back); 1 is the default exactly; 0 decodes the prior's mode, the same for every seed; sample.py records
+    the temperature and regenerates with it."""
+    model = {"t2i": tiny_t2i, "t2v": tiny_t2v}[kind]
+    pipe = STARFlowPipeline.from_pretrained(model["config"], model["pth"])
+    draw = lambda seeds, **kw: pipe(["a corgi"] * len(seeds), cfg=0.0, output_type="latent",  # noqa: E731
+                                    generator=[torch.Generator().manual_seed(i) for i in seeds], **kw)
+    shape = pipe.check_inputs(["a corgi"]).latent_shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    y = pipe.encode_text([recipe.decorate_prompt(pipe.config, "a corgi", pipe.check_inputs("a corgi").fps, None,
+                                                 pipe.config.noise_std)] * 2)
+    cool = draw([0, 1], prior_temp=0.6)
+    z, _ = pipe.likelihood(cool.noisy_latents, y)
+    torch.testing.assert_close(z, 0.6 * noise, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(draw([0, 1], prior_temp=1.0).noisy_latents, draw([0, 1]).noisy_latents, rtol=0, atol=0)
+    assert (cool.noisy_latents - draw([0, 1]).noisy_latents).abs().max() > 1e-3
+    mode = draw([0, 1], prior_temp=0.0).noisy_latents
+    torch.testing.assert_close(mode[0], mode[1], rtol=0, atol=0)
+    if kind == "t2i":
+        out = run(model, tmp_path, "--caption", "a corgi", "--num_samples", 1, "--prior_temp", 0.6)
+        info = meta(out / "a_corgi_0000.png")
+        assert info["prior_temp"] == 0.6 and "--prior_temp 0.6" in info["command"]
 
 
 def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):

@@ -43,6 +43,8 @@ ARGUMENTS = {
     "jacobi_max_iter": Key(None, "int", "jacobi True: iterations per chunk (default 32); 'auto': evaluations of a "
                                         "token at most", low=1),
     "attn_temp": Key(1.0, "float", "attention temperature (divides the attention logits' scale)", above=0),
+    "prior_temp": Key(1.0, "float", "prior temperature T: decoding starts from noise drawn from N(0, T^2 I) (Glow's "
+                                    "reduced-temperature sampling; below 1, cleaner and less varied samples)", low=0),
     "target_length": Key(None, "int", "video frames to generate (default: the training length)", low=1),
     "fps": Key(None, "float", "video fps in the prompt text (default: the fps of vid_size)", above=0),
     "context_length": Key(None, "int", "latent frames kept as context when the window slides (default 16, at "
@@ -97,6 +99,7 @@ class _Request:
     window: int = None  # latent frames of the sliding window (long videos), else None
     context: int = None
     negatives: list = None  # guidance's second prompt per sample (negative_prompt), else the null prompt
+    prior_temp: float = 1.0  # the standard deviation of the noise that decoding starts from
 
 
 def resolve_finetuned_vae(value, logdir):
@@ -128,6 +131,18 @@ def _check_generator(generator, samples):
         return
     raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(5)) or a list of one "
                     f"per sample, got {_described(generator)}")
+
+
+def interpolation_fractions(steps):
+    """interpolate's `steps`: a count (>= 2, evenly spaced with both ends) or a list of fractions in [0, 1]."""
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2 (the two pictures), got {steps}")
+        return torch.linspace(0, 1, steps).tolist()
+    if isinstance(steps, (list, tuple)) and steps and all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in steps):
+        return [float(t) for t in steps]
+    raise ValueError(f"steps must be a count (>= 2) or a non-empty list of fractions in [0, 1], got "
+                     f"{_described(steps)}")
 
 
 class STARFlowPipeline:
@@ -287,7 +302,8 @@ class STARFlowPipeline:
         request = _Request(captions=captions, cfg=guidance_scale(c) if cfg is None else float(cfg),
                            generator=generator if generator is not None else torch.Generator().manual_seed(0),
                            noise_std=c.noise_std if s["noise_std"] is None else s["noise_std"], video=video,
-                           fps=int(fps) if float(fps).is_integer() else fps, size=(h, w), latent_shape=shape)
+                           fps=int(fps) if float(fps).is_integer() else fps, size=(h, w), latent_shape=shape,
+                           prior_temp=float(s["prior_temp"]))
         request.negatives = self.negative_prompts(negative_prompt, prompts, request.cfg, s["num_samples"])
         train_T = self.latent_frames(self.train_frames) if self.video else 1
         if video and T > train_T:
@@ -363,8 +379,9 @@ class STARFlowPipeline:
         return self.text_encoder.encode(texts).to(self.dtype)
 
     def prepare_noise(self, request):
-        """Per-sample Gaussian noise on the CPU (device independent), one generator per sample or one for all."""
-        return self._randn(request.latent_shape, request.generator)
+        """Per-sample Gaussian noise on the CPU (device independent), one generator per sample or one for all, at
+        the request's prior temperature."""
+        return self._randn(request.latent_shape, request.generator) * request.prior_temp
 
     def _randn(self, shape, generators):
         """Gaussian noise drawn on the CPU (the same on every device), one generator per sample or one for all."""
@@ -436,7 +453,7 @@ class STARFlowPipeline:
                  jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
                  denoising_batch_size=None, score_denoise_steps=None, output_type="pil", input_video=None,
-                 negative_prompt=None):
+                 negative_prompt=None, prior_temp=1.0):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
@@ -448,7 +465,8 @@ class STARFlowPipeline:
         latent frames). denoiser: 'auto' (learned if the model has one), 'learned', 'score', or 'none' (automatic
         when a fine-tuned VAE decoder is loaded); score_denoise_steps: score steps (default: the config's).
         output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode). negative_prompt: str, or one per
-        prompt: guidance pushes away from it instead of from the null prompt (needs cfg > 0).
+        prompt: guidance pushes away from it instead of from the null prompt (needs cfg > 0). prior_temp: the
+        noise's standard deviation (1: the model's distribution; below 1 trades variety for cleaner samples).
         """
         request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, input_video,
                                     negative_prompt, num_samples=num_samples, cfg=cfg,
@@ -456,7 +474,8 @@ class STARFlowPipeline:
                                     jacobi_max_iter=jacobi_max_iter, attn_temp=attn_temp, target_length=target_length,
                                     fps=fps, context_length=context_length, noise_std=noise_std, denoiser=denoiser,
                                     denoising_batch_size=denoising_batch_size,
-                                    score_denoise_steps=score_denoise_steps, output_type=output_type)
+                                    score_denoise_steps=score_denoise_steps, output_type=output_type,
+                                    prior_temp=prior_temp)
         method = self.choose_denoiser(denoiser, request)
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
         noise = self.prepare_noise(request)
@@ -569,6 +588,41 @@ class STARFlowPipeline:
             x = tries.view(candidates, B, *tries.shape[1:])[best, torch.arange(B)]
         clean = torch.where(hole, self.denoise(x, y_cond, request, method), x0)
         return self._output(self.postprocess(clean, request, output_type), clean, x, texts, request, method)
+
+    @torch.no_grad()
+    def interpolate(self, images, prompt, steps=8, cfg=None, generator=None, aspect_ratio=None, noise_std=None,
+                    denoiser="auto", output_type="pil", **sampling):
+        """Pictures on the path from images[0] to images[1] through the flow's noise space.
+
+        Both pictures get the same noise_std noise (the path changes the pictures, not their noise) and are encoded
+        to z by the exact likelihood pass under `prompt` ('' is the null prompt) with guidance cfg. The points at
+        `steps` (a count, evenly spaced with both ends; or a list of fractions in [0, 1]) of the spherical path
+        between the two z's (recipe.slerp) are decoded under the same prompt and guidance, so the ends give the
+        pictures back (to float precision before denoising). sampling: the jacobi settings and attn_temp of
+        __call__.
+        """
+        fractions = interpolation_fractions(steps)
+        if not isinstance(images, (list, tuple)) or len(images) != 2:
+            raise ValueError(f"interpolate takes two pictures (a list or tuple of paths or PIL images), got "
+                             f"{_described(images)}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (one prompt for the whole path), got {_described(prompt)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be one torch.Generator (the pictures' noise), got {_described(generator)}")
+        if self.video:
+            raise UserError("interpolation works on image models")
+        request = self.check_inputs([prompt], generator, aspect_ratio, cfg=cfg, noise_std=noise_std,
+                                    output_type=output_type, num_samples=len(fractions))
+        method = "none" if request.noise_std == 0 else self.choose_denoiser(denoiser, request)
+        x0 = self.encode_images(images, request)
+        eps = self._randn((1, *x0.shape[1:]), request.generator).to(x0.device)
+        x = recipe.noise_augment(x0, request.noise_std, eps)
+        texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
+        ends = None if y is None else torch.cat([part[:1].repeat(2, 1, 1) for part in y.split(len(fractions))])
+        z, _ = self.likelihood(x, ends, request.cfg)
+        out = self.decode(recipe.slerp(z[0], z[1], fractions), y, request, **sampling)
+        clean = self.denoise(out, y_cond, request, method)
+        return self._output(self.postprocess(clean, request, output_type), clean, out, texts, request, method)
 
     def latent_mask(self, pixel_mask):
         """(H, W) bool pixel mask -> (1, 1, h, w) latent mask, whole patches: a token is regenerated when any of

@@ -9,7 +9,8 @@ through it, so the two cannot drift apart:
   x - 0.3 * prediction;
 - denoising a sample: that learned step, score (Tweedie) steps with the flow itself, or none (a decoder
   fine-tuned on noisy latents takes it over);
-- prompts: the fps line, noise level and aspect text the official models saw, and the null prompt of guidance.
+- prompts: the fps line, noise level and aspect text the official models saw, and the null prompt of guidance;
+- the path between two pictures' noise (slerp) that interpolation decodes.
 """
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,18 @@ def denoiser_loss(prediction, target):
 
 
 # ----------------------------------------------------------------------------------------------- sampling
+def slerp(a, b, fractions):
+    """Points at `fractions` of the great-circle arc from a to b (one row per fraction): the path through Gaussian
+    noise that keeps its norm, where the straight line shrinks two independent draws to 1/sqrt(2) of it midway."""
+    t = torch.as_tensor(fractions, dtype=torch.float64).view(-1, *[1] * a.dim())
+    a64, b64 = a.double(), b.double()
+    cos = (a64.flatten() @ b64.flatten() / (a64.norm() * b64.norm()).clamp(min=1e-30)).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if omega < 1e-6:  # (nearly) parallel: the arc is the line
+        return ((1 - t) * a64 + t * b64).to(a.dtype)
+    return ((torch.sin((1 - t) * omega) * a64 + torch.sin(t * omega) * b64) / torch.sin(omega)).to(a.dtype)
+
+
 def choose_denoiser(requested, has_learned, finetuned_decoder=False):
     """'auto' -> 'none' when a decoder fine-tuned on noisy latents decodes, else 'learned' when the model has a
     self-denoiser, else 'score'; an explicit choice is checked against the model."""
