@@ -131,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--per_combo", type=int, default=5, help="clips per (digit, direction) pair")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's cfg)")
     parser.add_argument("--timing", type=int, default=1, help="also sample with Jacobi and compare times (0: skip)")
+    parser.add_argument("--prior_temp", type=float, default=1.0, help="prior temperature (the noise's std)")
     add_common_args(parser, batch=40, out_dir="logs/demo_video_quality")
     return run_cli(run, parser.parse_args(argv))
 
@@ -142,7 +143,7 @@ def run(args):
     digit_size = moving_digit_size(config.img_size)
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"checkpoint_path": args.checkpoint_path, "vid_size": config.vid_size, "img_size": config.img_size,
-              "cfg": cfg, "per_combo": args.per_combo}
+              "cfg": cfg, "per_combo": args.per_combo, "prior_temp": args.prior_temp}
     entries, denoised_by = denoising(args, config, pipe)
     report.update(entries)
 
@@ -160,12 +161,13 @@ def run(args):
     if args.timing:
         samplers.append(("jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3)))
     report["samplers"] = []
-    print(f"\n{len(prompts)} clips of {frames} frames, cfg {cfg:g}, {denoised_by}, {args.threads} threads")
+    print(f"\n{len(prompts)} clips of {frames} frames, cfg {cfg:g}, prior temperature {args.prior_temp:g}, "
+          f"{denoised_by}, {args.threads} threads")
     print(f"{'sampler':<28}{'digit':>8}{'direction':>11}{'both':>8}{'seconds':>9}")
     for name, sampler in samplers:
         start = time.perf_counter()
         clips = generate(pipe, prompts, cfg, args.seed, args.batch, denoiser=args.denoiser,
-                         score_denoise_steps=args.score_denoise_steps, **sampler)
+                         score_denoise_steps=args.score_denoise_steps, prior_temp=args.prior_temp, **sampler)
         seconds = time.perf_counter() - start
         result = dict(score(net, clips, prompts, digit_size), sampler=name, seconds=round(seconds, 1))
         report["samplers"].append(result)
