@@ -86,10 +86,11 @@ SAMPLE_KEYS = {
                        choices=("all", "deep")),
     "input_video": Key(None, "str", "video continuation: an MP4 whose first frames become known latent frames",
                        path="file"),
-    "interpolate_from": Key(None, "str", "interpolation: the first picture of a path through the flow's noise space "
-                                         "to --interpolate_to, drawn as --num_samples points, both ends included",
-                            path="file"),
-    "interpolate_to": Key(None, "str", "interpolation: the last picture of the path", path="file"),
+    "interpolate_from": Key(None, "str", "interpolation: the first picture (video models: MP4) of a path through the "
+                                         "flow's noise space to --interpolate_to, drawn as --num_samples points, "
+                                         "both ends included", path="file"),
+    "interpolate_to": Key(None, "str", "interpolation: the last picture (video models: MP4) of the path",
+                          path="file"),
     "target_noise_std": ARGUMENTS["noise_std"].replace(
         help="noise level of the samples: prompt 'Noise Level', input-image noise and denoising (default noise_std)"),
     "disable_learnable_denoiser": flag(0, "denoise with the flow's score step even if a learned denoiser exists"),
@@ -340,9 +341,9 @@ def check_request(pipe, cfg, captions, num_samples):
                           jacobi=JACOBI_MODES[cfg.jacobi], input_video=cfg.input_video, num_samples=num_samples,
                           target_length=cfg.target_length, context_length=cfg.context_length,
                           negative_prompt=cfg.negative_prompt if mode == "sample" else None, cfg=guidance_scale(cfg))
+    ends = [] if pipe.video else [(cfg.interpolate_from, "interpolate_from"), (cfg.interpolate_to, "interpolate_to")]
     for picture, what in ((cfg.edit_image, "edit image"), (cfg.input_image if mode == "inpaint" else None,
-                                                          "input image"), (cfg.mask, "mask"),
-                          (cfg.interpolate_from, "interpolate_from"), (cfg.interpolate_to, "interpolate_to")):
+                                                          "input image"), (cfg.mask, "mask"), *ends):
         if picture is not None:
             check_image(picture, what)
 
@@ -394,6 +395,9 @@ def main(argv=None):
     if path and (len(captions) != 1 or num_samples < 2):
         raise UserError(f"interpolation draws one path of --num_samples points, both ends included: give one prompt "
                         f"and at least 2 points (got {len(captions)} prompt(s), {num_samples} point(s))")
+    if path and cfg.target_length is not None:
+        raise UserError("interpolation draws clips of the training length (the videos' first frames); drop "
+                        "--target_length")
     if path:  # sample_round and the JSONs place each point on the path by the count
         cfg.num_samples = num_samples
     if checkpoint_weights(cfg.checkpoint_path, cfg.ema_weights) != cfg.checkpoint_path and distributed.is_main():

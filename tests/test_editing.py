@@ -200,10 +200,24 @@ def test_interpolation_input_errors(demo, pictures, kwargs, error, match):
         demo.interpolate(**call)
 
 
-def test_interpolation_needs_an_image_model(tmp_path):
-    pipe = STARFlowPipeline.from_pretrained(VIDEO_DEMO, device="cpu")
-    with pytest.raises(UserError, match="interpolation works on image models"):
-        pipe.interpolate([tmp_path / "a.png", tmp_path / "b.png"], "a one")
+def test_interpolating_videos_starts_and_ends_at_the_clips(tiny_t2v, tmp_path):
+    """A video model's path joins two clips: its ends decode to the clips' noisy latents (the Wan-style VAE's
+    5 frames -> 2 latent frames); a clip shorter than the model's is one clear error."""
+    pipe = STARFlowPipeline.from_pretrained(tiny_t2v["config"], tiny_t2v["pth"])
+    clips = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    make_clip(clips[0], 5, 32)
+    write_video(clips[1], make_clip(tmp_path / "c.mp4", 5, 32)[::-1].copy(), 5)  # the square moving left
+    out = pipe.interpolate(clips, "a square", steps=3, cfg=2.0, generator=torch.Generator().manual_seed(1))
+    request = pipe.check_inputs(["a square"], cfg=2.0, num_samples=3)
+    x0 = pipe.encode_clips(clips, request)
+    noisy = x0 + pipe.config.noise_std * torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(1))
+    assert x0.shape == (2, *request.latent_shape[1:]) and len(out.frames) == 3 and len(out.frames[0]) == 5
+    torch.testing.assert_close(out.noisy_latents[[0, -1]], noisy, atol=1e-4, rtol=0)
+    make_clip(tmp_path / "short.mp4", 3, 32)
+    with pytest.raises(UserError, match="short.mp4' has 3 frames; this model's clips have 5"):
+        pipe.interpolate([clips[0], tmp_path / "short.mp4"], "a square")
+    with pytest.raises(UserError, match="interpolating videos takes two video files"):
+        pipe.interpolate([clips[0], Image.new("RGB", (32, 32))], "a square")
 
 
 def make_clip(path, frames, size):
@@ -285,6 +299,21 @@ def test_sample_cli_interpolates(demo, pictures, tmp_path):
     for i in range(4):
         again = Image.open(tmp_path / "path" / "regenerated" / f"a_red_seven_{i:04d}.png")
         assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "path" / f"a_red_seven_{i:04d}.png")))
+
+
+def test_sample_cli_interpolates_clips(tmp_path):
+    """sample.py on the video demo: a path between two clips, an MP4 per point and the grid MP4."""
+    make_clip(tmp_path / "a.mp4", 5, 20)
+    write_video(tmp_path / "b.mp4", make_clip(tmp_path / "c.mp4", 5, 20)[::-1].copy(), 5)
+    argv = ["--checkpoint_path", str(VIDEO_DEMO), "--caption", "", "--cfg", "0", "--interpolate_from",
+            str(tmp_path / "a.mp4"), "--interpolate_to", str(tmp_path / "b.mp4"), "--num_samples", "3",
+            "--output_dir", str(tmp_path / "path")]
+    assert sample.main(argv) == 0
+    infos = [json.loads((tmp_path / "path" / f"unconditional_{i:04d}.json").read_text()) for i in range(3)]
+    assert [i["fraction"] for i in infos] == [0.0, 0.5, 1.0] and {i["frames"] for i in infos} == {5}
+    assert (tmp_path / "path" / "unconditional_grid.mp4").is_file()
+    with pytest.raises(UserError, match="interpolation draws clips of the training length"):
+        sample.main(argv + ["--target_length", "9"])
 
 
 @pytest.mark.parametrize("flags, match", [

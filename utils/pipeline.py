@@ -416,6 +416,21 @@ class STARFlowPipeline:
         pixels = torch.cat([load_image(image, request.size) for image in images]).to(self.device)
         return self.vae.encode(pixels, sample=False).float()
 
+    def encode_clips(self, videos, request):
+        """Videos (paths) -> clean latents (B, T, C, h, w) of the request's latent frames: each video's first
+        1 + tf (T - 1) frames, cropped and resized like an image (VAE posterior mean)."""
+        frames = 1 + self.vae.temporal_factor * (request.latent_shape[1] - 1)
+        latents = []
+        for video in videos:
+            if not isinstance(video, (str, os.PathLike)) or not os.path.isfile(video):
+                raise UserError(f"interpolating videos takes two video files, got {_described(video)}")
+            pixels = load_video(video, request.size, max_frames=frames)
+            if len(pixels) < frames:
+                raise UserError(f"'{video}' has {len(pixels)} frames; this model's clips have {frames}, so "
+                                f"interpolation needs videos of at least {frames} frames")
+            latents.append(self.vae.encode(pixels.transpose(0, 1)[None].to(self.device), sample=False))
+        return torch.cat(latents).float()
+
     def likelihood(self, x, y, guidance=0.0):
         """The flow's density pass on latents x under text y: (z, per-sample NLL in nats); with guidance > 0
         (y = cat([y_cond, y_uncond])) the guided map, the exact inverse of guided decoding."""
@@ -592,29 +607,28 @@ class STARFlowPipeline:
     @torch.no_grad()
     def interpolate(self, images, prompt, steps=8, cfg=None, generator=None, aspect_ratio=None, noise_std=None,
                     denoiser="auto", output_type="pil", **sampling):
-        """Pictures on the path from images[0] to images[1] through the flow's noise space.
+        """Pictures (a video model: clips) on the path from images[0] to images[1] through the flow's noise space.
 
         Both pictures get the same noise_std noise (the path changes the pictures, not their noise) and are encoded
         to z by the exact likelihood pass under `prompt` ('' is the null prompt) with guidance cfg. The points at
         `steps` (a count, evenly spaced with both ends; or a list of fractions in [0, 1]) of the spherical path
         between the two z's (recipe.slerp) are decoded under the same prompt and guidance, so the ends give the
-        pictures back (to float precision before denoising). sampling: the jacobi settings and attn_temp of
+        pictures back (to float precision before denoising). A video model takes two videos of at least its
+        training length (their first frames of that length). sampling: the jacobi settings and attn_temp of
         __call__.
         """
         fractions = interpolation_fractions(steps)
         if not isinstance(images, (list, tuple)) or len(images) != 2:
-            raise ValueError(f"interpolate takes two pictures (a list or tuple of paths or PIL images), got "
-                             f"{_described(images)}")
+            raise ValueError(f"interpolate takes two pictures (a list or tuple of paths or PIL images; video "
+                             f"models: of video paths), got {_described(images)}")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (one prompt for the whole path), got {_described(prompt)}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be one torch.Generator (the pictures' noise), got {_described(generator)}")
-        if self.video:
-            raise UserError("interpolation works on image models")
         request = self.check_inputs([prompt], generator, aspect_ratio, cfg=cfg, noise_std=noise_std,
                                     output_type=output_type, num_samples=len(fractions))
         method = "none" if request.noise_std == 0 else self.choose_denoiser(denoiser, request)
-        x0 = self.encode_images(images, request)
+        x0 = self.encode_clips(images, request) if request.video else self.encode_images(images, request)
         eps = self._randn((1, *x0.shape[1:]), request.generator).to(x0.device)
         x = recipe.noise_augment(x0, request.noise_std, eps)
         texts, y_cond, y = self.encode_prompt(request, aspect_ratio)
