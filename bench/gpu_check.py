@@ -1,4 +1,5 @@
-"""The GPU check: correctness, 3B and 7B sampling, 3B FSDP2 training and the demo's sample.py, in one prepared run.
+"""The GPU check: correctness, 3B and 7B sampling, 3B FSDP2 training, the demo's sample.py and inversion, in one
+prepared run.
 
     python bench/gpu_check.py --prepare gpu_assets          # here: what ../shared and the wheels cannot bring there
     python bench/gpu_check.py --device cuda                 # on one GPU (an H200: 5-6 minutes, estimated); to $OUT
@@ -15,7 +16,9 @@ Steps (--steps picks some):
   4 3B training: train.py's Run steps on random latents, bf16, FSDP2 in a one-rank process group, the largest batch
     that fits with and without gradient checkpointing, step time, images/s, peak memory and MFU;
   5 sample.py on checkpoints/demo_mnist_t2i: bf16 on the device against float32 on the CPU, digits read by
-    bench/demo_quality.py's classifier.
+    bench/demo_quality.py's classifier;
+  6 inversion on the device (the demo, float32 and bf16): edits to a sample's own prompt and interpolation ends
+    give the pixels back, inpainting keeps the pixels outside its mask.
 Random weights cannot say how good a sample is; they time and size the real code paths. Text comes from a random
 flan-t5-xl-shaped encoder (the real one cannot be downloaded there); sampling stops at latents (no VAE decode).
 Writes gpu_check.json, gpu_check.md and demo_bf16_vs_fp32.png to --out_dir (default $OUT) as it goes.
@@ -742,6 +745,51 @@ def check_demo(ctx, report):
                accuracy=acc, agreement=agree, mean_pixel_gap=pixel, seconds=seconds)
 
 
+def pixel_errors(pictures, others):
+    """(largest, mean) |pixel difference| over pairs of PIL pictures, in 8-bit levels."""
+    gaps = [np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)) for a, b in zip(pictures, others)]
+    return int(max(g.max() for g in gaps)), float(np.mean([g.mean() for g in gaps]))
+
+
+def check_inversion(ctx, report):
+    """What only an invertible model does, run on the device: demo samples come back from an edit to their own
+    prompt (guidance 0 and 3) and from the ends of an interpolation, with no added noise; inpainting keeps every
+    pixel outside its mask. float32 (TF32 off) must give the pixels back (a level at most, for kernels that round
+    differently); bf16 may cost up to 2 levels on average (on a CPU: 0.1 to 0.6)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    text = ctx.asset("minilm")
+    prompts = ["a red seven", "a blue two"]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(prompts))]  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        mask = Path(tmp) / "lower_half.png"
+        size = load_config(str(DEMO / "config.yaml")).img_size
+        Image.fromarray(np.kron(np.array([[0], [255]], np.uint8), np.ones((size // 2, size), np.uint8))).save(mask)
+        for dtype, largest_allowed, mean_allowed in (("float32", 1, 0.05), ("bfloat16", None, 2.0)):
+            pipe = STARFlowPipeline.from_pretrained(DEMO, device=ctx.device, dtype=dtype,
+                                                    overrides=None if text is None else {"text": str(text)})
+            with Stopwatch(ctx.device) as clock:
+                pictures = pipe(prompts, cfg=3.0, generator=gens()).images
+                errors = {f"edit_cfg_{w:g}": pixel_errors(pictures, pipe.edit(
+                    pictures, prompts, source_prompt=prompts, cfg=w, noise_std=0, generator=gens()).images)
+                    for w in (0.0, 3.0)}
+                path = pipe.interpolate(pictures, "", steps=3, cfg=0.0, noise_std=0).images
+                errors["interpolation_ends"] = pixel_errors(pictures, path[::2])
+                filled = pipe.inpaint(pictures[0], mask, "a red one", rounds=1, candidates=2,
+                                      generator=torch.Generator().manual_seed(0)).images[0]
+                errors["inpainting_kept_half"] = pixel_errors([pictures[0].crop((0, 0, size, size // 2))],
+                                                              [filled.crop((0, 0, size, size // 2))])
+            largest = max(e[0] for e in errors.values())
+            mean = max(e[1] for k, e in errors.items() if k != "inpainting_kept_half")
+            ok = errors["inpainting_kept_half"][0] == 0 and mean <= mean_allowed and \
+                (largest_allowed is None or largest <= largest_allowed)
+            words = ", ".join(f"{k} {e[0]} / {e[1]:.3f}" for k, e in errors.items())
+            report.add("6", f"inversion on {ctx.device}, {dtype}", ok,
+                       f"largest / mean pixel error (8-bit levels): {words}; {clock.seconds:.1f} s",
+                       errors={k: {"largest": e[0], "mean": round(e[1], 4)} for k, e in errors.items()},
+                       seconds=clock.seconds)
+
+
 # ------------------------------------------------------------------------------------------------ memory plan
 def memory_plan():
     """Memory to sample and to train the 3B and 7B models, computed (not measured) from exact parameter counts on
@@ -829,7 +877,7 @@ def prepare(folder):
 
 # ------------------------------------------------------------------------------------------------------ main
 STEPS = {"1": ("correctness", check_correctness), "2": ("3B sampling", sample_3b), "3": ("7B sampling", sample_7b),
-         "4": ("3B training", train_3b), "5": ("demo sample.py", check_demo)}
+         "4": ("3B training", train_3b), "5": ("demo sample.py", check_demo), "6": ("inversion", check_inversion)}
 
 
 def main(argv=None):
@@ -837,7 +885,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny stand-ins for the 3B and 7B models (CPU, CI)")
     parser.add_argument("--out_dir", default=os.environ.get("OUT"), help="report folder (default $OUT)")
-    parser.add_argument("--steps", default="1,2,3,4,5", help="which steps to run, e.g. 2,4")
+    parser.add_argument("--steps", default="1,2,3,4,5,6", help="which steps to run, e.g. 2,4")
     parser.add_argument("--assets", default=str(ROOT / "gpu_assets") if (ROOT / "gpu_assets").is_dir() else None,
                         help="the folder --prepare wrote (default gpu_assets/ when present)")
     parser.add_argument("--official", default=None, help="the original code (default <assets>/official, else "

@@ -22,7 +22,7 @@ def test_every_step_runs_on_tiny_stand_ins(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failures"] == 0 and report["tiny"] and report["device"] == "cpu"
     checks = report["checks"]
-    assert {c["step"] for c in checks} == {"1", "2", "3", "4", "5"}
+    assert {c["step"] for c in checks} == {"1", "2", "3", "4", "5", "6"}
     printed = [line for line in proc.stdout.splitlines() if line.startswith("[") and "]" in line and ": " in line
                and line.split("] ", 1)[1][:4] in ("ok  ", "FAIL", "skip")]
     assert len(printed) == len(checks)  # one line per check, as it goes
@@ -35,6 +35,8 @@ def test_every_step_runs_on_tiny_stand_ins(tmp_path):
     assert len(original) == 2 and all(c["ratio_ours_over_original"] > 0 for c in original)
     assert all(c["batch"] == 4 for c in checks if c["step"] == "4")  # the --tiny cap
     assert (tmp_path / "demo_bf16_vs_fp32.png").stat().st_size > 0
+    inversion = {c["check"]: c["errors"] for c in checks if c["step"] == "6"}
+    assert {e["largest"] for e in inversion["inversion on cpu, float32"].values()} == {0}
 
 
 def test_batch_search_finds_the_edge():
