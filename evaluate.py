@@ -442,7 +442,8 @@ def likelihood_metrics(pipe, cfg, info):
                 "scale" if pixel else
                 f"bits per latent dimension: NLL in the VAE's latent space (posterior mean plus the training noise "
                 f"noise_std {cfg.noise_std}); not comparable with pixel-space bits/dim")
-        report["bpd"] = {"mean": mean, "stderr": stderr, "unit": unit}
+        report["bpd"] = {"mean": mean, "stderr": stderr, "unit": unit,
+                         "items": {"index": out["index"].tolist(), "bits_per_dim": np.round(bpd, 6).tolist()}}
         if noise == "train":
             report["bpd"]["noise_entropy"] = noise_entropy_bits(cfg, LEVEL if pixel else None)
     if "scores" in out:

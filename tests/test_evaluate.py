@@ -429,6 +429,8 @@ def test_bits_per_dim_equals_a_hand_computation_on_a_tiny_flow(tiny_pixel_flow, 
         bits.append((-log_p.item() / 192 + math.log(127.5)) / math.log(2))  # density per 8-bit level
     assert report["bpd"]["mean"] == pytest.approx(np.mean(bits), abs=2e-4)
     assert report["bpd"]["stderr"] == pytest.approx(np.std(bits, ddof=1) / math.sqrt(5), rel=1e-2, abs=1e-4)
+    assert report["bpd"]["items"]["index"] == list(range(5))  # each item's own, for ranking or outlier analyses
+    assert report["bpd"]["items"]["bits_per_dim"] == pytest.approx(bits, abs=2e-4)
     assert report["likelihood_data"]["items"] == 5 and report["likelihood_data"]["noise"] == noise
     assert ("noise_entropy" in report["bpd"]) == (noise == "train")
 
@@ -552,6 +554,8 @@ def test_generate_then_score_and_torchrun_two_ranks_match_one_process(tiny_t2i, 
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
     assert two["bpd"]["mean"] == pytest.approx(one["bpd"]["mean"], rel=1e-6)
     assert two["bpd"]["stderr"] == pytest.approx(one["bpd"]["stderr"], rel=1e-5)
+    assert two["bpd"]["items"]["index"] == one["bpd"]["items"]["index"]
+    assert two["bpd"]["items"]["bits_per_dim"] == pytest.approx(one["bpd"]["items"]["bits_per_dim"], rel=1e-6)
     for name in os.listdir(tmp_path / "one"):
         if name.endswith(".png"):
             assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)),
