@@ -11,7 +11,9 @@ cycling, seeds 0..N-1, the same prompts and seeds for every setting), against th
 digits against the same statistics (when the 10,000 test digits suffice): what a perfect model scores at this sample
 count (FID is biased upwards at small counts, so compare rows at one count). The full protocol, 10k samples against
 all test digits, is `--samples 10000 --ref_samples 10000` (a GPU's work). `--prior_temps 1 0.8` scores every
-setting at each prior temperature (pipe(prior_temp=)). Prints a table, writes <out_dir>/demo_eval.json.
+setting at each prior temperature (pipe(prior_temp=)). Bits/dim: evaluate.py --bpd over --bpd_items test digits;
+the most and least likely of them by the exact likelihood go to <out_dir>/likelihood_extremes.png. Prints a table,
+writes <out_dir>/demo_eval.json.
 """
 import itertools
 import os
@@ -29,13 +31,14 @@ from demo_quality import demo_parser, load_demo, write_report  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
-from utils.image import to_uint8  # noqa: E402
+from utils.image import to_uint8, write_png  # noqa: E402
 from utils.metrics import (PR_NEIGHBOURS, InceptionV3, feature_stats, frechet_distance,  # noqa: E402
                            inception_features, kernel_inception_distance, load_stats, precision_recall, save_stats,
                            split_spatial)
 
 DECODERS = {"sequential": {}, "jacobi": dict(jacobi=True, jacobi_block_size=16, jacobi_th=1e-3, jacobi_max_iter=32)}
 TEST_DIGITS = 10000
+EXTREMES = 12  # test digits shown at each end of the likelihood ranking
 
 
 def test_digits(config, start, count, seed):
@@ -75,6 +78,21 @@ def sample_images(pipe, prompts, cfg, decoder, seed, batch, prior_temp=1.0):
                    generator=[torch.Generator().manual_seed(seed + first + i) for i in range(len(chunk))])
         images += list(out.images)
     return images, time.perf_counter() - start
+
+
+def likelihood_extremes(config, items, args):
+    """The EXTREMES most and least likely test digits by their bits/dim, as one PNG (top row: the most likely);
+    their indices and bits/dim."""
+    order = np.argsort(items["bits_per_dim"])
+    picks = {"most_likely": order[:EXTREMES], "least_likely": order[::-1][:EXTREMES]}
+    data = MNISTDataset(config.img_size, colour=True, split="test")
+    rows = [np.concatenate([to_uint8(data.load(items["index"][k], args.seed)[0]) for k in ks], 1)
+            for ks in picks.values()]
+    path = os.path.join(args.out_dir, "likelihood_extremes.png")
+    gap = np.full((2, rows[0].shape[1], 3), 64, np.uint8)
+    write_png(path, np.concatenate([rows[0], gap, rows[1]]).repeat(4, 0).repeat(4, 1))
+    return {"picture": path, **{name: [{"index": int(items["index"][k]), "bits_per_dim": items["bits_per_dim"][k]}
+                                       for k in ks] for name, ks in picks.items()}}
 
 
 def scores_to(ref, scored):
@@ -146,9 +164,13 @@ def run(args):
             start = time.perf_counter()
             bpd = evaluate.likelihood_metrics(pipe, cfg, info)["bpd"]
             bpd["seconds"] = round(time.perf_counter() - start, 1)
+            items = bpd.pop("items")
             report["bits_per_dim"][noise] = bpd
             floor = f" (the noise alone: {bpd['noise_entropy']:.3f})" if "noise_entropy" in bpd else ""
             print(f"  {noise:<11} {bpd['mean']:.4f} +- {bpd['stderr']:.4f}  {bpd['unit']}{floor}")
+            if noise == "dequantize":
+                report["likelihood_extremes"] = likelihood_extremes(config, items, args)
+                print(f"  the {EXTREMES} most and least likely of them: {report['likelihood_extremes']['picture']}")
 
     if args.rank_items:
         prompts_file = os.path.join(args.out_dir, "digit_colour_prompts.txt")
