@@ -398,6 +398,8 @@ def main(argv=None):
     if path and cfg.target_length is not None:
         raise UserError("interpolation draws clips of the training length (the videos' first frames); drop "
                         "--target_length")
+    if path and cfg.aspect_ratio == "random":
+        raise UserError("--aspect_ratio random picks a size per batch, and a path's points share one: give a W:H")
     if path:  # sample_round and the JSONs place each point on the path by the count
         cfg.num_samples = num_samples
     if checkpoint_weights(cfg.checkpoint_path, cfg.ema_weights) != cfg.checkpoint_path and distributed.is_main():

@@ -325,6 +325,8 @@ def test_sample_cli_interpolates_clips(tmp_path):
     (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--num_samples", "1"],
      "interpolation draws one path of --num_samples points, both ends included"),
     (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--edit_image", "a.png"], "separate modes"),
+    (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--aspect_ratio", "random"],
+     "--aspect_ratio random picks a size per batch, and a path's points share one"),
     (["--interpolate_from", "a.png", "--interpolate_to", "a.png", "--prior_temp", "0.8"],
      "--prior_temp scales the noise that sampling starts from"),
 ])
