@@ -248,7 +248,8 @@ def sample_round(pipe, cfg, batch, aspect):
     if mode == "interpolate":  # every round decodes its points of the one path, whose ends share the base seed's noise
         common["generator"] = torch.Generator().manual_seed(cfg.seed)
         return pipe.interpolate([cfg.interpolate_from, cfg.interpolate_to], captions[0],
-                                steps=[path_fraction(i, cfg.num_samples) for _, _, i in batch], **common)
+                                steps=[0.0 if i is None else path_fraction(i, cfg.num_samples)  # None: padding
+                                       for _, _, i in batch], **common)
     return pipe(captions, num_samples=1, target_length=cfg.target_length, fps=cfg.out_fps,
                 input_image=cfg.input_image, input_video=cfg.input_video, context_length=cfg.context_length,
                 denoising_batch_size=cfg.denoising_batch_size, negative_prompt=cfg.negative_prompt,

@@ -2,7 +2,10 @@
 interpolate / input_video, and sample.py's --edit_image, --input_image --mask, --interpolate_from/_to,
 --input_video), on tiny models and the shipped demos."""
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +302,26 @@ def test_sample_cli_interpolates(demo, pictures, tmp_path):
     for i in range(4):
         again = Image.open(tmp_path / "path" / "regenerated" / f"a_red_seven_{i:04d}.png")
         assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "path" / f"a_red_seven_{i:04d}.png")))
+
+
+def test_interpolation_under_torchrun_equals_one_process(pictures, tmp_path):
+    """Two ranks share a path's points (rounds of 2 x 2, the last padded) and draw the same pixels as one process."""
+    for k in range(2):
+        pictures[k].save(tmp_path / f"seven{k}.png")
+    flags = ["--checkpoint_path", str(DEMO), "--caption", "a red seven", "--interpolate_from",
+             str(tmp_path / "seven0.png"), "--interpolate_to", str(tmp_path / "seven1.png"), "--num_samples", "5",
+             "--sample_batch_size", "2", "--jacobi", "0"]
+    assert sample.main(flags + ["--output_dir", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "sample.py", *flags, "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i in range(5):
+        one, two = (np.asarray(Image.open(tmp_path / d / f"a_red_seven_{i:04d}.png")) for d in ("one", "two"))
+        assert np.array_equal(one, two), i
+    assert [json.loads((tmp_path / "two" / f"a_red_seven_{i:04d}.json").read_text())["rank"] for i in range(5)] == \
+        [0, 0, 1, 1, 0]
 
 
 def test_sample_cli_interpolates_clips(tmp_path):
