@@ -12,6 +12,8 @@ through it, so the two cannot drift apart:
 - prompts: the fps line, noise level and aspect text the official models saw, and the null prompt of guidance;
 - the path between two pictures' noise (slerp) that interpolation decodes.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -104,13 +106,16 @@ def denoiser_loss(prediction, target):
 def slerp(a, b, fractions):
     """Points at `fractions` of the great-circle arc from a to b (one row per fraction): the path through Gaussian
     noise that keeps its norm, where the straight line shrinks two independent draws to 1/sqrt(2) of it midway."""
-    t = torch.as_tensor(fractions, dtype=torch.float64).view(-1, *[1] * a.dim())
-    a64, b64 = a.double(), b.double()
-    cos = (a64.flatten() @ b64.flatten() / (a64.norm() * b64.norm()).clamp(min=1e-30)).clamp(-1, 1)
-    omega = torch.arccos(cos)
+    # the angle and the weights in Python floats (float64 on any device: MPS has no float64 tensors); at t = 0 and 1
+    # the weights are exactly (1, 0) and (0, 1), so the ends are a and b themselves
+    cos = float(a.flatten().float() @ b.flatten().float()) / max(float(a.float().norm() * b.float().norm()), 1e-30)
+    omega = math.acos(min(1.0, max(-1.0, cos)))
     if omega < 1e-6:  # (nearly) parallel: the arc is the line
-        return ((1 - t) * a64 + t * b64).to(a.dtype)
-    return ((torch.sin((1 - t) * omega) * a64 + torch.sin(t * omega) * b64) / torch.sin(omega)).to(a.dtype)
+        weights = [(1 - t, t) for t in fractions]
+    else:
+        weights = [(math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega))
+                   for t in fractions]
+    return torch.stack([wa * a + wb * b for wa, wb in weights])
 
 
 def choose_denoiser(requested, has_learned, finetuned_decoder=False):
