@@ -662,6 +662,48 @@ def tiny_i3d(tmp_path_factory):
     return str(path)
 
 
+
+class FlagRecorder(torch.nn.Module):
+    """Wraps a network and records CUDA's TF32 switches (cuDNN, matmul) at each call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, *args, **kwargs):
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.net(*args, **kwargs)
+
+
+@pytest.fixture
+def tf32_on():
+    """Both TF32 switches on (cuDNN's default) for the test, then as they were."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("network", ["inception", "i3d", "clip"])
+def test_metric_networks_run_without_tf32_and_restore_the_switches(network, tiny_inception, tiny_i3d, tiny_clip_dir,
+                                                                   tf32_on):
+    """cuDNN turns TF32 on by default: each metric network runs with both switches off (float32 features, as the
+    reference statistics'), and the caller's settings come back afterwards."""
+    if network == "clip":
+        scorer = metrics.CLIPScorer(tiny_clip_dir)
+        scorer.model = recorder = FlagRecorder(scorer.model)
+        scorer.scores([Image.fromarray(a) for a in random_images(2, 0)], ["a cat", "a dog"])
+    elif network == "i3d":
+        net = metrics.I3D(tiny_i3d)
+        net.net = recorder = FlagRecorder(net.net)
+        net.features(torch.zeros(1, 3, 4, 24, 24, dtype=torch.uint8))
+    else:
+        net = metrics.InceptionV3(tiny_inception)
+        net.net = recorder = FlagRecorder(net.net)
+        net.features(torch.zeros(2, 3, 299, 299))
+    assert recorder.seen == [(False, False)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
 def write_videos(folder, n, seed, frames=6, size=(24, 32), shift=0):
     """n MP4s of smooth colour blobs drifting by a random step a frame; returns the folder."""
     from utils.image import write_video

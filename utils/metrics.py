@@ -13,6 +13,7 @@ are Kynkaanniemi et al.'s (k = 3 nearest neighbours of the same features, as ADM
 cubic-kernel MMD^2 over 100 subsets of up to 1000, as StyleGAN2-ADA. sFID is the same Frechet distance of the
 first 7 channels of the graph's mixed_6/conv (17x17, 2023 features), as ADM's evaluator takes them. The CLIP score is
 max(100 * mean cos(image, prompt), 0), as torchmetrics defines it.
+The networks run with CUDA's TF32 off (`without_tf32`), so their features are float32 on every device.
 
 Videos: each is its first --video_frames frames (16 by default). The image metrics take those frames as images
 (per-frame FID); FVD is the Frechet distance of the clips' 400 features under StyleGAN-V's I3D TorchScript, called as
@@ -27,6 +28,7 @@ import json
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -162,6 +164,18 @@ def batched(loader, batch_size):
         yield torch.cat(pending)
 
 
+@contextmanager
+def without_tf32():
+    """CUDA's TF32 off for the call (cuDNN convolutions default to it on Ampere and later GPUs): the metric
+    networks' features are their float32 ones on every device, as the reference statistics are."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # --------------------------------------------------------------------------------------------------- Inception
 def sha1_of(path):
     digest = hashlib.sha1()
@@ -228,6 +242,7 @@ class InceptionV3:
         return list(layers.named_children())
 
     @torch.inference_mode()
+    @without_tf32()
     def features(self, x):
         """(N, 3, 299, 299) prepared inputs -> (N, D) float64 features (pool, then with `spatial` the sFID's)."""
         if self.layers is not None:
@@ -364,6 +379,7 @@ class I3D:
         return {"path": self.path, "sha1": self.sha1, "protocol": FVD_PROTOCOL}
 
     @torch.inference_mode()
+    @without_tf32()
     def features(self, clips):
         """uint8 (B, 3, T, H, W) -> (B, D) float64 features (fed as float 0..255, which rescale=True maps to
         [-1, 1] as it maps uint8)."""
@@ -480,6 +496,7 @@ class CLIPScorer:
         self.max_tokens = self.model.config.text_config.max_position_embeddings
 
     @torch.inference_mode()
+    @without_tf32()
     def scores(self, images, prompts):
         """100 * cos(image embedding, prompt embedding) per pair (prompts truncated to the text model's length)."""
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
