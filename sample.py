@@ -93,6 +93,8 @@ SAMPLE_KEYS = {
                           path="file"),
     "target_noise_std": ARGUMENTS["noise_std"].replace(
         help="noise level of the samples: prompt 'Noise Level', input-image noise and denoising (default noise_std)"),
+    "compile_decode": flag(0, "decode the token-by-token flow steps (--jacobi 0; auto's deep step on a CPU) through "
+                              "torch.compile'd graphs, compiled at the first batch (README, Sampling speed)"),
     "disable_learnable_denoiser": flag(0, "denoise with the flow's score step even if a learned denoiser exists"),
     "denoising_batch_size": ARGUMENTS["denoising_batch_size"],
     "output_dir": Key(None, "str", "output folder (default <logdir>/<checkpoint name>)", path="out"),
@@ -208,6 +210,7 @@ def sample_settings(cfg, denoiser):
                     negative_prompt=cfg.negative_prompt, jacobi=cfg.jacobi,
                     jacobi_th=cfg.jacobi_th, jacobi_block_size=cfg.jacobi_block_size,
                     jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp, prior_temp=cfg.prior_temp,
+                    compile_decode=cfg.compile_decode,
                     target_length=cfg.target_length, context_length=cfg.context_length, input_image=cfg.input_image,
                     input_video=cfg.input_video,
                     noise_std=cfg.target_noise_std or cfg.noise_std, model_config_path=cfg.model_config_path,
@@ -236,7 +239,8 @@ def sample_round(pipe, cfg, batch, aspect):
                   aspect_ratio=aspect, noise_std=cfg.target_noise_std,
                   denoiser="score" if cfg.disable_learnable_denoiser else "auto", jacobi=JACOBI_MODES[cfg.jacobi],
                   jacobi_block_size=cfg.jacobi_block_size, jacobi_th=cfg.jacobi_th,
-                  jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp)
+                  jacobi_max_iter=cfg.jacobi_max_iter, attn_temp=cfg.attn_temp,
+                  compile_decode=bool(cfg.compile_decode))
     captions = [cap for cap, _, _ in batch]
     mode = sample_mode(cfg)
     if mode == "edit":

@@ -6,8 +6,10 @@ the model stack (Model). Flow arithmetic runs in float32. The training and sampl
 loss weights, denoisers, prompts) lives in utils/recipe.py.
 """
 import dataclasses
+import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -165,16 +167,37 @@ def make_norm(norm_type, dim):
 
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer of one block, written at a cursor for incremental decoding."""
+    """Keys (after RoPE) and values of every layer of one block, written at a cursor for incremental decoding.
+
+    With `slot` set (a (1,) long tensor), one token is written at that slot and the whole buffer is returned, the
+    free slots masked by the trunk: every call has the same shapes, as a compiled decoding step needs."""
 
     def __init__(self, max_len):
         self.max_len = max_len
         self.length = 0
         self.text_len = 0  # slots taken by the text prefix
         self.keys, self.values = {}, {}
+        self.slot = None
+
+    def reserve(self, attentions, batch, dtype, device):
+        """Allocates every layer's buffers before a compiled step, which must not create them."""
+        for layer, attn in enumerate(attentions):
+            if layer not in self.keys:
+                shape = (batch, attn.num_kv_heads, self.max_len, attn.head_dim)
+                self.keys[layer] = torch.zeros(shape, dtype=dtype, device=device)
+                self.values[layer] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def visible(self):
+        """The keys the token at `slot` sees: (1, max_len) boolean, every slot up to its own."""
+        return (torch.arange(self.max_len, device=self.slot.device) <= self.slot)[None]
 
     def write(self, layer, k, v):
-        """Stores k, v (B, H, n, d) at [length, length + n) and returns everything up to there."""
+        """Stores k, v (B, H, n, d) at [length, length + n) and returns everything up to there (with `slot`: the
+        one token at slot, and the whole buffer)."""
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
@@ -315,7 +338,10 @@ class Trunk(nn.Module):
         """Runs the layers on hidden tokens h (after proj_in) preceded by raw text; rope rows start at `slot`."""
         text = self.proj_txt(text.to(self.proj_txt.weight.dtype)) if text is not None else None
         n = (0 if h is None else h.shape[1]) + (0 if text is None else text.shape[1])
-        if rope is not None:
+        if cache is not None and cache.slot is not None:  # one token at a tensor slot (KVCache)
+            rope = None if rope is None else rope.index_select(0, cache.slot)
+            mask = cache.visible()
+        elif rope is not None:
             rope = rope[slot:slot + n]
         if mask is None and cache is not None and cache.length and n > 1:
             # a chunk after cached tokens sees all of them and itself causally (a bottom-right aligned triangle)
@@ -365,6 +391,7 @@ class DecodeSchedule:
     threshold: float = 0.0
     sliding: bool = False
     guess: str = "input"  # first guess of undecoded tokens: "input" (the step's input z) or "zeros"
+    compiled: bool = False  # token by token through one torch.compile'd step of fixed shapes (block_size 1 only)
 
 
 SEQUENTIAL = DecodeSchedule()
@@ -390,6 +417,13 @@ class _Decoding:
     frame_len: int
     cache: KVCache
     offset: int = 0  # buffer index minus cache slot of the image tokens; moves when the window slides
+
+
+@functools.cache
+def compiled_next_tokens():
+    """MetaBlock.next_tokens under torch.compile (fixed shapes: one graph per block structure and batch), built
+    once; the weights stay inputs of the graph (no freezing), so changed weights are used."""
+    return torch.compile(MetaBlock.next_tokens, fullgraph=True, dynamic=False)
 
 
 def auto_kind(device):
@@ -453,8 +487,12 @@ class MetaBlock(Trunk):
         """
         h = self.proj_in(u.to(self.proj_in.weight.dtype))
         if self.pos_embed is not None:
-            first = slot - (cache.text_len if cache is not None else 0)
-            h = h + self.position_table(frames, frame_len)[first:first + h.shape[1]]
+            table = self.position_table(frames, frame_len)
+            if cache is not None and cache.slot is not None:
+                h = h + table.index_select(0, cache.slot - cache.text_len)
+            else:
+                first = slot - (cache.text_len if cache is not None else 0)
+                h = h + table[first:first + h.shape[1]]
         o = self.run(h, text, rope, slot, cache=cache, temp=temp)
         if self.soft_clip:
             o = self.soft_clip * torch.tanh(o / self.soft_clip)
@@ -508,6 +546,9 @@ class MetaBlock(Trunk):
                     self._slide_window(d, start, context)
                 if schedule.sliding:
                     start = self._decode_sliding(d, start, target, schedule, guidance)
+                    continue
+                if schedule.compiled:
+                    start = self._decode_compiled(d, start, target, guidance)
                     continue
                 first_frame = start <= d.frame_len
                 chunk = min(schedule.block_size if first_frame else schedule.later_block_size, target - start)
@@ -572,11 +613,8 @@ class MetaBlock(Trunk):
             if it == 0 and start > d.frame_len and chunk > 1:
                 # the same tokens one frame earlier are a better first guess than noise
                 inp = torch.cat([inp[:, :1], d.buffer[:, start + 1 - d.frame_len:start + chunk - d.frame_len]], 1)
-            mu, sigma = self.step(inp, None, d.rope, d.text_len + exact - d.offset, d.cache, d.temp, d.frames,
-                                  d.frame_len)
-            if guidance > 0:
-                mu, sigma = guide(mu, sigma, guidance)
-            new = mu + sigma * d.noise[:, exact:start + chunk]
+            new = self.next_tokens(inp, d.noise[:, exact:start + chunk], d.rope, d.text_len + exact - d.offset,
+                                   d.cache, d.temp, d.frames, d.frame_len, guidance)
             old = d.buffer[:, exact + 1:start + 1 + chunk]
             final = d.buffer[:, start + 1:exact + 1]  # the chunk's final tokens: changed by nothing
             done = it == schedule.max_iter - 1 or it == chunk - 1 or all_ranks_agree(
@@ -605,11 +643,8 @@ class MetaBlock(Trunk):
                 d.buffer[:, lo:top] = d.buffer[:, lo - d.frame_len:top - d.frame_len].clone()
             entered += [it] * (top - max(fresh, first))
             fresh = max(fresh, top)
-            mu, sigma = self.step(d.buffer[:, start:start + chunk], None, d.rope, d.text_len + start - d.offset,
-                                  d.cache, d.temp, d.frames, d.frame_len)
-            if guidance > 0:
-                mu, sigma = guide(mu, sigma, guidance)
-            new = mu + sigma * d.noise[:, start:start + chunk]
+            new = self.next_tokens(d.buffer[:, start:start + chunk], d.noise[:, start:start + chunk], d.rope,
+                                   d.text_len + start - d.offset, d.cache, d.temp, d.frames, d.frame_len, guidance)
             change = (new - d.buffer[:, start + 1:start + 1 + chunk]).pow(2).mean((0, 2)) / new.pow(2).mean()
             converged = change < schedule.threshold
             # entries computed max_iter times are taken as they are (a prefix: the window's oldest entries)
@@ -622,6 +657,35 @@ class MetaBlock(Trunk):
             start += n
             it += 1
         return end
+
+    def _decode_compiled(self, d, start, end, guidance):
+        """Tokens [start, end) one at a time, as sequential decoding, through one compiled step whose shapes never
+        change (the KV cache at a tensor slot, its free slots masked): no per-operation overhead. Returns end."""
+        cache = d.cache
+        cache.reserve([layer.attention for layer in self.attn_blocks], len(d.buffer), self.proj_in.weight.dtype,
+                      d.buffer.device)
+        cache.slot = torch.zeros(1, dtype=torch.long, device=d.buffer.device)
+        step = compiled_next_tokens()
+        with warnings.catch_warnings():
+            # inductor has no complex kernels: RoPE's one complex product (misc/pe.py) keeps its eager kernel
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+            try:
+                for t in range(start, end):
+                    cache.slot.fill_(d.text_len + t - d.offset)
+                    d.buffer[:, t + 1:t + 2] = step(self, d.buffer[:, t:t + 1], d.noise[:, t:t + 1], d.rope, 0, cache,
+                                                    d.temp, d.frames, d.frame_len, guidance)
+            finally:
+                cache.slot = None
+        cache.commit(end - start)
+        return end
+
+    def next_tokens(self, u, noise, rope, slot, cache, temp, frames, frame_len, guidance):
+        """The tokens that follow those of u (B', n, D), from their noise: mu + sigma * noise, guided when
+        guidance > 0 (rows: conditional, then unconditional)."""
+        mu, sigma = self.step(u, None, rope, slot, cache, temp, frames, frame_len)
+        if guidance > 0:
+            mu, sigma = guide(mu, sigma, guidance)
+        return mu + sigma * noise
 
     def prefill(self, cache, text, rope, temp):
         """Writes the text prefix into the cache (causal among text tokens)."""
@@ -779,12 +843,13 @@ class Model(nn.Module):
     @torch.no_grad()
     def _reverse(self, noise, y=None, guidance=0.0, attn_temp=1.0, jacobi=False, jacobi_block_size=None,
                  jacobi_th=None, jacobi_max_iter=None, cond_frames=None, local_attn_window=None, context_length=None,
-                 y_shallow=None):
+                 y_shallow=None, compile_decode=False):
         video = noise.dim() == 5
         tokens = self.patchify(noise)
         B, T, h, w, D = tokens.shape
         frame_len = h * w
-        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th, noise.device)
+        schedules = self.decode_schedules(jacobi, jacobi_block_size, jacobi_max_iter, jacobi_th, noise.device,
+                                          compile_decode)
         if not attn_temp > 0:
             raise ValueError(f"attn_temp must be > 0 (it divides the attention logits' scale), got {attn_temp}")
         if guidance > 0 and (y is None or len(y) != 2 * B):
@@ -827,12 +892,18 @@ class Model(nn.Module):
                                     prefix=None if known is None else known[i])
         return self.unpatchify(seq.view(B, T, h, w, D), video)
 
-    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None, device=None):
+    def decode_schedules(self, jacobi, block_size=None, max_iter=None, threshold=None, device=None, compiled=False):
         """One DecodeSchedule per flow step (shallow first, deep last): sequential (jacobi False), the original's
         Jacobi chunks (True; block 16, th 1e-3, 32 iterations unless given) or 'auto' (AUTO_SCHEDULE): sliding
         windows that never re-evaluate a committed token, over the whole sequence for the shallow steps, and over
         block_size tokens for the deep step on an accelerator (token by token on a CPU: `device`); max_iter caps
-        the evaluations of a token, threshold (given) replaces both of auto's thresholds."""
+        the evaluations of a token, threshold (given) replaces both of auto's thresholds. compiled: the steps
+        decoded token by token go through one compiled step (MetaBlock._decode_compiled)."""
+        schedules = self._schedules(jacobi, block_size, max_iter, threshold, device)
+        return [dataclasses.replace(s, compiled=True) if compiled and s.block_size == 1 and not s.sliding else s
+                for s in schedules]
+
+    def _schedules(self, jacobi, block_size, max_iter, threshold, device):
         if jacobi == "auto":
             a = AUTO_SCHEDULE
             shallow_th, deep_th = (a["threshold"], a["deep_threshold"]) if threshold is None else (threshold,) * 2

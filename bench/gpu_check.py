@@ -2,7 +2,7 @@
 prepared run.
 
     python bench/gpu_check.py --prepare gpu_assets          # here: what ../shared and the wheels cannot bring there
-    python bench/gpu_check.py --device cuda                 # on one GPU (an H200: 5-6 minutes, estimated); to $OUT
+    python bench/gpu_check.py --device cuda                 # on one GPU (an H200: 6-7 minutes, estimated); to $OUT
     python bench/gpu_check.py --device cpu --tiny --out_dir /tmp/gpu_check   # every step on tiny stand-ins (CI)
     python bench/gpu_check.py --plan                        # the computed memory table of the README
 
@@ -10,8 +10,9 @@ Steps (--steps picks some):
   1 correctness: the golden cases in float32 (TF32 off, the CPU tolerances), the same passes in bf16 autocast (their
     error against float32), and tests/test_flow.py's invariants with STARFLOW_TEST_DEVICE set to the device;
   2 the 3B text-to-image model (official config, bf16, random weights): 8 images at 256x256 with guidance 3.6,
-    sequential, Jacobi (block 16, th 1e-3) and `jacobi="auto"`; the original code on the
-    same weights in the same process, for the ratio;
+    sequential, Jacobi (block 16, th 1e-3), `jacobi="auto"` and sequential through compiled graphs
+    (`compile_decode`, timed after the call that compiles); the original code on the same weights in the same
+    process, for the ratio;
   3 the 7B text-to-video model: a 17-frame 480p clip with Jacobi (block 32, th 1e-3), extrapolated to 81 frames;
   4 3B training: train.py's Run steps on random latents, bf16, FSDP2 in a one-rank process group, the largest batch
     that fits with and without gradient checkpointing, step time, images/s, peak memory and MFU;
@@ -405,9 +406,10 @@ def flow_invariants(ctx):
 # ---------------------------------------------------------------------------------------------- sampling
 def timed_sample(pipe, prompts, **settings):
     """One pipeline call with per-sample seeds, ending at latents: seconds (total and the flow's decode), network
-    calls, peak memory."""
+    calls (None when compiled: a hook would enter the graph), peak memory."""
     device = pipe.device
-    calls = FlowCalls(pipe.model.blocks)
+    compiled = settings.get("compile_decode", False)
+    calls = SimpleNamespace(n=None, close=lambda: None) if compiled else FlowCalls(pipe.model.blocks)
     decode = {}
 
     def timed_decode(*args, **kwargs):
@@ -426,7 +428,7 @@ def timed_sample(pipe, prompts, **settings):
         del pipe.decode
         calls.close()
     return out, dict(seconds=round(clock.seconds, 3), decode_seconds=round(decode["seconds"], 3), calls=calls.n,
-                     seconds_per_call=round(decode["seconds"] / max(calls.n, 1), 5),
+                     seconds_per_call=None if compiled else round(decode["seconds"] / max(calls.n, 1), 5),
                      seconds_per_sample=round(clock.seconds / len(prompts), 3), peak_gib=peak_gib(device))
 
 
@@ -482,16 +484,26 @@ def sample_3b(ctx, report):
               text.encode(prompts[:2]).to(dtype))
     runs = [("sequential", dict(jacobi=False)), ("Jacobi block 16, th 1e-3", dict(jacobi=True, jacobi_block_size=16,
                                                                                  jacobi_th=1e-3, jacobi_max_iter=32)),
-            ("jacobi auto", dict(jacobi="auto"))]
+            ("jacobi auto", dict(jacobi="auto")), ("sequential, compiled", dict(jacobi=False, compile_decode=True))]
     ours = {}
     for name, settings in runs:
+        first = timed_sample(pipe, prompts, cfg=guidance, **settings)[1] if "compile_decode" in settings else None
         out, r = timed_sample(pipe, prompts, cfg=guidance, **settings)
         ours[name] = (out.noisy_latents, r)
         (h, w) = out.size
+        if first is None:
+            calls = f"{r['calls']} network calls, {1e3 * r['seconds_per_call']:.2f} ms/call"
+        else:  # the call after the one that compiled (float32 equality is tested on the CPU; this is bf16)
+            gap = max_err(out.noisy_latents, ours["sequential"][0])
+            eager = ours["sequential"][1]
+            r.update(first_decode_seconds=first["decode_seconds"], max_abs_diff_to_eager=gap, calls=eager["calls"],
+                     seconds_per_call=round(r["decode_seconds"] / eager["calls"], 5),  # eager's calls, compiled
+                     ratio_to_eager=round(r["decode_seconds"] / eager["decode_seconds"], 3))
+            calls = (f"compiled in the first call (decode {first['decode_seconds']:.1f} s), "
+                     f"{r['ratio_to_eager']:.2f}x eager sequential's decode time, max |compiled - eager| {gap:.2g}")
         report.add("2", f"3B ours, {name}", True,
                    f"{r['seconds_per_sample']:.2f} s/image ({r['seconds']:.1f} s for 8 at {w}x{h}, cfg 3.6; flow "
-                   f"decode {r['decode_seconds']:.1f} s), {r['calls']} network calls, "
-                   f"{1e3 * r['seconds_per_call']:.2f} ms/call, peak {gib(r['peak_gib'])}", **r)
+                   f"decode {r['decode_seconds']:.1f} s), {calls}, peak {gib(r['peak_gib'])}", **r)
 
     # the original on the same weights, inputs and settings, after ours has left the device
     request = pipe.check_inputs(prompts, [torch.Generator().manual_seed(i) for i in range(8)], cfg=guidance,

@@ -11,13 +11,15 @@ A network call is one pass of a flow step's transformer (what a GPU pays: latenc
 token through it (what a CPU pays: arithmetic); both counted per flow step. The gap to sequential decoding is the
 largest and the mean absolute difference of the samples (before denoising). With --fid_samples N, the demo's
 samples of every schedule go through evaluate.py's FID protocol: FID against the sequential samples of the same
-seeds, and against the tinted MNIST test digits. Prints tables, writes <out_dir>/sampling.json.
+seeds, and against the tinted MNIST test digits. The compiled rows decode the token-by-token steps through
+torch.compile'd graphs (sample.py --compile_decode 1), timed after a first run that compiles; they evaluate what
+their eager twins do, counted there. Prints tables, writes <out_dir>/sampling.json.
 """
 import argparse
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,8 +34,12 @@ SCHEDULES = {
     "jacobi block 64, th 5e-3 (original)": dict(jacobi=True, jacobi_block_size=64, jacobi_th=5e-3, jacobi_max_iter=32),
     "auto": dict(jacobi="auto"),
     "auto, an accelerator's choice": dict(jacobi="auto"),  # the deep step's window, timed here on this device
+    "sequential, compiled": dict(compile_decode=True),
+    "auto, compiled": dict(jacobi="auto", compile_decode=True),
 }
 ACCELERATOR_CHOICE = "auto, an accelerator's choice"
+# a compiled schedule evaluates what its eager twin does (counted there: counting inside a graph is not possible)
+EAGER_TWIN = {"sequential, compiled": "sequential", "auto, compiled": "auto"}
 BENCH_MODEL = dict(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=6,
                    layers_per_block=[2, 2, 2, 2, 2, 8], head_dim=64, rope=True, sos=True, txt_size=16, txt_dim=384,
                    cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R")
@@ -110,30 +116,36 @@ def device_kind(schedule):
 
 
 def decode(model, noise, y, settings, kind=None):
-    """One guided decode: (samples, seconds, [(calls, token evaluations)] per flow step); kind forces --jacobi
-    auto's device choice."""
+    """One guided decode: (samples, seconds, [(calls, token evaluations)] per flow step, or None when compiled);
+    kind forces --jacobi auto's device choice."""
     sync = torch.cuda.synchronize if noise.is_cuda else (lambda: None)
-    with chosen_as(kind), StepCounter(model) as counter:
+    compiled = settings.get("compile_decode", False)
+    with chosen_as(kind), (nullcontext() if compiled else StepCounter(model)) as counter:
         sync()
         start = time.perf_counter()
         out = model.reverse(noise, y, guidance=3.0, **settings)
         sync()
         seconds = time.perf_counter() - start
-    return out, seconds, counter.per_block()
+    return out, seconds, None if compiled else counter.per_block()
 
 
 def compare(name, model, noise, y, reps):
-    """Every schedule on one model: the median of `reps` timed runs after a warm-up; counts and gaps."""
+    """Every schedule on one model: the median of `reps` timed runs after a warm-up (a compiled schedule's first
+    run, which compiles, is its warm-up: first_seconds); counts and gaps."""
     decode(model, noise[:1], torch.cat([y[:1], y[len(noise):len(noise) + 1]]), {})  # warm-up
     rows, reference = [], None
     for schedule, settings in SCHEDULES.items():
+        first = decode(model, noise, y, settings)[1] if schedule in EAGER_TWIN else None
         runs = [decode(model, noise, y, settings, device_kind(schedule)) for _ in range(reps)]
         out, _, per_block = runs[0]
+        if per_block is None:
+            per_block = next(r["per_block"] for r in rows if r["schedule"] == EAGER_TWIN[schedule])
         seconds = sorted(r[1] for r in runs)[len(runs) // 2]
         reference = out if reference is None else reference
         rows.append(dict(schedule=schedule, seconds=seconds, calls=sum(c for c, _ in per_block),
                          evaluations=sum(t for _, t in per_block), per_block=per_block,
-                         max_gap=float((out - reference).abs().max()), mean_gap=float((out - reference).abs().mean())))
+                         max_gap=float((out - reference).abs().max()), mean_gap=float((out - reference).abs().mean()),
+                         first_seconds=first))
     seq = rows[0]
     print(f"\n{name}: {noise.shape[0]} samples, {seq['evaluations'] // len(seq['per_block'])} tokens a flow step, "
           f"{len(seq['per_block'])} steps, guidance 3")
@@ -144,8 +156,11 @@ def compare(name, model, noise, y, reps):
         steps = " ".join(f"{c}/{t}" for c, t in r["per_block"])
         print(f"{r['schedule']:<38}{r['calls']:>7}{r['evaluations']:>8}{r['seconds']:>9.2f}{r['speed_up']:>9.2f}"
               f"{r['max_gap']:>9.2e}{r['mean_gap']:>10.2e}  {steps}")
+    for r in rows:
+        if r["first_seconds"] is not None:
+            print(f"{r['schedule']}: its first run, which compiles, took {r['first_seconds']:.1f} s")
     original = rows[1]
-    for auto in rows[-2:]:
+    for auto in (r for r in rows if r["schedule"].startswith("auto")):
         print(f"{auto['schedule']} against the original's schedule: {original['calls'] / auto['calls']:.2f}x fewer "
               f"calls; {auto['evaluations'] / seq['evaluations']:.2f}x the token evaluations of sequential decoding; "
               f"{auto['speed_up']:.2f}x the speed of sequential decoding")

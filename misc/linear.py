@@ -83,6 +83,8 @@ class _OneDNNLinear(torch.autograd.Function):
 def uses_onednn(x, weight, training=False):
     """Whether this matmul takes the oneDNN path: plain float32 CPU tensors, outside autocast, a product big enough
     (the thresholds above; `training`: with gradients)."""
+    if torch.compiler.is_compiling():  # inductor picks (and packs) its own kernels; it cannot lower ours
+        return False
     if not (ONEDNN and x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32
             and type(x) is torch.Tensor and type(weight) in PLAIN and not torch.is_autocast_enabled("cpu")):
         return False

@@ -65,6 +65,9 @@ def apply_rope(t, rotation, halves=False):
         out = torch.complex(*x.chunk(2, dim=-1)) * rotation
         return torch.view_as_real(out).transpose(-1, -2).flatten(-2).to(t.dtype)  # [real | imag], no selects
     pairs = x.unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex: (re, im) adjacent, aligned
+    # view_as_complex needs (re, im) adjacent and aligned; compiled, always copied (the compiler fuses the copy,
+    # and testing strides would break the graph)
+    if torch.compiler.is_compiling() or pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or \
+            any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(t.dtype)

@@ -71,6 +71,36 @@ def test_jacobi_equals_sequential(frames, guidance, device):
     torch.testing.assert_close(jac, seq, atol=1e-5, rtol=0)
 
 
+
+COMPILED = {"official": ({}, None, {}), "learned_positions": (FLAGS["learned_positions"], None, {}),
+            "gemma_style": (FLAGS["gemma_style"], None, {}),
+            "video_window": (VIDEO_FLAGS["official_video"], 5, dict(local_attn_window=3, context_length=2))}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_decoding_equals_eager(name, device):
+    """compile_decode: the token-by-token steps (all of them, or auto's deep step) through compiled graphs give
+    eager decoding's samples, with guidance and with a sliding window; the weights are inputs of the graphs, so
+    weights changed after compiling are the ones used."""
+    from torch._dynamo.utils import counters
+    flags, frames, window = COMPILED[name]
+    model = tiny_model(**flags, device=device)
+    noise, y = inputs(model, frames=frames, device=device)
+    y = torch.cat([y, torch.randn_like(y)])
+    settings = dict(guidance=2.0, **window)
+    torch._dynamo.reset()
+    counters.clear()
+    for jacobi in ["auto"] if window else [False, "auto"]:  # a window slides under auto (its deep step: tokens)
+        eager = model.reverse(noise, y, jacobi=jacobi, **settings)
+        compiled = model.reverse(noise, y, jacobi=jacobi, compile_decode=True, **settings)
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
+    with torch.no_grad():
+        model.blocks[-1].proj_out.weight.add_(0.05 * torch.randn_like(model.blocks[-1].proj_out.weight))
+    changed = model.reverse(noise, y, jacobi=jacobi, compile_decode=True, **settings)
+    torch.testing.assert_close(changed, model.reverse(noise, y, jacobi=jacobi, **settings), atol=1e-4, rtol=0)
+    assert (changed - compiled).abs().max() > 1e-2
+
 @pytest.mark.parametrize("with_text", [True, False])
 def test_kv_cache_equals_recomputation(with_text, device):
     model = tiny_model(device=device)
@@ -358,6 +388,10 @@ def test_auto_picks_per_flow_step_and_device():
     given = model.decode_schedules("auto", threshold=1e-4, device=torch.device("cuda"))
     assert {s.threshold for s in given} == {1e-4}
     assert model.decode_schedules(True)[0].block_size == 16 and model.decode_schedules(False) == [SEQUENTIAL] * 3
+    compiled = model.decode_schedules("auto", device=torch.device("cpu"), compiled=True)
+    assert [s.compiled for s in compiled] == [False, False, True]  # only a token-by-token step is compiled
+    assert not any(s.compiled for s in model.decode_schedules(True, compiled=True))
+    assert all(s.compiled for s in model.decode_schedules(False, compiled=True))
 
 
 def test_sliding_window_never_reevaluates_a_converged_token(accelerator_auto):

@@ -31,6 +31,8 @@ def test_every_step_runs_on_tiny_stand_ins(tmp_path):
     by_name = {c["check"]: c for c in checks}
     assert by_name["flow invariants (tests/test_flow.py on cpu, float32)"]["passed"] > 0
     assert all(c["calls"] > 0 and c["seconds"] > 0 for c in checks if c["check"].startswith("3B ours"))
+    compiled = by_name["3B ours, sequential, compiled"]
+    assert compiled["ratio_to_eager"] > 0 and compiled["first_decode_seconds"] > 0
     original = [c for c in checks if c["check"].startswith("3B original")]
     assert len(original) == 2 and all(c["ratio_ours_over_original"] > 0 for c in original)
     assert all(c["batch"] == 4 for c in checks if c["step"] == "4")  # the --tiny cap

@@ -332,6 +332,24 @@ def test_prior_temperature_scales_the_noise_that_decoding_starts_from(tiny_t2i, 
         assert info["prior_temp"] == 0.6 and "--prior_temp 0.6" in info["command"]
 
 
+
+def test_compiled_decoding_draws_the_eager_samples(tiny_t2i, tmp_path):
+    """--compile_decode 1: the same pictures as eager decoding (latents to 1e-4, pixels within a level), for
+    --jacobi 0 and auto; the JSON records it and its command regenerates with it."""
+    for jacobi in ("0", "auto"):
+        flags = ["--caption", "a corgi", "--num_samples", 2, "--cfg", 2, "--jacobi", jacobi, "--save_latents", 1]
+        eager = run(tiny_t2i, tmp_path / f"eager{jacobi}", *flags)
+        compiled = run(tiny_t2i, tmp_path / f"compiled{jacobi}", *flags, "--compile_decode", 1)
+        for name in ("a_corgi_0000.png", "a_corgi_0001.png"):
+            a, b = (np.asarray(Image.open(folder / name)).astype(int) for folder in (eager, compiled))
+            assert np.abs(a - b).max() <= 1, (jacobi, name)
+        (noisy_eager, noisy_compiled) = (load_file(next(folder.glob("*.safetensors")))["noisy_latents"]
+                                         for folder in (eager, compiled))
+        torch.testing.assert_close(noisy_compiled, noisy_eager, rtol=0, atol=1e-4)
+        info = meta(compiled / "a_corgi_0000.png")
+        assert info["compile_decode"] == 1 and "--compile_decode 1" in info["command"]
+        assert meta(eager / "a_corgi_0000.png")["compile_decode"] == 0
+
 def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):
     """The config's score_denoise_steps (a sample.py flag like any config key) sets the steps; a call can override."""
     pipe = STARFlowPipeline.from_pretrained(tiny_t2i["config"], tiny_t2i["pth"], overrides={"score_denoise_steps": 2})

@@ -468,7 +468,7 @@ class STARFlowPipeline:
                  jacobi_block_size=None, jacobi_th=None, jacobi_max_iter=None, attn_temp=1.0, target_length=None,
                  fps=None, input_image=None, context_length=None, denoiser="auto", noise_std=None,
                  denoising_batch_size=None, score_denoise_steps=None, output_type="pil", input_video=None,
-                 negative_prompt=None, prior_temp=1.0):
+                 negative_prompt=None, prior_temp=1.0, compile_decode=False):
         """Generate num_samples per prompt.
 
         prompt: str or list of str. cfg: guidance scale (default: the config's cfg). jacobi: False (token by
@@ -482,6 +482,8 @@ class STARFlowPipeline:
         output_type: 'pil', 'np' (uint8 arrays) or 'latent' (no VAE decode). negative_prompt: str, or one per
         prompt: guidance pushes away from it instead of from the null prompt (needs cfg > 0). prior_temp: the
         noise's standard deviation (1: the model's distribution; below 1 trades variety for cleaner samples).
+        compile_decode: the flow steps decoded token by token run through torch.compile'd graphs (compiled on the
+        first call; Model.decode_schedules).
         """
         request = self.check_inputs(prompt, generator, aspect_ratio, input_image, jacobi, input_video,
                                     negative_prompt, num_samples=num_samples, cfg=cfg,
@@ -500,7 +502,8 @@ class STARFlowPipeline:
         elif input_video is not None:
             cond_frames = self.encode_video_prefix(request, input_video)
         x = self.decode(noise, y, request, cond_frames, attn_temp=attn_temp, jacobi=jacobi,
-                        jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th, jacobi_max_iter=jacobi_max_iter)
+                        jacobi_block_size=jacobi_block_size, jacobi_th=jacobi_th, jacobi_max_iter=jacobi_max_iter,
+                        compile_decode=compile_decode)
         clean = self.denoise(x, y_cond, request, method, denoising_batch_size, score_denoise_steps)
         pictures = self.postprocess(clean, request, output_type)
         return self._output(pictures, clean, x, texts, request, method)
