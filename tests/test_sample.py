@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import sample
 from utils import recipe
 from utils.config import load_config
-from utils.errors import InputWarning, run_cli
+from utils.errors import InputWarning, UserError, run_cli
 from utils.image import load_image
 from utils.pipeline import STARFlowPipeline
 from utils.vae import load_vae
@@ -349,6 +349,24 @@ def test_compiled_decoding_draws_the_eager_samples(tiny_t2i, tmp_path):
         info = meta(compiled / "a_corgi_0000.png")
         assert info["compile_decode"] == 1 and "--compile_decode 1" in info["command"]
         assert meta(eager / "a_corgi_0000.png")["compile_decode"] == 0
+
+
+def test_a_failed_compile_is_one_clear_error(tiny_t2i, tmp_path, monkeypatch):
+    """Where torch.compile cannot build the step (no C++ compiler, say), --compile_decode 1 ends in one UserError (an
+    `error:` line) that names the way out."""
+    import torch._dynamo.exc
+    import transformer_flow
+
+    def fails(device_type):
+        def step(*args):
+            raise torch._dynamo.exc.InternalTorchDynamoError("InvalidCxxCompiler: No working C++ compiler found")
+        return step
+
+    monkeypatch.setattr(transformer_flow, "compiled_next_tokens", fails)
+    message = ("compile_decode: torch.compile could not build the decoding step (InvalidCxxCompiler: No working C++ "
+               "compiler found); decode without it (--compile_decode 0)")
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(tiny_t2i, tmp_path, "--caption", "a corgi", "--num_samples", 1, "--jacobi", 0, "--compile_decode", 1)
 
 def test_score_denoise_steps_come_from_the_config_or_the_call(tiny_t2i):
     """The config's score_denoise_steps (a sample.py flag like any config key) sets the steps; a call can override."""

@@ -21,7 +21,7 @@ from utils import recipe
 from utils.checkpoint import checkpoint_weights, current_checkpoint, load_model_weights, load_state_dict_file
 from utils.config import Key, check_value, guidance_scale, load_config, parse_vid_size
 from utils.distributed import pick_device
-from utils.errors import InputWarning, UserError
+from utils.errors import InputWarning, UserError, first_line
 from utils.image import (aspect_ratio_to_image_size, check_image, load_image, load_mask, load_video,
                          parse_aspect_ratio, to_uint8)
 from utils.text_encoder import cut_off_message, load_text_encoder
@@ -440,9 +440,15 @@ class STARFlowPipeline:
 
     def decode(self, noise, y, request, cond_frames=None, **sampling):
         """The flow's inverse: noise -> noisy latents (float32), with guidance, Jacobi and the sliding window."""
-        return self.model.reverse(noise.to(self.device, self.dtype), y, guidance=request.cfg,
-                                  cond_frames=cond_frames, local_attn_window=request.window,
-                                  context_length=request.context, **sampling).float()
+        try:
+            return self.model.reverse(noise.to(self.device, self.dtype), y, guidance=request.cfg,
+                                      cond_frames=cond_frames, local_attn_window=request.window,
+                                      context_length=request.context, **sampling).float()
+        except torch._dynamo.exc.TorchDynamoException as e:  # a missing C++ compiler, an unsupported device
+            if not sampling.get("compile_decode"):
+                raise
+            raise UserError(f"compile_decode: torch.compile could not build the decoding step ({first_line(e)}); "
+                            f"decode without it (--compile_decode 0)") from None
 
     def denoise(self, x, y_cond, request, method, batch_size=None, score_steps=None):
         return recipe.denoise(self.model, x, y_cond, request.noise_std, method, self.dtype, window=request.window,
