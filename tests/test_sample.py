@@ -336,6 +336,9 @@ def test_prior_temperature_scales_the_noise_that_decoding_starts_from(tiny_t2i, 
 def test_compiled_decoding_draws_the_eager_samples(tiny_t2i, tmp_path):
     """--compile_decode 1: the same pictures as eager decoding (latents to 1e-4, pixels within a level), for
     --jacobi 0 and auto; the JSON records it and its command regenerates with it."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # graphs of earlier tests count towards dynamo's recompile limit, past which it runs eagerly
+    counters.clear()
     for jacobi in ("0", "auto"):
         flags = ["--caption", "a corgi", "--num_samples", 2, "--cfg", 2, "--jacobi", jacobi, "--save_latents", 1]
         eager = run(tiny_t2i, tmp_path / f"eager{jacobi}", *flags)
@@ -349,6 +352,7 @@ def test_compiled_decoding_draws_the_eager_samples(tiny_t2i, tmp_path):
         info = meta(compiled / "a_corgi_0000.png")
         assert info["compile_decode"] == 1 and "--compile_decode 1" in info["command"]
         assert meta(eager / "a_corgi_0000.png")["compile_decode"] == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
 
 
 def test_a_failed_compile_is_one_clear_error(tiny_t2i, tmp_path, monkeypatch):
