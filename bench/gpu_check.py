@@ -408,8 +408,7 @@ def timed_sample(pipe, prompts, **settings):
     """One pipeline call with per-sample seeds, ending at latents: seconds (total and the flow's decode), network
     calls (None when compiled: a hook would enter the graph), peak memory."""
     device = pipe.device
-    compiled = settings.get("compile_decode", False)
-    calls = SimpleNamespace(n=None, close=lambda: None) if compiled else FlowCalls(pipe.model.blocks)
+    calls = None if settings.get("compile_decode") else FlowCalls(pipe.model.blocks)
     decode = {}
 
     def timed_decode(*args, **kwargs):
@@ -426,9 +425,11 @@ def timed_sample(pipe, prompts, **settings):
             out = pipe(prompts, num_samples=1, generator=generators, output_type="latent", **settings)
     finally:
         del pipe.decode
-        calls.close()
-    return out, dict(seconds=round(clock.seconds, 3), decode_seconds=round(decode["seconds"], 3), calls=calls.n,
-                     seconds_per_call=None if compiled else round(decode["seconds"] / max(calls.n, 1), 5),
+        if calls is not None:
+            calls.close()
+    return out, dict(seconds=round(clock.seconds, 3), decode_seconds=round(decode["seconds"], 3),
+                     calls=None if calls is None else calls.n,
+                     seconds_per_call=None if calls is None else round(decode["seconds"] / max(calls.n, 1), 5),
                      seconds_per_sample=round(clock.seconds / len(prompts), 3), peak_gib=peak_gib(device))
 
 

@@ -662,7 +662,6 @@ def tiny_i3d(tmp_path_factory):
     return str(path)
 
 
-
 class FlagRecorder(torch.nn.Module):
     """Wraps a network and records CUDA's TF32 switches (cuDNN, matmul) at each call."""
 
@@ -703,6 +702,7 @@ def test_metric_networks_run_without_tf32_and_restore_the_switches(network, tiny
         net.features(torch.zeros(2, 3, 299, 299))
     assert recorder.seen == [(False, False)]
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
 
 def write_videos(folder, n, seed, frames=6, size=(24, 32), shift=0):
     """n MP4s of smooth colour blobs drifting by a random step a frame; returns the folder."""
