@@ -13,7 +13,8 @@ largest and the mean absolute difference of the samples (before denoising). With
 samples of every schedule go through evaluate.py's FID protocol: FID against the sequential samples of the same
 seeds, and against the tinted MNIST test digits. The compiled rows decode the token-by-token steps through
 torch.compile'd graphs (sample.py --compile_decode 1), timed after a first run that compiles; they evaluate what
-their eager twins do, counted there. Prints tables, writes <out_dir>/sampling.json.
+their eager twins do, counted there. For the demo, a whole pipeline call (sample.py's defaults) is then timed
+step by step: text encoding, decoding, denoising, VAE decoding. Prints tables, writes <out_dir>/sampling.json.
 """
 import argparse
 import os
@@ -59,16 +60,18 @@ def bench_inputs(device):
     return model.eval().to(device), noise.to(device), y.to(device)
 
 
+DEMO_PROMPTS = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4, ["red", "green", "blue", "white"] * 4)]
+PIPELINE_STAGES = ["encode_prompt", "decode", "denoise", "postprocess"]  # STARFlowPipeline.__call__'s timed steps
+
+
 def demo_inputs(device, checkpoint):
     from utils import recipe
     from utils.pipeline import STARFlowPipeline
     pipe = STARFlowPipeline.from_pretrained(checkpoint, device=device)
-    prompts = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4,
-                                            ["red", "green", "blue", "white"] * 4)]
-    y = torch.cat([pipe.encode_text([recipe.decorate_prompt(pipe.config, p) for p in prompts]),
-                   pipe.encode_text([recipe.null_prompt(pipe.config)] * len(prompts))])
+    y = torch.cat([pipe.encode_text([recipe.decorate_prompt(pipe.config, p) for p in DEMO_PROMPTS]),
+                   pipe.encode_text([recipe.null_prompt(pipe.config)] * len(DEMO_PROMPTS))])
     c = pipe.config
-    noise = torch.randn(len(prompts), c.channel_size, c.img_size, c.img_size,
+    noise = torch.randn(len(DEMO_PROMPTS), c.channel_size, c.img_size, c.img_size,
                         generator=torch.Generator().manual_seed(1))
     return pipe.model, noise.to(device), y, pipe
 
@@ -167,6 +170,39 @@ def compare(name, model, noise, y, reps):
     return rows
 
 
+def pipeline_stages(pipe, reps):
+    """Where a whole demo pipeline call (sample.py's defaults: auto decoding, the config's score-denoising steps)
+    spends its time: the median milliseconds of each named step over `reps` calls after a warm-up."""
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
+    times = {stage: [] for stage in PIPELINE_STAGES + ["total"]}
+
+    def timed(stage, step):
+        def run_step(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = step(*args, **kwargs)
+            sync()
+            times[stage].append(time.perf_counter() - start)
+            return out
+        return run_step
+
+    for stage in PIPELINE_STAGES:  # instance attributes shadow the class's methods for this pipeline only
+        setattr(pipe, stage, timed(stage, getattr(pipe, stage)))
+    call = timed("total", pipe.__call__)
+    try:
+        for _ in range(reps + 1):
+            call(DEMO_PROMPTS, cfg=3.0, jacobi="auto", output_type="np", generator=torch.Generator().manual_seed(0))
+    finally:
+        for stage in PIPELINE_STAGES:
+            delattr(pipe, stage)
+    ms = {stage: 1e3 * sorted(t[1:])[len(t[1:]) // 2] for stage, t in times.items()}
+    print(f"\ndemo pipeline call: {len(DEMO_PROMPTS)} prompts ({len(set(DEMO_PROMPTS))} distinct), cfg 3, auto "
+          f"decoding, {pipe.config.score_denoise_steps} score-denoising steps; median of {reps} calls")
+    for stage, value in ms.items():
+        print(f"{stage:<16}{value:>9.1f} ms{100 * value / ms['total']:>7.0f}%")
+    return ms
+
+
 def fid_rows(pipe, samples, batch, seed):
     """FID of every schedule's demo samples against the sequential ones of the same seeds and against the test
     digits (evaluate.py's protocol)."""
@@ -208,6 +244,8 @@ def run(args):
             model, noise, y, pipe = demo_inputs(args.device, args.checkpoint_path)
         with torch.no_grad():
             report[name] = compare(name, model, noise, y, args.reps)
+        if name == "demo":
+            report["demo_pipeline_ms"] = pipeline_stages(pipe, args.reps)
         if name == "demo" and args.fid_samples:
             report["demo_fid"] = fid_rows(pipe, args.fid_samples, args.fid_batch, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
