@@ -234,8 +234,10 @@ def fid_rows(pipe, samples, batch, seed):
 
 
 def run(args):
+    from utils.distributed import retain_freed_memory
     from utils.files import write_json
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as sample.py's process does (init_distributed)
     report = {"threads": args.threads, "device": args.device, "reps": args.reps, "schedules": SCHEDULES}
     for name in args.models:
         if name == "bench":

@@ -1,6 +1,7 @@
 """train.py end to end on tiny models: learning, exact resume, errors, corrupt data, video, checkpoints."""
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -327,6 +328,37 @@ def test_two_processes_match_one(tmp_path, tiny_t5_dir, fsdp):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+FAULTS = """
+import resource, sys, torch
+from utils.distributed import init_distributed
+if sys.argv[1] == "setup":
+    init_distributed("cpu")
+def step():  # a step's large temporary: 64 MB, above the most that glibc maps afresh by default
+    torch.ones(2 ** 24).sum()
+for _ in range(5):  # the heap settles
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_run_keeps_the_memory_it_frees():
+    """After init_distributed (every entry point's setup), a step's large temporaries reuse the memory the process
+    freed instead of page-faulting fresh pages in at every step (in a subprocess: the setting is process-wide)."""
+    def faults(setup):
+        proc = subprocess.run([sys.executable, "-c", FAULTS, "setup" if setup else "plain"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    pages = 2 ** 26 // 4096  # of one 64 MB tensor
+    assert faults(False) > 8 * pages  # glibc's defaults: each of the 10 steps maps its tensor afresh
+    assert faults(True) < pages  # the settled heap's pages, reused
 
 
 def test_video_end_to_end(tmp_path, tiny_t5_dir):
