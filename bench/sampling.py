@@ -60,7 +60,8 @@ def bench_inputs(device):
     return model.eval().to(device), noise.to(device), y.to(device)
 
 
-DEMO_PROMPTS = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4, ["red", "green", "blue", "white"] * 4)]
+DEMO_PROMPTS = [f"a {c} {d}" for d, c in zip(["seven", "three", "one", "zero"] * 4,
+                                              ["red", "green", "blue", "white"] * 4)]
 PIPELINE_STAGES = ["encode_prompt", "decode", "denoise", "postprocess"]  # STARFlowPipeline.__call__'s timed steps
 
 
