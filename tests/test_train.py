@@ -337,7 +337,7 @@ if sys.argv[1] == "setup":
     init_distributed("cpu")
 def step():  # a step's large temporary: 64 MB, above the most that glibc maps afresh by default
     torch.ones(2 ** 24).sum()
-for _ in range(5):  # the heap settles
+for _ in range(10):  # the heap settles
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -356,9 +356,10 @@ def test_a_run_keeps_the_memory_it_frees():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return int(proc.stdout.split()[-1])
 
-    pages = 2 ** 26 // 4096  # of one 64 MB tensor
-    assert faults(False) > 8 * pages  # glibc's defaults: each of the 10 steps maps its tensor afresh
-    assert faults(True) < pages  # the settled heap's pages, reused
+    plain, kept = faults(False), faults(True)
+    # glibc's defaults map each of the 10 steps' tensors afresh: 16384 faults a step with 4 KB pages (32 with
+    # transparent huge pages always on); kept, the settled heap's pages are reused (a step or two may still move)
+    assert plain >= 10 and kept * 4 < plain, (plain, kept)
 
 
 def test_video_end_to_end(tmp_path, tiny_t5_dir):
