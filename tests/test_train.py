@@ -362,6 +362,34 @@ def test_a_run_keeps_the_memory_it_frees():
     assert plain >= 10 and kept * 4 < plain, (plain, kept)
 
 
+@pytest.mark.parametrize("accepts", [{2 ** 30}, {2 ** 25}, set()])
+def test_freed_memory_setting_never_sets_a_trim_threshold_alone(monkeypatch, accepts):
+    """The mmap threshold goes first (1 GB, else glibc's 32 MB maximum); where the allocator refuses both (musl,
+    say), no trim threshold is set, which alone would map every block above 128 KB afresh. Without a C library's
+    mallopt (macOS, Windows) nothing is set."""
+    from utils import distributed
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return int(param == distributed.M_TRIM_THRESHOLD or value in accepts)
+
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: Libc())
+    assert distributed.retain_freed_memory() == bool(accepts)
+    trims = [c for c in calls if c[0] == distributed.M_TRIM_THRESHOLD]
+    assert trims == ([(distributed.M_TRIM_THRESHOLD, 2 ** 31 - 1)] if accepts else [])
+    assert calls[0] == (distributed.M_MMAP_THRESHOLD, 2 ** 30)
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(distributed.ctypes, "CDLL", missing)
+    assert distributed.retain_freed_memory() is False
+    monkeypatch.setattr(distributed.ctypes, "CDLL", lambda name: object())  # a libc without mallopt
+    assert distributed.retain_freed_memory() is False
+
+
 def test_video_end_to_end(tmp_path, tiny_t5_dir):
     from test_dataset import make_video_folder
     from utils.pipeline import STARFlowPipeline
