@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, MNISTDataset  # noqa: E402
 from demo_quality import (COLOUR_NAMES, add_common_args, colour_of, demo_parser, ink, load_demo,  # noqa: E402
-                          to_unit, train_classifier, write_report)
+                          start_process, to_unit, train_classifier, write_report)
 from utils.config import guidance_scale  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png  # noqa: E402
@@ -129,7 +129,7 @@ def picture(path, sources, edited, rows, zoom=4, pad=2):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     os.makedirs(args.out_dir, exist_ok=True)
     net, clf_digit, _ = train_classifier(config.img_size, args.classifier_epochs, args.seed)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset  # noqa: E402
-from demo_quality import demo_parser, load_demo, write_report  # noqa: E402
+from demo_quality import demo_parser, load_demo, start_process, write_report  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
@@ -121,7 +121,7 @@ def fid_prompts(n):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
     config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     info = DistInfo(0, 1, 0, torch.device("cpu"))

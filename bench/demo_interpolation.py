@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import MNISTDataset  # noqa: E402
 from demo_quality import (INK_THRESHOLD, demo_parser, ink, load_demo, to_unit, train_classifier,  # noqa: E402
-                          write_report)
+                          start_process, write_report)
 from utils import recipe  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.image import to_uint8, write_png  # noqa: E402
@@ -64,7 +64,7 @@ def ink_amount(pixels):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.steps < 3 or args.pairs < 1:
         raise UserError("--steps must be at least 3 (the ends and a point between) and --pairs at least 1")

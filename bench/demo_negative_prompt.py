@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo_quality import (COLOUR_NAMES, colour_of, demo_parser, generate, ink, load_demo,  # noqa: E402
-                          train_classifier, write_report)
+                          start_process, train_classifier, write_report)
 from dataset import DIGIT_NAMES  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import make_grid, to_uint8, write_png  # noqa: E402
@@ -37,7 +37,7 @@ def shares(net, images):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
     config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     net, digit_acc, colour_acc = train_classifier(config.img_size, args.classifier_epochs, args.seed)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import COLOUR_TEMPLATES, COLOURS, DIGIT_NAMES, MNISTDataset, load_mnist_arrays, parse_holdout  # noqa: E402
 from utils import recipe  # noqa: E402
 from utils.config import guidance_scale, load_config  # noqa: E402
+from utils.distributed import retain_freed_memory  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_json  # noqa: E402
 from utils.image import write_png  # noqa: E402
@@ -260,6 +261,12 @@ def main(argv=None):
     return run_cli(run, parser.parse_args(argv))
 
 
+def start_process(threads):
+    """Threads, and freed memory kept, as the entry points' processes run (utils.distributed.init_distributed)."""
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+
+
 def demo_parser(doc, demo):
     """A demo benchmark's argument parser, with --checkpoint_path defaulting to the shipped checkpoints/<demo>."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,7 +317,7 @@ def write_report(report, path):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     config, pipe = load_demo(args.checkpoint_path, "colour_mnist")
     holdout = parse_holdout(config.holdout)
     scales = args.cfg if args.cfg is not None else [guidance_scale(config)]

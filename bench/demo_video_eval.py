@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, MovingMNISTDataset  # noqa: E402
-from demo_quality import demo_parser, write_report  # noqa: E402
+from demo_quality import demo_parser, start_process, write_report  # noqa: E402
 from utils.config import guidance_scale, load_config, parse_vid_size  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.files import write_text  # noqa: E402
@@ -65,7 +65,7 @@ def scores(report):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     config = load_config(os.path.join(args.checkpoint_path, "config.yaml"))
     if config.data_format != "moving_mnist":
         raise UserError(f"{args.checkpoint_path} is not a moving_mnist demo checkpoint")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DIGIT_NAMES, DIRECTIONS, MOTION_TEMPLATES, moving_digit_size  # noqa: E402
 from dataset import MovingMNISTDataset  # noqa: E402
 from demo_quality import (add_common_args, demo_parser, denoising, load_demo, pixel_noise, print_noise,  # noqa: E402
-                          print_pair_table, to_uint8_scale, train_classifier, write_report)
+                          print_pair_table, start_process, to_uint8_scale, train_classifier, write_report)
 from utils.config import guidance_scale, parse_vid_size  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.image import write_png, write_video  # noqa: E402
@@ -137,7 +137,7 @@ def main(argv=None):
 
 
 def run(args):
-    torch.set_num_threads(args.threads)
+    start_process(args.threads)
     config, pipe = load_demo(args.checkpoint_path, "moving_mnist")
     cfg = args.cfg if args.cfg is not None else guidance_scale(config)
     digit_size = moving_digit_size(config.img_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo benchmarks' helpers
 from transformer_flow import MetaBlock, Model  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
@@ -209,7 +210,6 @@ def pipeline_stages(pipe, reps):
 def fid_rows(pipe, samples, batch, seed):
     """FID of every schedule's demo samples against the sequential ones of the same seeds and against the test
     digits (evaluate.py's protocol)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from demo_eval import fid_prompts, test_digits  # noqa: E402
     from utils.metrics import InceptionV3, feature_stats, frechet_distance, inception_features
     net = InceptionV3()
@@ -237,10 +237,9 @@ def fid_rows(pipe, samples, batch, seed):
 
 
 def run(args):
-    from utils.distributed import retain_freed_memory
+    from demo_quality import start_process  # noqa: E402
     from utils.files import write_json
-    torch.set_num_threads(args.threads)
-    retain_freed_memory()  # as sample.py's process does (init_distributed)
+    start_process(args.threads)
     report = {"threads": args.threads, "device": args.device, "reps": args.reps, "schedules": SCHEDULES}
     for name in args.models:
         if name == "bench":

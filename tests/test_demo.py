@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints" / "demo_mnist_t2i"
 VIDEO_DEMO = ROOT / "checkpoints" / "demo_moving_mnist_t2v"
 sys.path.insert(0, str(ROOT / "bench"))
+import demo_quality  # noqa: E402
 from demo_quality import COLOUR_NAMES, colour_of, ink, mnist_at, pixel_noise, score  # noqa: E402
 from demo_video_quality import DIRECTION_NAMES, digit_windows, direction_of  # noqa: E402
 
@@ -35,6 +36,18 @@ def nearest_digits(pictures, size):
     train, labels = mnist_at(size, "train")
     unit = lambda x: F.normalize(x.flatten(1), dim=1)  # noqa: E731
     return labels[(unit(pictures) @ unit(train).T).argmax(1)]
+
+
+def test_a_benchmark_process_starts_as_the_entry_points_do(monkeypatch):
+    """The demo benchmarks time what sample.py and evaluate.py run: their threads, and freed memory kept."""
+    kept = []
+    monkeypatch.setattr(demo_quality, "retain_freed_memory", lambda: kept.append(True) or True)
+    threads = torch.get_num_threads()
+    try:
+        demo_quality.start_process(1)
+        assert torch.get_num_threads() == 1 and kept == [True]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", ["demo_mnist_t2i", "demo_moving_mnist_t2v"])
