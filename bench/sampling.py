@@ -237,7 +237,7 @@ def fid_rows(pipe, samples, batch, seed):
 
 
 def run(args):
-    from demo_quality import start_process  # noqa: E402
+    from demo_quality import start_process
     from utils.files import write_json
     start_process(args.threads)
     report = {"threads": args.threads, "device": args.device, "reps": args.reps, "schedules": SCHEDULES}
