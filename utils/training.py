@@ -49,6 +49,7 @@ def parallelize(model, info, fsdp, layer_types, bf16):
             if isinstance(module, layer_types):
                 fully_shard(module, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        model.register_forward_hook(copy_view_outputs, prepend=True)  # before FSDP2's own hook on the outputs
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -56,6 +57,17 @@ def parallelize(model, info, fsdp, layer_types, bf16):
     unused = getattr(model, "learnable_self_denoiser", None) is not None
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                    find_unused_parameters=unused)
+
+
+def copy_view_outputs(module, args, output):
+    """The root's outputs with every view that needs a gradient copied. FSDP2 hooks these tensors for backward and
+    warns of each view among them (an in-place op on one would drop its hook): the flow returns its steps' outputs
+    as reshaped views of its token tensors, a few MB a batch."""
+    if isinstance(output, (list, tuple)):
+        return type(output)(copy_view_outputs(module, args, o) for o in output)
+    if isinstance(output, torch.Tensor) and output.requires_grad and output._base is not None:
+        return output.clone()
+    return output
 
 
 def will_shard(info, fsdp):
