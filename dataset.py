@@ -426,6 +426,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             for n, sample in enumerate(samples):
                 if split_shards or n % parts == part:
                     yield sample
+            yield None  # the end of a pass over this part's shards
 
     def _decode(self, sample, rng):
         caption = None
@@ -461,12 +462,22 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         worker = info.id if info else 0
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
         errors, pending, buffers = [], [], {}
+        decoded = 0  # samples decoded in this pass over the shards
         for sample in self._raw_samples(errors):
+            if sample is None:
+                if not decoded:  # every later pass reads the same shards: the stream would never yield
+                    problems = (pending + errors)[:3]
+                    raise UserError(f"no usable sample in {len(self.shards)} webdataset shard(s) ({self.shards[0]}, "
+                                    f"...): {'; '.join(problems) or 'none for this rank and loader worker'}; pass "
+                                    f"--data tar files of images (videos) with .txt or .json captions")
+                decoded = 0
+                continue
             try:
                 pixels, caption, meta = self._decode(sample, rng)
             except Exception as e:
                 pending.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')} ({type(e).__name__})")
                 continue
+            decoded += 1
             pending.extend(errors)
             errors.clear()
             meta["skipped"], pending = pending, []
@@ -587,6 +598,14 @@ class EvalItems:
                                     f"{type(e).__name__}: {first_line(e)}; {UNREADABLE_FIX}") from None
 
 
+def stop_workers(batches):
+    """Ends a DataLoader iterator's worker processes now. After an error its traceback still holds the iterator, and
+    the process would wait at exit for workers that wait for work."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+
+
 class TrainData:
     """Batches for one rank: iterate `epoch(e, start)`; steps_per_epoch global batches per epoch."""
 
@@ -628,11 +647,14 @@ class TrainData:
         """This rank's batches of `epoch`, beginning at global batch `start` (for exact resume)."""
         self.sampler.set_position(epoch, start)
         it = start_workers(self.loader)
-        if self.format == "wds":  # a stream: replay and drop the batches already trained on
-            for _ in range(start):
-                next(it)
-        for _ in range(start, self.steps_per_epoch):
-            try:
-                yield next(it)
-            except StopIteration:
-                return
+        try:
+            if self.format == "wds":  # a stream: replay and drop the batches already trained on
+                for _ in range(start):
+                    next(it)
+            for _ in range(start, self.steps_per_epoch):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    return
+        finally:
+            stop_workers(it)

@@ -1,6 +1,7 @@
 """dataset.py on tiny generated data: folders, captions.jsonl, videos, tar shards, MNIST, buckets, corrupt files."""
 import io
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ from PIL import Image
 
 import dataset
 from utils.config import load_config
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.image import aspect_ratio_to_image_size
 from utils.training import leave_stop_signals, start_workers
 
@@ -205,6 +206,26 @@ def test_webdataset_shards(tmp_path, corrupt):
              for r in range(2)]
     seen = [set(c for b in batches for c in b[1]) for batches in ranks]
     assert not seen[0] & seen[1]  # ranks read different shards
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("shard", ["not a tar", "captions only"])
+def test_shards_without_one_usable_sample_stop_with_one_line(tmp_path, shard, workers):
+    """A stream of shards that yields nothing usable raises at the end of its first pass (it used to read them
+    forever), with its workers ended so that the process can exit; a worker's error reads as its own line."""
+    path = tmp_path / "data.tar"
+    if shard == "not a tar":
+        path.write_text("hi\n")
+    else:
+        with tarfile.open(path, "w") as tar:
+            member = tarfile.TarInfo("a.txt")
+            member.size = 2
+            tar.addfile(member, io.BytesIO(b"hi"))
+    td = dataset.TrainData(cfg_for(str(path), batch_size=2, epoch_length=4, num_workers=workers), 0, 1, 0, 8)
+    with pytest.raises(UserError) as caught:
+        all_batches(td)
+    assert first_line(caught.value).startswith(f"no usable sample in 1 webdataset shard(s) ({path}, ...): ")
+    assert not multiprocessing.active_children()
 
 
 def test_mnist_and_colour_mnist():

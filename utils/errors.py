@@ -18,8 +18,16 @@ class InputWarning(UserWarning):
 
 def first_line(error):
     """The first line of an exception message, without a trailing period (ffmpeg's errors append its whole log)."""
-    text = str(error).strip()
+    text = own_message(error)
     return text.splitlines()[0].rstrip(".") if text else type(error).__name__
+
+
+def own_message(error):
+    """An exception's message; for one a DataLoader worker raised, the worker's message without its traceback."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 # File-system conditions that are the user's to fix, and what to tell them.
@@ -66,7 +74,7 @@ def run_cli(main, *args, cleanup=None, on_interrupt=None):
             warnings.showwarning = _show_warning
             return main(*args)
     except UserError as e:
-        _fail(e)
+        _fail(own_message(e))
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints first): no traceback
         _fail("interrupted (Ctrl-C)" + (f"; {on_interrupt}" if on_interrupt else ""), status=130)
     except Exception as e:  # a full disk can surface from deep inside torch, safetensors or ffmpeg
