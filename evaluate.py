@@ -30,7 +30,7 @@ from utils import distributed, recipe
 from utils.checkpoint import checkpoint_weights
 from utils.config import Key, given_keys, load_config, print_help, wants_help
 from utils.errors import UserError, run_cli
-from utils.files import read_text, write_json
+from utils.files import make_dir, read_text, write_json
 from utils.image import ASPECT_RATIOS, VIDEO_EXTS
 from utils.metrics import (I3D, KID_SUBSET_SIZE, KID_SUBSETS, LEVEL, PR_NEIGHBOURS, CLIPScorer, InceptionV3,
                            bits_per_dim, check_comparable, clip_score, feature_stats, frechet_distance, i3d_features,
@@ -139,8 +139,7 @@ def generate(pipe, cfg, argv, info):
     num = cfg.num_samples or (1 if cfg.caption.endswith(".txt") else cfg.sample_batch_size * info.world_size)
     if num <= 0:
         raise UserError("--num_samples must be positive")
-    folder = cfg.images or sample.output_dir(cfg)
-    os.makedirs(folder, exist_ok=True)
+    folder = make_dir(cfg.images or sample.output_dir(cfg), "--images folder")
     prefix = sample.slug(name)
     stem_of = lambda index: os.path.join(folder, f"{prefix}_{index:04d}")  # noqa: E731
     items, rounds = sample.plan(captions, num, cfg.seed, cfg.sample_batch_size, info.world_size, info.rank)

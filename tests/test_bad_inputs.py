@@ -26,6 +26,7 @@ from utils import pipeline as pipeline_module
 from utils import training as T
 from utils.config import SCHEMA, Compat, load_config
 from utils.errors import UserError, run_cli
+from utils.files import write_json
 from utils.image import load_image, make_grid, write_png
 from utils.pipeline import ARGUMENTS, STARFlowPipeline
 
@@ -530,6 +531,27 @@ def test_full_disk_during_training_is_one_error_line(tiny_t5_dir, tmp_path, caps
     argv = TRAIN + ["--text", tiny_t5_dir, "--logdir", str(tmp_path / "logs"), "--ckpt_every", "1"]
     expect_exit_2(lambda: train.main(argv), capsys, r"checkpoint of step 1 not written \(no space left")
     assert not os.path.exists(tmp_path / "logs" / "dummy" / "checkpoints" / "latest")
+
+
+def test_a_file_to_write_that_is_a_folder_is_one_line(tmp_path):
+    """Every atomic write (reports, statistics, checkpoints, converted weights) refuses a folder in its place."""
+    (tmp_path / "report.json").mkdir()
+    with pytest.raises(UserError, match=r"report.json' is a folder, not a file; give a file name"):
+        write_json(tmp_path / "report.json", {})
+
+
+def test_generated_samples_under_a_file_are_one_line(tiny_t2i, tmp_path, capsys):
+    (tmp_path / "regular").write_text("")
+    (tmp_path / "ref").mkdir()
+    for i in range(2):
+        write_png(tmp_path / "ref" / f"{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(evaluate.main, ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"],
+                                "--generate", "1", "--caption", "a", "--num_samples", "1", "--ref", str(tmp_path / "ref"),
+                                "--images", str(tmp_path / "regular" / "x"), "--logdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search(r"^error: --images folder '.*' cannot be created: '.*regular' is a file; "
+                                               r"choose a folder$", err, re.M)
 
 
 def test_disk_error_from_a_library_message():

@@ -41,6 +41,8 @@ def atomic_path(path):
     """Yields a unique temporary path beside `path` (same extension, so writers infer the format); on success it
     replaces `path`, on any error it is removed and `path` is left as it was."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"'{path}' is a folder, not a file; give a file name")
     folder, name = os.path.split(os.path.abspath(path))
     make_dir(folder, "folder")
     stem, ext = os.path.splitext(name)
