@@ -547,11 +547,13 @@ def test_generated_samples_under_a_file_are_one_line(tiny_t2i, tmp_path, capsys)
         write_png(tmp_path / "ref" / f"{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
     with pytest.raises(SystemExit) as exit_:
         run_cli(evaluate.main, ["--model_config_path", tiny_t2i["config"], "--checkpoint_path", tiny_t2i["pth"],
-                                "--generate", "1", "--caption", "a", "--num_samples", "1", "--ref", str(tmp_path / "ref"),
-                                "--images", str(tmp_path / "regular" / "x"), "--logdir", str(tmp_path)])
+                                "--generate", "1", "--caption", "a", "--num_samples", "1",
+                                "--ref", str(tmp_path / "ref"), "--images", str(tmp_path / "regular" / "x"),
+                                "--logdir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and re.search(r"^error: --images folder '.*' cannot be created: '.*regular' is a file; "
-                                               r"choose a folder$", err, re.M)
+    assert exit_.value.code == 2
+    assert re.search(r"^error: --images folder '.*' cannot be created: '.*regular' is a file; choose a folder$", err,
+                     re.M)
 
 
 def test_disk_error_from_a_library_message():
